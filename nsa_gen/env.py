@@ -1,0 +1,27 @@
+"""Every environment variable nsa-gen reads, read here and nowhere else (README lists them)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """NSA_GEN_CACHE_DIR: where rendered kernel modules are cached (default ~/.cache/nsa-gen)."""
+    p = os.environ.get("NSA_GEN_CACHE_DIR")
+    return Path(p) if p else Path.home() / ".cache" / "nsa-gen"
+
+
+def db_overlay() -> Path | None:
+    """NSA_GEN_DB: a user or model tuning-DB directory consulted before the shipped one."""
+    p = os.environ.get("NSA_GEN_DB")
+    return Path(p) if p else None
+
+
+def interpret() -> bool:
+    """TRITON_INTERPRET=1: Triton runs kernels on the CPU through its interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def log_level() -> str:
+    """NSA_GEN_LOG: log level of the `nsa_gen` logger (default WARNING)."""
+    return os.environ.get("NSA_GEN_LOG", "WARNING").upper()
