@@ -79,9 +79,146 @@ def _slc_fwd_smem(spec: NSASpec, cfg: Config) -> int:
     return 2 * (group_pad(spec) * bk + stages * bn * (bk + bv))
 
 
+# ----------------------------------------------------------------------------- topn
+
+def topn_bj(spec: NSASpec) -> int:
+    """Selection blocks per merge step: the running list must hold S, and tl.dot needs 16."""
+    return max(16, next_pow2(spec.S))
+
+
+def _topn_context(spec: NSASpec, cfg: Config) -> dict:
+    c = _common(spec)
+    return dict(H=c["H"], HQ=c["HQ"], G=c["G"], G_PAD=c["G_PAD"], DK=c["DK"], BK=c["BK"],
+                L=spec.l, D=spec.d, BS=spec.BS, S=spec.S, R=spec.BS // spec.d,
+                M_CHUNKS=spec.l // spec.d, INITIAL=spec.initial_blocks, LOCAL=spec.local_blocks,
+                BLOCK_T=cfg["BLOCK_T"], BJ=cfg["BJ"], SCALE_LOG2=c["SCALE_LOG2"])
+
+
+def _topn_space(spec: NSASpec) -> dict[str, list]:
+    gp, bj = group_pad(spec), topn_bj(spec)
+    return {"BLOCK_T": [t for t in (1, 2, 4, 8, 16, 32, 64) if 16 <= t * gp <= 256],
+            "BJ": [b for b in (bj, 2 * bj) if b * spec.BS // spec.d <= 256] or [bj],
+            "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]}
+
+
+def _topn_default(spec: NSASpec, T: int) -> Config:
+    return Config.make(BLOCK_T=max(1, 64 // group_pad(spec)), BJ=topn_bj(spec),
+                       num_warps=4, num_stages=2)
+
+
+def _topn_smem(spec: NSASpec, cfg: Config) -> int:
+    rows, bc = cfg["BLOCK_T"] * group_pad(spec), cfg["BJ"] * spec.BS // spec.d
+    bk = next_pow2(spec.DK)
+    return 2 * (rows * bk + max(1, cfg.num_stages) * bc * bk) + 4 * (rows * bc + bc * cfg["BJ"])
+
+
+# ----------------------------------------------------------------------------- compression_fwd, window_fwd
+# Both are token-tile attention kernels: a program owns BLOCK_T consecutive tokens of one
+# sequence and one kv head, and its query tile has ROWS = BLOCK_T * G_PAD rows (row = token
+# * G_PAD + head in group), so tl.dot gets >= 16 rows at every G and each K/V tile is
+# loaded once per group.
+
+# Largest tile a program may hold: ROWS * max(DK, DV) elements (128 rows of 256 dims), which
+# keeps the fp32 accumulator and the query tile of 4-8 warps within registers.
+MAX_TILE_ELEMS = 128 * 256
+
+
+def token_group_pad(spec: NSASpec) -> int:
+    """Rows per token in a token tile: G rounded up to a power of two (the tile, not each
+    token, must reach tl.dot's 16 rows, so unlike group_pad there is no floor of 16)."""
+    return next_pow2(spec.G)
+
+
+def dim_chunks(D: int) -> tuple[tuple[int, int], ...]:
+    """(offset, size) power-of-two pieces of a head dim, largest first: 192 -> (0, 128),
+    (128, 64). Tiles are then exact: a head dim that is no power of two costs no padded
+    tensor-core work and needs no dim masks. Head dims are multiples of 16 (spec rule), so
+    every piece is a valid tl.dot size."""
+    out, off = [], 0
+    for b in (256, 128, 64, 32, 16):
+        if D - off >= b:
+            out.append((off, b))
+            off += b
+    assert off == D, f"head dim {D} is not a multiple of 16"
+    return tuple(out)
+
+
+def _tile_space(spec: NSASpec, name: str) -> dict[str, list]:
+    gp, dmax = token_group_pad(spec), max(spec.DK, spec.DV)
+    return {"BLOCK_T": [t for t in (1, 2, 4, 8, 16, 32, 64, 128, 256)
+                        if 16 <= t * gp <= 256 and t * gp * dmax <= MAX_TILE_ELEMS],
+            name: [16, 32, 64, 128], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3, 4]}
+
+
+def _tile_default(spec: NSASpec, T: int, name: str, block_n: int) -> Config:
+    """128-row tiles with 8 warps (64 rows, 4 warps past 128 dims), as FlashAttention-2 on
+    H100; fewer tokens when T is short, never below tl.dot's 16 rows."""
+    gp, dmax = token_group_pad(spec), max(spec.DK, spec.DV)
+    rows = 128 if dmax <= 128 else 64
+    bt = max(-(-16 // gp), min(rows // gp, next_pow2(max(1, T))))
+    rows = bt * gp
+    return Config.make(num_warps=8 if rows >= 128 else 4, num_stages=2,
+                       **{"BLOCK_T": bt, name: block_n})
+
+
+def _tile_smem(spec: NSASpec, cfg: Config, name: str) -> int:
+    """Query tile, num_stages K/V tiles, and the probabilities re-laid out for the P.V dot."""
+    el = 4 if spec.dtype == "float32" else 2
+    rows, bn = cfg["BLOCK_T"] * token_group_pad(spec), cfg[name]
+    return el * (rows * spec.DK + max(1, cfg.num_stages) * bn * (spec.DK + spec.DV) + rows * bn)
+
+
+def _tile_context(spec: NSASpec, cfg: Config) -> dict:
+    c, gp = _common(spec), token_group_pad(spec)
+    return dict(HQ=c["HQ"], H=c["H"], G=c["G"], G_PAD=gp, DK=c["DK"], DV=c["DV"],
+                DK_CHUNKS=dim_chunks(spec.DK), DV_CHUNKS=dim_chunks(spec.DV),
+                BLOCK_T=cfg["BLOCK_T"], ROWS=cfg["BLOCK_T"] * gp, SCALE_LOG2=c["SCALE_LOG2"])
+
+
+def _cmp_fwd_context(spec: NSASpec, cfg: Config) -> dict:
+    return dict(_tile_context(spec, cfg), L=spec.l, D=spec.d, BLOCK_C=cfg["BLOCK_C"])
+
+
+def _cmp_fwd_space(spec: NSASpec) -> dict[str, list]:
+    return _tile_space(spec, "BLOCK_C")
+
+
+def _cmp_fwd_default(spec: NSASpec, T: int) -> Config:
+    return _tile_default(spec, T, "BLOCK_C", 64)
+
+
+def _cmp_fwd_smem(spec: NSASpec, cfg: Config) -> int:
+    return _tile_smem(spec, cfg, "BLOCK_C")
+
+
+def _swa_fwd_context(spec: NSASpec, cfg: Config) -> dict:
+    return dict(_tile_context(spec, cfg), W=spec.w, BLOCK_N=cfg["BLOCK_N"])
+
+
+def _swa_fwd_space(spec: NSASpec) -> dict[str, list]:
+    return _tile_space(spec, "BLOCK_N")
+
+
+def _swa_fwd_default(spec: NSASpec, T: int) -> Config:
+    # A key tile wider than the window would be mostly masked.
+    return _tile_default(spec, T, "BLOCK_N", min(64, max(16, next_pow2(spec.w))))
+
+
+def _swa_fwd_smem(spec: NSASpec, cfg: Config) -> int:
+    return _tile_smem(spec, cfg, "BLOCK_N")
+
+
 KERNELS: dict[str, KernelDef] = {
     "selection_fwd": KernelDef("selection_fwd", "slc", _slc_fwd_context, _slc_fwd_default,
                                _slc_fwd_space, _slc_fwd_smem, lambda s: s.has("slc")),
+    "topn": KernelDef("topn", "slc", _topn_context, _topn_default, _topn_space, _topn_smem,
+                      lambda s: s.has("slc")),
+    "compression_fwd": KernelDef("compression_fwd", "cmp", _cmp_fwd_context, _cmp_fwd_default,
+                                 _cmp_fwd_space, _cmp_fwd_smem,
+                                 # selection scores blocks with its lse
+                                 lambda s: s.has("cmp") or s.has("slc")),
+    "window_fwd": KernelDef("window_fwd", "swa", _swa_fwd_context, _swa_fwd_default,
+                            _swa_fwd_space, _swa_fwd_smem, lambda s: s.has("swa")),
 }
 
 

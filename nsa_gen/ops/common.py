@@ -60,3 +60,59 @@ def seq_start(cu_seqlens: torch.Tensor | None, B: int, T: int, device) -> torch.
 
 def launch_options(config) -> dict:
     return {"num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def num_cmp_blocks(T: int, l: int, d: int) -> int:
+    return (T - l) // d + 1 if T >= l else 0
+
+
+def tile_table(cu_seqlens: torch.Tensor | None, B: int, T: int, block_t: int, l: int, d: int,
+               device) -> torch.Tensor:
+    """int32 [n_tiles, 4] for kernels whose programs own BLOCK_T tokens of one sequence:
+    (first row of the tile, first row of its sequence, end row of its sequence, first row of
+    the sequence's compressed blocks in the packed k_cmp). Rows are b * T + t; a batch of B
+    equal sequences is the packed case with cu_seqlens = [0, T, 2T, ...], so kernels have
+    one code path and a tile never straddles two sequences."""
+    if cu_seqlens is None:
+        cu = torch.arange(B + 1, device=device, dtype=torch.int64) * T
+    else:
+        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    lens = cu[1:] - cu[:-1]
+    n_cmp = torch.where(lens >= l, torch.div(lens - l, d, rounding_mode="floor") + 1, 0)
+    cu_cmp = torch.cat([n_cmp.new_zeros(1), n_cmp.cumsum(0)])
+    per_seq = torch.div(lens + block_t - 1, block_t, rounding_mode="floor")
+    seq = torch.repeat_interleave(torch.arange(lens.numel(), device=device), per_seq)
+    first_tile = torch.cat([per_seq.new_zeros(1), per_seq.cumsum(0)])[:-1]
+    tile_in_seq = torch.arange(seq.numel(), device=device) - first_tile[seq]
+    table = torch.stack([cu[seq] + tile_in_seq * block_t, cu[seq], cu[seq + 1], cu_cmp[seq]], 1)
+    return table.to(torch.int32).contiguous()
+
+
+def cmp_seqlens(cu_seqlens: torch.Tensor, l: int, d: int) -> torch.Tensor:
+    """cu_seqlens of the packed compressed sequence: blocks never cross a sequence boundary."""
+    cu = cu_seqlens.to(torch.int64)
+    lens = cu[1:] - cu[:-1]
+    n_cmp = torch.where(lens >= l, torch.div(lens - l, d, rounding_mode="floor") + 1, 0)
+    return torch.cat([n_cmp.new_zeros(1), n_cmp.cumsum(0)]).to(torch.int32)
+
+
+def outputs(out: tuple[torch.Tensor, torch.Tensor] | None, o_shape: tuple, lse_shape: tuple,
+            like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse) for a forward launcher: fresh tensors, or the caller's `out` pair checked to be
+    contiguous, o of like's dtype and lse fp32 (tests pass NaN-filled ones so that an element
+    the kernel never writes shows up)."""
+    if out is None:
+        return (torch.empty(o_shape, device=like.device, dtype=like.dtype),
+                torch.empty(lse_shape, device=like.device, dtype=torch.float32))
+    o, lse = out
+    check_tensor("out[0]", o, o_shape, like=like)
+    check_tensor("out[1]", lse, lse_shape, dtypes=(torch.float32,))
+    check(o.is_contiguous() and lse.is_contiguous() and lse.device == like.device,
+          "out tensors must be contiguous and on q's device")
+    return o, lse
+
+
+def dot_precision(x: torch.Tensor) -> str | None:
+    """tl.dot input precision: fp32 inputs get full fp32 ("ieee", no tf32) so that fp32 runs
+    match the reference to ~1e-6; 16-bit inputs use the default (None)."""
+    return "ieee" if x.dtype == torch.float32 else None

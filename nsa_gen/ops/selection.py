@@ -6,7 +6,7 @@ import torch
 from ..config import Config
 from ..kernels import kernel_def, kernel_fn
 from ..spec import NSASpec
-from .common import check_qkv, check_tensor, launch_options, seq_start
+from .common import check_qkv, check_tensor, launch_options, seq_start, tile_table
 
 
 def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
@@ -34,3 +34,28 @@ def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indic
     fn[(T, B * spec.H)](q, k, v, block_indices, o, lse, starts if starts is not None else q, T,
                         IS_VARLEN=starts is not None, **launch_options(config))
     return o, lse
+
+
+def topn(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, spec: NSASpec,
+         config: Config | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-n selection blocks per token and kv head, scored inside the kernel.
+
+    q [B, T, HQ, DK]; k_cmp [B, NC, H, DK] compressed keys (packed [1, sum NC, H, DK] with
+    cu_seqlens); lse_cmp [B, T, HQ] fp32 from `compression_fwd`. Returns int32
+    [B, T, H, S]: the forced initial and local blocks plus the best-scoring others
+    (overlap-weighted importance summed over the group), ascending, -1 slots last.
+    """
+    check_tensor("q", q, (None, None, spec.HQ, spec.DK))
+    B, T = q.shape[:2]
+    check_tensor("k_cmp", k_cmp, (B, None, spec.H, spec.DK), like=q)
+    check_tensor("lse_cmp", lse_cmp, (B, T, spec.HQ), dtypes=(torch.float32,))
+    config = config or kernel_def("topn").default(spec, T)
+    seq_start(cu_seqlens, B, T, q.device)  # validates cu_seqlens
+    q, k_cmp, lse_cmp = q.contiguous(), k_cmp.contiguous(), lse_cmp.contiguous()
+    idx = torch.empty(B, T, spec.H, spec.S, device=q.device, dtype=torch.int32)
+    if B * T == 0:
+        return idx
+    tiles = tile_table(cu_seqlens, B, T, config["BLOCK_T"], spec.l, spec.d, q.device)
+    fn = kernel_fn("topn", spec, config)
+    fn[(tiles.shape[0], spec.H)](q, k_cmp, lse_cmp, idx, tiles, **launch_options(config))
+    return idx
