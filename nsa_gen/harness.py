@@ -1,0 +1,165 @@
+"""Per-kernel test cases: fresh random inputs, the launcher call, the fp32 reference and the
+error between them. Shared by `nsa-gen verify`, the tuner's correctness gate and the tests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import naive
+from .config import Config
+from .kernels import kernel_def
+from .spec import NSASpec
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def tolerance(dtype: torch.dtype, device: torch.device | str) -> float:
+    """Relative-error bound: fp32 on the GPU runs tl.dot in tf32 (~3e-4 typical)."""
+    on_gpu = torch.device(device).type == "cuda"
+    return {torch.float32: 2e-3 if on_gpu else 1e-4, torch.float16: 1e-2,
+            torch.bfloat16: 2e-2}[dtype]
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in fp64; NaN or unwritten (poisoned) elements give inf."""
+    out, ref = out.double().cpu(), ref.double().cpu()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    den = ref.norm().item()
+    return (out - ref).norm().item() / (den if den > 0 else 1.0)
+
+
+@dataclass
+class Case:
+    """One kernel on one shape: `run(config)` launches it, `rel_error(outputs)` compares
+    the outputs with the fp32 reference (computed once, lazily)."""
+
+    stem: str
+    spec: NSASpec
+    B: int
+    T: int
+    dtype: torch.dtype
+    device: torch.device
+    inputs: dict
+    _launch: Callable[[Config], tuple]
+    _reference: Callable[[], tuple]
+    _compare: Callable[[tuple, tuple], float]
+    _ref: tuple | None = field(default=None, repr=False)
+
+    @property
+    def tolerance(self) -> float:
+        return tolerance(self.dtype, self.device)
+
+    def run(self, config: Config | None = None) -> tuple:
+        return self._launch(config or kernel_def(self.stem).default(self.spec, self.T))
+
+    def reference(self) -> tuple:
+        if self._ref is None:
+            self._ref = self._reference()
+        return self._ref
+
+    def rel_error(self, outputs: tuple) -> float:
+        return self._compare(outputs, self.reference())
+
+
+def _f32(*xs):
+    return [x.float() for x in xs]
+
+
+def _qkv(spec: NSASpec, B: int, T: int, dtype, device, gen) -> tuple:
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, device="cpu").to(device=device, dtype=dtype)
+    return rnd(B, T, spec.HQ, spec.DK), rnd(B, T, spec.H, spec.DK), rnd(B, T, spec.H, spec.DV)
+
+
+def _cmp_lse(q, k_cmp, spec: NSASpec) -> torch.Tensor:
+    """Log-sum-exp of the compressed attention's logits (-inf where no block is visible)."""
+    G, T, NC = spec.G, q.shape[1], k_cmp.shape[1]
+    s = torch.einsum("bthd,bchd->bthc", q.float(), k_cmp.float().repeat_interleave(G, 2))
+    vis = (torch.arange(NC, device=q.device) * spec.d + spec.l - 1)[None, :] <= \
+        torch.arange(T, device=q.device)[:, None]
+    s = (s * spec.softmax_scale).masked_fill(~vis[None, :, None, :], float("-inf"))
+    return torch.logsumexp(s, -1)
+
+
+def _scores_and_indices(spec: NSASpec, q, k) -> tuple[torch.Tensor, torch.Tensor]:
+    k_cmp = naive.naive_compress(k.float(), spec.l, spec.d)
+    v_dummy = k_cmp[..., :1].expand(*k_cmp.shape[:-1], 16)
+    _, p = naive.naive_compressed_attention(q.float(), k_cmp, v_dummy, spec.l, spec.d,
+                                            spec.softmax_scale)
+    scores = naive.naive_group_scores(naive.naive_importance(p, spec.l, spec.d, spec.BS,
+                                                             q.shape[1]), spec.H)
+    return scores, naive.naive_topn(scores, spec.BS, spec.S, spec.initial_blocks,
+                                    spec.local_blocks)
+
+
+def chosen_score_error(idx: torch.Tensor, ref_idx: torch.Tensor, scores: torch.Tensor) -> float:
+    """Top-n implementations may differ on near-ties; compare the scores they chose.
+    Also any structural defect (bad order, out-of-range index, duplicate, wrong count of
+    valid slots) makes the error inf."""
+    idx, ref_idx = idx.cpu().long(), ref_idx.cpu().long()
+    valid = idx >= 0
+    if (valid.sum(-1) != (ref_idx >= 0).sum(-1)).any():
+        return float("inf")
+    if (idx >= scores.shape[-1]).any() or (idx < -1).any():
+        return float("inf")
+    # ascending valid entries first, -1 last
+    key = torch.where(valid, idx, torch.iinfo(torch.int64).max)
+    if (key[..., 1:] < key[..., :-1]).any() or ((key[..., 1:] == key[..., :-1]) & valid[..., 1:]).any():
+        return float("inf")
+
+    def total(ix):
+        g = torch.where(ix >= 0, ix, 0)
+        return (scores.gather(-1, g) * (ix >= 0)).sum(-1)
+    a, b = total(idx), total(ref_idx)
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def make_case(stem: str, spec: NSASpec, T: int, *, B: int = 1, dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu", seed: int = 0) -> Case:
+    """A `Case` for kernel `stem` with fresh inputs drawn from `seed` (never zeros)."""
+    from .ops import compression, selection, window  # noqa: F401 - launchers
+
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = _qkv(spec, B, T, dtype, device, gen)
+    scale = spec.softmax_scale
+
+    if stem == "selection_fwd":
+        # Realistic indices (forced blocks, -1 padding) from the reference top-n on random scores.
+        NS = -(-T // spec.BS)
+        rnd = torch.rand(B, T, spec.H, NS, generator=gen)
+        idx = naive.naive_topn(rnd, spec.BS, spec.S, spec.initial_blocks, spec.local_blocks)
+        idx = idx.to(device=device, dtype=torch.int32)
+        return Case(stem, spec, B, T, dtype, device, dict(q=q, k=k, v=v, block_indices=idx),
+                    lambda c: selection.selection_fwd(q, k, v, idx, spec, c),
+                    lambda: (naive.naive_selection(*_f32(q, k, v), idx.cpu().long(), spec.BS, scale),),
+                    lambda o, r: rel_error(o[0], r[0]))
+
+    if stem == "topn":
+        k_cmp = naive.naive_compress(k.float(), spec.l, spec.d).to(dtype)
+        lse = _cmp_lse(q, k_cmp, spec)
+        return Case(stem, spec, B, T, dtype, device, dict(q=q, k_cmp=k_cmp, lse=lse),
+                    lambda c: (selection.topn(q, k_cmp, lse, spec, c),),
+                    lambda: _scores_and_indices(spec, q.cpu(), k.cpu()),
+                    lambda o, r: chosen_score_error(o[0], r[1], r[0]))
+
+    if stem == "compression_fwd":
+        k_cmp = naive.naive_compress(k.float(), spec.l, spec.d).to(dtype)
+        v_cmp = naive.naive_compress(v.float(), spec.l, spec.d).to(dtype)
+        return Case(stem, spec, B, T, dtype, device, dict(q=q, k_cmp=k_cmp, v_cmp=v_cmp),
+                    lambda c: compression.compression_fwd(q, k_cmp, v_cmp, spec, c),
+                    lambda: naive.naive_compressed_attention(*_f32(q, k_cmp, v_cmp), spec.l,
+                                                             spec.d, scale)[:1],
+                    lambda o, r: rel_error(o[0], r[0]))
+
+    if stem == "window_fwd":
+        return Case(stem, spec, B, T, dtype, device, dict(q=q, k=k, v=v),
+                    lambda c: window.window_fwd(q, k, v, spec, c),
+                    lambda: (naive.naive_window(*_f32(q, k, v), spec.w, scale),),
+                    lambda o, r: rel_error(o[0], r[0]))
+
+    raise KeyError(f"no test case for kernel '{stem}'")

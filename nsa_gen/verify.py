@@ -1,0 +1,57 @@
+"""`nsa-gen verify`: every generated kernel of a spec against the fp32 reference."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .harness import make_case
+from .kernels import KERNELS
+from .spec import NSASpec
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    kernel: str
+    shape: str
+    dtype: str
+    rel_error: float
+    tolerance: float
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error and self.rel_error <= self.tolerance
+
+
+def applicable_kernels(spec: NSASpec) -> list[str]:
+    return [stem for stem, kd in KERNELS.items() if kd.applies(spec)]
+
+
+def verify_spec(spec: NSASpec, *, T: int, B: int = 1, dtypes: list[torch.dtype],
+                device: str, kernels: list[str] | None = None, seed: int = 0) -> list[VerifyResult]:
+    """Run each kernel (default config) on fresh random inputs and compare with naive.py."""
+    results = []
+    for stem in kernels or applicable_kernels(spec):
+        for dtype in dtypes:
+            shape = f"B={B} T={T} HQ={spec.HQ} H={spec.H} DK={spec.DK} DV={spec.DV}"
+            name = str(dtype).replace("torch.", "")
+            try:
+                case = make_case(stem, spec, T, B=B, dtype=dtype, device=device, seed=seed)
+                err = case.rel_error(case.run())
+                results.append(VerifyResult(stem, shape, name, err, case.tolerance))
+            except Exception as e:  # a failing kernel is a row of the table, not a crash
+                results.append(VerifyResult(stem, shape, name, float("nan"), 0.0,
+                                            f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"))
+    return results
+
+
+def format_table(spec_name: str, results: list[VerifyResult]) -> str:
+    rows = [("spec", "kernel", "shape", "dtype", "rel error", "bound", "result")]
+    for r in results:
+        rows.append((spec_name, r.kernel, r.shape, r.dtype, f"{r.rel_error:.2e}", f"{r.tolerance:.0e}",
+                     "pass" if r.ok else f"FAIL {r.error}".strip()))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)

@@ -1,0 +1,34 @@
+"""Shared test setup: kernels run in Triton's interpreter on the CPU; outputs are poisoned."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path_factory, monkeypatch):
+    """Rendered modules go to a per-session cache, never the user's."""
+    monkeypatch.setenv("NSA_GEN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "kernel-cache"))
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every tensor a launcher allocates with torch.empty starts as NaN (floats) or a
+    sentinel (ints), so an element the kernel fails to write fails the comparison."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        t.fill_(float("nan") if t.is_floating_point() else -77777)
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    return empty
+
+
+def shrink(name: str, **changes):
+    """A built-in spec with test-sized heads/dims; other fields as given."""
+    from nsa_gen.spec import load_spec
+    return load_spec(name).replace(**changes)

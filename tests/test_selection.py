@@ -1,0 +1,160 @@
+"""selection_fwd (selected attention, given indices) and topn (block selection) against naive.py."""
+import pytest
+import torch
+
+from conftest import shrink
+from nsa_gen import naive
+from nsa_gen.config import Config
+from nsa_gen.harness import make_case
+from nsa_gen.ops.selection import selection_fwd, topn
+
+# G in {1, 4, 16}, DK != DV, ragged T (not a multiple of l, d or l').
+SPECS = {
+    "G1": dict(name="mqa", heads={"q": 2, "kv": 2}, head_dim={"k": 32, "v": 16}),
+    "G4": dict(name="small-group", heads={"q": 8, "kv": 2}, head_dim={"k": 48, "v": 32}),
+    "G16": dict(name="deepseek-nsa", heads={"q": 16, "kv": 1}, head_dim={"k": 48, "v": 32}),
+    "fla": dict(name="fla-compat", heads={"q": 16, "kv": 1}, head_dim={"k": 32, "v": 32},
+                compression={"block": 16, "stride": 16}, selection={"block": 16, "top_n": 4}),
+}
+
+
+def make_spec(key, **extra):
+    d = dict(SPECS[key])
+    d.setdefault("compression", {"block": 16, "stride": 8})
+    d.setdefault("selection", {"block": 32, "top_n": 4, "initial_blocks": 1, "local_blocks": 2})
+    d.update(extra)
+    return shrink(d.pop("name"), **d)
+
+
+@pytest.mark.parametrize("key", ["G1", "G4", "G16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_selection_fwd(key, dtype, poison):
+    spec = make_spec(key)
+    case = make_case("selection_fwd", spec, 77, B=2, dtype=dtype, seed=hash(key) % 1000)
+    assert (case.inputs["block_indices"] == -1).any(), "test must cover empty slots"
+    err = case.rel_error(case.run())
+    assert err < case.tolerance, err
+
+
+@pytest.mark.parametrize("block_n", [16, 32])
+def test_selection_fwd_tiles(block_n, poison):
+    spec = make_spec("G4")
+    case = make_case("selection_fwd", spec, 50, dtype=torch.float32, seed=3)
+    cfg = Config.make(BLOCK_N=block_n, num_warps=4, num_stages=1)
+    assert case.rel_error(case.run(cfg)) < 1e-4
+
+
+def test_selection_fwd_lse_and_empty_rows(poison):
+    """lse is the log-sum-exp of the visible logits; a token with only -1 slots gets 0, -inf."""
+    spec = make_spec("G4")
+    g = torch.Generator().manual_seed(5)
+    B, T = 1, 40
+    q = torch.randn(B, T, spec.HQ, spec.DK, generator=g)
+    k = torch.randn(B, T, spec.H, spec.DK, generator=g)
+    v = torch.randn(B, T, spec.H, spec.DV, generator=g)
+    idx = torch.full((B, T, spec.H, spec.S), -1, dtype=torch.int32)
+    idx[:, :, :, 0] = 0
+    idx[:, 7] = -1  # token 7: nothing to attend to
+    o, lse = selection_fwd(q, k, v, idx, spec)
+    assert torch.all(o[:, 7] == 0) and torch.all(lse[:, 7] == float("-inf"))
+    t = 20
+    kk = k[0, : t + 1].repeat_interleave(spec.G, 1)  # [t+1, HQ, DK]
+    logits = torch.einsum("hd,nhd->hn", q[0, t], kk) * spec.softmax_scale
+    torch.testing.assert_close(lse[0, t], torch.logsumexp(logits, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_selection_fwd_varlen(poison):
+    spec = make_spec("G4")
+    g = torch.Generator().manual_seed(9)
+    lens = [37, 5, 50]
+    cu = torch.tensor([0, 37, 42, 92], dtype=torch.int32)
+    T = sum(lens)
+    q = torch.randn(1, T, spec.HQ, spec.DK, generator=g)
+    k = torch.randn(1, T, spec.H, spec.DK, generator=g)
+    v = torch.randn(1, T, spec.H, spec.DV, generator=g)
+    parts, idxs = [], []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        n = b - a
+        sc = torch.rand(1, n, spec.H, -(-n // spec.BS), generator=g)
+        ix = naive.naive_topn(sc, spec.BS, spec.S, spec.initial_blocks, spec.local_blocks)
+        idxs.append(ix)
+        parts.append(naive.naive_selection(q[:, a:b], k[:, a:b], v[:, a:b], ix.long(), spec.BS))
+    idx = torch.cat(idxs, 1).to(torch.int32)
+    o, _ = selection_fwd(q, k, v, idx, spec, cu_seqlens=cu)
+    ref = torch.cat(parts, 1)
+    assert (o - ref).norm() / ref.norm() < 1e-5
+
+
+@pytest.mark.parametrize("key", ["G1", "G4", "G16", "fla"])
+def test_topn(key, poison):
+    spec = make_spec(key)
+    case = make_case("topn", spec, 93, B=2, dtype=torch.float32, seed=11)
+    idx = case.run()[0]
+    scores, ref = case.reference()
+    assert case.rel_error((idx,)) < 1e-4
+    # Forced blocks are always there: block 0 and the block holding t (and the one before).
+    t = torch.arange(93)
+    cur = (t // spec.BS)[None, :, None]
+    assert (idx == 0).any(-1).all()
+    assert (idx == cur[..., None]).any(-1).all()
+    # The block holding t is the last valid slot.
+    last = idx.gather(-1, ((idx >= 0).sum(-1, keepdim=True) - 1).clamp_min(0)).squeeze(-1)
+    assert (last == cur).all()
+
+
+def test_topn_ties_and_padding(poison):
+    """Identical keys make every score tie: ties go to the lowest block indices."""
+    # l = d = l': every complete block gets exactly the same importance.
+    spec = make_spec("G4", compression={"block": 16, "stride": 16},
+                     selection={"block": 16, "top_n": 4, "initial_blocks": 0, "local_blocks": 1})
+    B, T = 1, 90
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(B, T, spec.HQ, spec.DK, generator=g)
+    k_row = torch.randn(spec.H, spec.DK, generator=g)
+    k = k_row.expand(B, T, spec.H, spec.DK).contiguous()
+    k_cmp = naive.naive_compress(k, spec.l, spec.d)
+    from nsa_gen.harness import _cmp_lse
+    idx = topn(q, k_cmp, _cmp_lse(q, k_cmp, spec), spec)
+    for t in (0, 20, 47, 89):
+        cur = t // spec.BS
+        cands = list(range(cur + 1))
+        # the block holding t is forced; the rest go to the lowest indices (all tie at equal scores)
+        want = sorted(set([cur] + [j for j in cands if j != cur][: spec.S - 1]))
+        got = [j for j in idx[0, t, 0].tolist() if j >= 0]
+        assert got == want, (t, got, want)
+        assert idx[0, t, 0].tolist()[len(got):] == [-1] * (spec.S - len(got))
+
+
+def test_topn_varlen(poison):
+    """Packed sequences score and select per sequence, as if run one by one."""
+    spec = make_spec("G4")
+    g = torch.Generator().manual_seed(4)
+    cu = torch.tensor([0, 41, 45, 110], dtype=torch.int32)
+    T = 110
+    q = torch.randn(1, T, spec.HQ, spec.DK, generator=g)
+    k = torch.randn(1, T, spec.H, spec.DK, generator=g)
+    from nsa_gen.harness import _cmp_lse
+    kcs, lses, refs = [], [], []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        kc = naive.naive_compress(k[:, a:b], spec.l, spec.d)
+        kcs.append(kc)
+        lses.append(_cmp_lse(q[:, a:b], kc, spec))
+        refs.append(topn(q[:, a:b], kc, lses[-1], spec))
+    idx = topn(q, torch.cat(kcs, 1), torch.cat(lses, 1), spec, cu_seqlens=cu)
+    assert torch.equal(idx, torch.cat(refs, 1))
+
+
+def test_bad_inputs():
+    spec = make_spec("G4")
+    q = torch.randn(1, 8, spec.HQ, spec.DK)
+    k = torch.randn(1, 8, spec.H, spec.DK)
+    v = torch.randn(1, 8, spec.H, spec.DV)
+    idx = torch.zeros(1, 8, spec.H, spec.S, dtype=torch.int32)
+    with pytest.raises(ValueError, match="k has shape"):
+        selection_fwd(q, k[:, :, :1], v, idx, spec)
+    with pytest.raises(TypeError, match="block_indices has dtype"):
+        selection_fwd(q, k, v, idx.long(), spec)
+    with pytest.raises(TypeError, match="expected torch.float32"):
+        selection_fwd(q, k.half(), v, idx, spec)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        selection_fwd(q, k, v, idx, spec, cu_seqlens=torch.tensor([0, 5], dtype=torch.int32))
