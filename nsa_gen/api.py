@@ -1,0 +1,111 @@
+"""The public NSA op: all three branches, gated, with configs from the dispatcher."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .config import Config
+from .ops.common import check, check_tensor
+from .ops.compression import compress_mean, compression_fwd
+from .ops.selection import selection_fwd, topn
+from .ops.window import window_fwd
+from .spec import NSASpec, load_spec
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+def _configs(spec: NSASpec, T: int, B: int, dispatcher) -> Callable[[str], Config]:
+    if dispatcher is None:
+        try:
+            from .db.dispatch import default_dispatcher
+            dispatcher = default_dispatcher()
+        except ImportError:  # a build without the tuning DB: heuristics only
+            from .kernels import kernel_def
+            return lambda stem: kernel_def(stem).default(spec, T)
+    return lambda stem: dispatcher.get(stem, spec, T, B)
+
+
+def compress(x: torch.Tensor, spec: NSASpec, mlp: torch.nn.Module | None = None,
+             cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """phi over blocks of l tokens every d tokens: x [B, T, H, D] -> ([B, NC, H, D],
+    cu_seqlens of the compressed sequence or None). `mean` pools; `mlp` applies `mlp` to
+    each block [..., l, D] (a `naive.CompressionMLP`, or any module of that shape)."""
+    if spec.phi == "mean":
+        return compress_mean(x, spec.l, spec.d, cu_seqlens)
+    check(mlp is not None, "spec has phi = mlp: pass the compression MLPs (mlp_k, mlp_v)")
+    from .ops.common import cmp_seqlens
+    p = next(mlp.parameters(), None)
+    dtype = p.dtype if p is not None else x.dtype
+
+    def phi(seq):  # seq [B, n, H, D] -> [B, NC, H, D]; unfold gives [B, NC, H, D, l]
+        if seq.shape[1] < spec.l:
+            return x.new_zeros(x.shape[0], 0, x.shape[2], x.shape[3])
+        return mlp(seq.unfold(1, spec.l, spec.d).transpose(-1, -2).to(dtype)).to(x.dtype)
+
+    if cu_seqlens is None:
+        return phi(x), None
+    cu = cu_seqlens.tolist()
+    out = torch.cat([phi(x[:, a:b]) for a, b in zip(cu[:-1], cu[1:])], 1)
+    return out, cmp_seqlens(cu_seqlens, spec.l, spec.d).to(cu_seqlens.device)
+
+
+def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor | None = None,
+        g_slc: torch.Tensor | None = None, g_swa: torch.Tensor | None = None, *,
+        spec: NSASpec | str, kv_cmp: KV | None = None, kv_slc: KV | None = None,
+        kv_swa: KV | None = None, mlp_k: torch.nn.Module | None = None,
+        mlp_v: torch.nn.Module | None = None, cu_seqlens: torch.Tensor | None = None,
+        dispatcher=None, return_aux: bool = False):
+    """Native Sparse Attention.
+
+    q [B, T, HQ, DK]; k [B, T, H, DK], v [B, T, H, DV] shared by the branches unless a
+    branch has its own pair in kv_cmp / kv_slc / kv_swa. Gates g_* [B, T, HQ] (e.g.
+    sigmoid of a linear layer); a branch whose gate is None is skipped, but the selection
+    branch still runs the compressed attention to score blocks. spec: an NSASpec or a
+    built-in name. cu_seqlens (int32 [N+1]) packs N sequences with B = 1. mlp_k / mlp_v:
+    the compression MLPs when spec.phi == "mlp". Returns o [B, T, HQ, DV] in q's dtype;
+    with return_aux, also a dict of the branch outputs and the selected block indices.
+    """
+    spec = load_spec(spec) if isinstance(spec, str) else spec
+    check_tensor("q", q, (None, None, spec.HQ, spec.DK))
+    B, T = q.shape[:2]
+    gates = {"cmp": g_cmp, "slc": g_slc, "swa": g_swa}
+    for name, g in gates.items():
+        if g is not None:
+            check(spec.has(name), f"g_{name} given but the spec has no '{name}' branch")
+            check_tensor(f"g_{name}", g, (B, T, spec.HQ), like=q)
+    check(any(g is not None for g in gates.values()), "no gate given: every branch is off")
+    pairs = {"cmp": kv_cmp or (k, v), "slc": kv_slc or (k, v), "swa": kv_swa or (k, v)}
+    for name, (kk, vv) in pairs.items():
+        check_tensor(f"k ({name})", kk, (B, T, spec.H, spec.DK), like=q)
+        check_tensor(f"v ({name})", vv, (B, T, spec.H, spec.DV), like=q)
+    config = _configs(spec, T, B, dispatcher)
+
+    aux: dict = {}
+    o = None
+
+    def add(g, x):
+        nonlocal o
+        term = g.unsqueeze(-1) * x
+        o = term if o is None else o + term
+
+    if g_cmp is not None or g_slc is not None:
+        k_cmp, cu_cmp = compress(pairs["cmp"][0], spec, mlp_k, cu_seqlens)
+        v_cmp, _ = compress(pairs["cmp"][1], spec, mlp_v, cu_seqlens)
+        o_cmp, lse_cmp = compression_fwd(q, k_cmp, v_cmp, spec, config("compression_fwd"),
+                                         cu_seqlens=cu_seqlens, cu_seqlens_cmp=cu_cmp)
+        aux.update(o_cmp=o_cmp, lse_cmp=lse_cmp, k_cmp=k_cmp, v_cmp=v_cmp)
+        if g_cmp is not None:
+            add(g_cmp, o_cmp)
+        if g_slc is not None:
+            idx = topn(q, k_cmp, lse_cmp, spec, config("topn"), cu_seqlens=cu_seqlens)
+            o_slc, _ = selection_fwd(q, *pairs["slc"], idx, spec, config("selection_fwd"),
+                                     cu_seqlens=cu_seqlens)
+            aux.update(indices=idx, o_slc=o_slc)
+            add(g_slc, o_slc)
+    if g_swa is not None:
+        o_swa, _ = window_fwd(q, *pairs["swa"], spec, config("window_fwd"), cu_seqlens=cu_seqlens)
+        aux["o_swa"] = o_swa
+        add(g_swa, o_swa)
+    o = o.to(q.dtype)
+    return (o, aux) if return_aux else o
