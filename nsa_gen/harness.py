@@ -136,7 +136,7 @@ def make_case(stem: str, spec: NSASpec, T: int, *, B: int = 1, dtype: torch.dtyp
         idx = idx.to(device=device, dtype=torch.int32)
         return Case(stem, spec, B, T, dtype, device, dict(q=q, k=k, v=v, block_indices=idx),
                     lambda c: selection.selection_fwd(q, k, v, idx, spec, c),
-                    lambda: (naive.naive_selection(*_f32(q, k, v), idx.cpu().long(), spec.BS, scale),),
+                    lambda: (naive.naive_selection(*_f32(q, k, v), idx.long(), spec.BS, scale),),
                     lambda o, r: rel_error(o[0], r[0]))
 
     if stem == "topn":

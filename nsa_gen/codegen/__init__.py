@@ -113,21 +113,25 @@ def atomic_write(path: Path, text: str) -> None:
         raise
 
 
-_MODULES: dict[str, ModuleType] = {}
+_MODULES: dict[Path, ModuleType] = {}
 _LOCK = threading.Lock()
+
+
+def cache_root() -> Path:
+    return env.cache_dir()
 
 
 def load_module(stem: str, source: str) -> ModuleType:
     """Write `source` to the cache under its content hash (once) and import it."""
     h = source_hash(source)
     name = f"nsa_gen_generated.{stem}_{h}"
-    mod = _MODULES.get(name)
+    path = env.cache_dir() / f"{stem}_{h}.py"
+    mod = _MODULES.get(path)
     if mod is not None:
         return mod
     with _LOCK:
-        if name in _MODULES:
-            return _MODULES[name]
-        path = env.cache_dir() / f"{stem}_{h}.py"
+        if path in _MODULES:
+            return _MODULES[path]
         # Same name means same content, so a file another process wrote is as good as ours;
         # still check it, in case a crash outside our atomic write left garbage behind.
         if not path.exists() or path.read_text() != source:
@@ -137,5 +141,5 @@ def load_module(stem: str, source: str) -> ModuleType:
         mod = importlib.util.module_from_spec(spec)
         sys.modules[name] = mod
         spec.loader.exec_module(mod)
-        _MODULES[name] = mod
+        _MODULES[path] = mod
         return mod

@@ -66,17 +66,30 @@ def num_cmp_blocks(T: int, l: int, d: int) -> int:
     return (T - l) // d + 1 if T >= l else 0
 
 
+_TILES: dict[tuple, torch.Tensor] = {}
+
+
 def tile_table(cu_seqlens: torch.Tensor | None, B: int, T: int, block_t: int, l: int, d: int,
                device) -> torch.Tensor:
     """int32 [n_tiles, 4] for kernels whose programs own BLOCK_T tokens of one sequence:
     (first row of the tile, first row of its sequence, end row of its sequence, first row of
     the sequence's compressed blocks in the packed k_cmp). Rows are b * T + t; a batch of B
     equal sequences is the packed case with cu_seqlens = [0, T, 2T, ...], so kernels have
-    one code path and a tile never straddles two sequences."""
+    one code path and a tile never straddles two sequences. Fixed-length tables are cached:
+    building one takes several small launches and a host sync, as long as a short kernel."""
     if cu_seqlens is None:
-        cu = torch.arange(B + 1, device=device, dtype=torch.int64) * T
-    else:
-        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        key = (B, T, block_t, l, d, str(device))
+        table = _TILES.get(key)
+        if table is None:
+            if len(_TILES) > 256:
+                _TILES.clear()
+            cu = torch.arange(B + 1, device=device, dtype=torch.int64) * T
+            table = _TILES[key] = _tile_table(cu, block_t, l, d, device)
+        return table
+    return _tile_table(cu_seqlens.to(device=device, dtype=torch.int64), block_t, l, d, device)
+
+
+def _tile_table(cu: torch.Tensor, block_t: int, l: int, d: int, device) -> torch.Tensor:
     lens = cu[1:] - cu[:-1]
     n_cmp = torch.where(lens >= l, torch.div(lens - l, d, rounding_mode="floor") + 1, 0)
     cu_cmp = torch.cat([n_cmp.new_zeros(1), n_cmp.cumsum(0)])
@@ -85,6 +98,41 @@ def tile_table(cu_seqlens: torch.Tensor | None, B: int, T: int, block_t: int, l:
     first_tile = torch.cat([per_seq.new_zeros(1), per_seq.cumsum(0)])[:-1]
     tile_in_seq = torch.arange(seq.numel(), device=device) - first_tile[seq]
     table = torch.stack([cu[seq] + tile_in_seq * block_t, cu[seq], cu[seq + 1], cu_cmp[seq]], 1)
+    return table.to(torch.int32).contiguous()
+
+
+_CMP_TILES: dict[tuple, torch.Tensor] = {}
+
+
+def cmp_tile_table(cu_seqlens: torch.Tensor | None, B: int, T: int, block_c: int, l: int, d: int,
+                   device) -> torch.Tensor:
+    """int32 [n_tiles, 5] for kernels whose programs own BLOCK_C compressed blocks of one
+    sequence (the dk/dv pass of compressed attention): (first row of the tile in the packed
+    k_cmp, first row of its sequence's blocks, end row of its sequence's blocks, first token
+    row of the sequence, end token row of the sequence). Sequences without a block (shorter
+    than l) have no tile. Like `tile_table`, fixed-length batches are the packed case with
+    cu_seqlens = [0, T, 2T, ...], and their tables are cached."""
+    if cu_seqlens is None:
+        key = (B, T, block_c, l, d, str(device))
+        table = _CMP_TILES.get(key)
+        if table is None:
+            if len(_CMP_TILES) > 256:
+                _CMP_TILES.clear()
+            cu = torch.arange(B + 1, device=device, dtype=torch.int64) * T
+            table = _CMP_TILES[key] = _cmp_tile_table(cu, block_c, l, d, device)
+        return table
+    return _cmp_tile_table(cu_seqlens.to(device=device, dtype=torch.int64), block_c, l, d, device)
+
+
+def _cmp_tile_table(cu: torch.Tensor, block_c: int, l: int, d: int, device) -> torch.Tensor:
+    cu_cmp = cmp_seqlens(cu, l, d).to(torch.int64)
+    n_cmp = cu_cmp[1:] - cu_cmp[:-1]
+    per_seq = torch.div(n_cmp + block_c - 1, block_c, rounding_mode="floor")
+    seq = torch.repeat_interleave(torch.arange(n_cmp.numel(), device=device), per_seq)
+    first_tile = torch.cat([per_seq.new_zeros(1), per_seq.cumsum(0)])[:-1]
+    tile_in_seq = torch.arange(seq.numel(), device=device) - first_tile[seq]
+    table = torch.stack([cu_cmp[seq] + tile_in_seq * block_c, cu_cmp[seq], cu_cmp[seq + 1],
+                         cu[seq], cu[seq + 1]], 1)
     return table.to(torch.int32).contiguous()
 
 

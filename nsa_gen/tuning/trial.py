@@ -1,0 +1,295 @@
+"""One tuning trial: build the kernel for a config, check it against the fp32 reference,
+time it. `WorkerRunner` runs trials in a spawned worker process, because a kernel that
+faults can poison the CUDA context of the process it ran in; a fault, hang or crash then
+costs one restarted worker and one failed trial, never the study.
+
+`python -m nsa_gen.tuning.trial STEM SPEC T [B] key=value...` runs one trial in-process
+and prints its result, for debugging a single config by hand.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+from ..config import Config
+from ..spec import NSASpec
+
+# A timer takes a zero-argument callable and returns its time in ms.
+Timer = Callable[[Callable[[], Any]], float]
+# make_case(stem, spec, T, *, B, dtype, device, seed) -> object with run(config),
+# rel_error(outputs) and tolerance (the interface of nsa_gen.harness.make_case).
+CaseFactory = Callable[..., Any]
+
+OK, WRONG = "ok", "wrong"
+COMPILE_ERROR, OUT_OF_RESOURCES, OUT_OF_MEMORY = "compile_error", "out_of_resources", "out_of_memory"
+ERROR, TIMEOUT, CRASH, SETUP_FAILED = "error", "timeout", "crash", "setup_failed"
+# After these the worker's CUDA context may be unusable, so the worker is replaced.
+RESTART_AFTER = frozenset({ERROR, TIMEOUT, CRASH, SETUP_FAILED})
+
+
+@dataclass(frozen=True)
+class TrialRequest:
+    """Run kernel `stem` with `config` for `spec` at shape (T, B) on torch device `device`,
+    inputs of `dtype` (a name in spec.DTYPES) drawn from `seed`."""
+
+    stem: str
+    spec: NSASpec
+    T: int
+    B: int
+    config: Config
+    device: str = "cuda"
+    seed: int = 0
+    dtype: str | None = None  # None: the spec's dtype
+
+    @property
+    def case_key(self) -> tuple:
+        return (self.stem, self.spec, self.T, self.B, self.device, self.seed, self.dtype)
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """status is OK (ms holds the median time) or why the config failed."""
+
+    status: str
+    ms: float | None = None
+    rel_error: float | None = None
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+
+def wall_timer(fn: Callable[[], Any], reps: int = 3) -> float:
+    """Median wall-clock ms of `fn` over `reps` runs after one warm-up (CPU interpreter)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def bench_timer(fn: Callable[[], Any]) -> float:
+    """Median ms from triton's do_bench (CUDA events, L2 flushed between runs)."""
+    from triton.testing import do_bench
+    return float(do_bench(fn, return_mode="median"))
+
+
+def classify(exc: BaseException) -> str:
+    """Failure status of an exception raised while building or running a kernel."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    if "OutOfResources" in names:
+        return OUT_OF_RESOURCES
+    if names & {"CompilationError", "PTXASError", "UnsupportedLanguageConstruct"}:
+        return COMPILE_ERROR
+    if "OutOfMemoryError" in names:
+        return OUT_OF_MEMORY
+    return ERROR
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text if len(text) <= 2000 else text[:2000] + " ..."
+
+
+class TrialExecutor:
+    """Runs trials in the calling process. Keeps the case (inputs and reference outputs) of
+    the last shape, since building one costs more than a trial."""
+
+    def __init__(self, timer: Timer | None = None, make_case: CaseFactory | None = None):
+        self.timer = timer
+        self.make_case = make_case
+        self._case_key: tuple | None = None
+        self._case: Any = None
+
+    def prepare(self, req: TrialRequest) -> TrialResult | None:
+        """Build the case of `req`'s shape if it is not the current one; a failed result if
+        that fails, else None."""
+        if self._case_key == req.case_key:
+            return None
+        self._case_key, self._case = None, None
+        try:
+            make = self.make_case
+            if make is None:
+                from ..harness import make_case as make
+            import torch
+            dtype = getattr(torch, req.dtype or req.spec.dtype)
+            case = make(req.stem, req.spec, req.T, B=req.B, dtype=dtype, device=req.device,
+                        seed=req.seed)
+            # The fp32 reference is the slow part; build it here, under the setup time limit.
+            reference = getattr(case, "reference", None)
+            if callable(reference):
+                reference()
+            self._case = case
+        except Exception as e:  # noqa: BLE001 - any failure here fails the shape, not the study
+            return TrialResult(SETUP_FAILED, message=_short(e))
+        self._case_key = req.case_key
+        return None
+
+    def __call__(self, req: TrialRequest) -> TrialResult:
+        failed = self.prepare(req)
+        if failed is not None:
+            return failed
+        case, cfg = self._case, req.config
+        timer = self.timer or (bench_timer if req.device.startswith("cuda") else wall_timer)
+        try:
+            outs = case.run(cfg)
+            _sync(req.device)
+            err = float(case.rel_error(outs))
+            if not err <= case.tolerance:  # also catches nan
+                return TrialResult(WRONG, rel_error=err,
+                                   message=f"relative error {err:.3g} > tolerance {case.tolerance:.3g}")
+            ms = float(timer(lambda: case.run(cfg)))
+            _sync(req.device)
+        except Exception as e:  # noqa: BLE001 - classified and reported, never raised
+            return TrialResult(classify(e), message=_short(e))
+        return TrialResult(OK, ms=ms, rel_error=err)
+
+
+def _sync(device: str) -> None:
+    # Kernel faults surface asynchronously; make them surface inside this trial.
+    if device.startswith("cuda"):
+        import torch
+        torch.cuda.synchronize()
+
+
+def _worker_main(conn, timer: Timer | None, make_case: CaseFactory | None) -> None:
+    ex = TrialExecutor(timer, make_case)
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        kind, req = msg
+        try:
+            res = ex.prepare(req) if kind == "prepare" else ex(req)
+        except BaseException as e:  # noqa: BLE001 - report, then let the parent replace us
+            res = TrialResult(ERROR, message=_short(e) + "\n" + traceback.format_exc(limit=3))
+        conn.send(res)
+        if res is not None and res.status in RESTART_AFTER:
+            return
+
+
+class WorkerRunner:
+    """Runs each trial in a persistent spawned worker process, with a time limit.
+
+    timeout_s bounds one trial (compile, check, timing); setup_timeout_s bounds building
+    a shape's inputs and reference. A trial that times out, crashes the worker or raises
+    an unexpected error fails, and the next trial gets a fresh worker.
+    """
+
+    def __init__(self, timer: Timer | None = None, make_case: CaseFactory | None = None, *,
+                 timeout_s: float = 300.0, setup_timeout_s: float = 1800.0):
+        self.timer, self.make_case = timer, make_case
+        self.timeout_s, self.setup_timeout_s = timeout_s, setup_timeout_s
+        self._ctx = mp.get_context("spawn")
+        self._proc = None
+        self._conn = None
+        self._case_key: tuple | None = None
+        self.restarts = 0
+
+    def _start(self) -> None:
+        parent, child = self._ctx.Pipe()
+        self._proc = self._ctx.Process(target=_worker_main, args=(child, self.timer, self.make_case),
+                                       daemon=True, name="nsa-gen-trial")
+        self._proc.start()
+        child.close()
+        self._conn = parent
+        self._case_key = None
+
+    def close(self) -> None:
+        """Stop the worker (politely, then by force)."""
+        proc, conn = self._proc, self._conn
+        self._proc = self._conn = None
+        self._case_key = None
+        if proc is None:
+            return
+        try:
+            conn.send(None)
+        except (OSError, ValueError):
+            pass
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=5)
+        conn.close()
+
+    def _kill(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.is_alive():
+            proc.kill()
+            proc.join(timeout=10)
+        self.close()
+        self.restarts += 1
+
+    def _ask(self, kind: str, req: TrialRequest, timeout: float) -> TrialResult | None:
+        if self._proc is None or not self._proc.is_alive():
+            if self._proc is not None:
+                self.close()
+                self.restarts += 1
+            self._start()
+        try:
+            self._conn.send((kind, req))
+            if not self._conn.poll(timeout):
+                self._kill()
+                return TrialResult(TIMEOUT, message=f"no answer within {timeout:g} s")
+            res = self._conn.recv()
+        except (EOFError, OSError):
+            self._proc.join(timeout=5)  # reap it, so that its exit code is known
+            code = self._proc.exitcode
+            self._kill()
+            return TrialResult(CRASH, message=f"worker process died (exit code {code})")
+        if res is not None and res.status in RESTART_AFTER:
+            self._kill()
+        return res
+
+    def __call__(self, req: TrialRequest) -> TrialResult:
+        if self._case_key != req.case_key or self._proc is None:
+            res = self._ask("prepare", req, self.setup_timeout_s)
+            if res is not None:
+                return res
+            self._case_key = req.case_key
+        return self._ask("trial", req, self.timeout_s)
+
+    def __enter__(self) -> "WorkerRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..spec import load_spec
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) < 3:
+        print("usage: python -m nsa_gen.tuning.trial STEM SPEC T [B] [name=value ...]", file=sys.stderr)
+        return 2
+    stem, spec, T = args[0], load_spec(args[1]), int(args[2])
+    rest = args[3:]
+    B = int(rest.pop(0)) if rest and "=" not in rest[0] else 1
+    params = {k: json.loads(v) if v[:1].isdigit() or v[:1] == "-" else v
+              for k, v in (a.split("=", 1) for a in rest)}
+    if params:
+        config = Config.from_dict(params)
+    else:
+        from ..kernels import kernel_def
+        config = kernel_def(stem).default(spec, T)
+    import torch
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    res = TrialExecutor()(TrialRequest(stem, spec, T, B, config, device))
+    print(json.dumps({"config": config.as_dict(), **asdict(res)}))
+    return 0 if res.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""Optuna autotuning: one study per (device, kernel, spec, shape), winners into the DB.
+
+Each study searches the kernel's pruned space with TPE over categorical parameters. The
+heuristic default and the winners of the nearest tuned shapes are tried first. Every
+config is measured at most once: a sampler proposal that was measured already is answered
+from the study, and a run of such repeats hands the sampler an untried config nearest to the
+best so far, so a small space is exhausted instead of re-sampled. Failures (compile errors,
+out of resources, wrong results, timeouts, crashes) are recorded as FAIL trials with their
+status and message and the study goes on; only a failure to build the shape's inputs and
+reference (not the config's fault) ends a study early, to be retried on the next run.
+Studies live in Optuna storage (SQLite under the cache directory by default), so a rerun
+of the same study resumes where it stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import optuna
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState
+
+from .. import env
+from ..config import Config
+from ..db import DeviceKey, Entry, TuneKey, TuningDB, fitting_default, shape_distance
+from ..db.store import shipped_db_dir
+from ..kernels import kernel_def
+from ..spec import NSASpec
+from .space import pruned_space, search_space
+from .trial import ERROR, OK, SETUP_FAILED, Timer, TrialRequest, TrialResult, WorkerRunner
+
+log = logging.getLogger("nsa_gen")
+
+Runner = Callable[[TrialRequest], TrialResult]
+
+# Sampler proposals in a row that were all measured before, after which we pick for it.
+MAX_REPEATS = 2
+MEMORY = "memory"
+
+
+def default_storage() -> str:
+    """SQLite file under the cache directory (NSA_GEN_CACHE_DIR)."""
+    path = env.cache_dir() / "tuning" / "optuna.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def study_name(key: TuneKey, spec: NSASpec) -> str:
+    return (f"nsa-gen/{key.device.id}/{key.kernel}/{spec.spec_hash}/{key.source_hash}/"
+            f"triton-{key.triton}/T{key.T}-B{key.B}")
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """entry is None when no config ran correctly (nothing is written then)."""
+
+    key: TuneKey
+    entry: Entry | None
+    measured: int
+    failed: int
+    study_name: str
+    failures: tuple[tuple[Config, str, str], ...] = ()  # (config, status, message)
+
+
+@contextlib.contextmanager
+def _quiet_optuna():
+    # Optuna logs a line per trial; the progress bar says the same, once.
+    old = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(old)
+
+
+class Tuner:
+    """Tunes kernels of one spec on one device and writes winners to `db`.
+
+    runner: runs one trial (default: a `WorkerRunner` with `timer`, `timeout_s`);
+    tests pass a fake. timer: ms of a callable (default: do_bench median on CUDA,
+    wall-clock median on the CPU). storage: an Optuna storage URL or storage object,
+    "memory", or None for `default_storage()`. torch_device: where trial tensors live
+    ("cuda" or "cpu"). seed_dbs: more DBs (read-only) whose neighbouring winners seed a
+    study; `db` and the shipped DB always do. stale_after_s: a RUNNING trial older than
+    this was left by a killed run and is marked failed on resume, its config retried
+    (default: twice the trial limit plus the setup limit).
+    """
+
+    def __init__(self, spec: NSASpec, *, db: TuningDB | str, device: DeviceKey,
+                 runner: Runner | None = None, timer: Timer | None = None,
+                 storage: str | optuna.storages.BaseStorage | None = None,
+                 torch_device: str = "cuda", seed: int = 0,
+                 progress: bool = True, neighbours: int = 3, timeout_s: float = 300.0,
+                 seed_dbs: Iterable[TuningDB] = (), stale_after_s: float | None = None):
+        self.spec = spec
+        self.db = db if isinstance(db, TuningDB) else TuningDB(db)
+        self.device = device
+        self._own_runner = runner is None
+        self.runner: Runner = runner or WorkerRunner(timer, timeout_s=timeout_s)
+        self.storage = storage
+        self.torch_device = torch_device
+        # Triton's interpreter computes bf16 dots unreliably, so CPU trials check in fp32
+        # (CPU timings mean nothing anyway; the interpreter path exists for tests).
+        self.dtype = "float32" if torch_device == "cpu" else None
+        self.seed = seed
+        self.progress = progress
+        self.neighbours = neighbours
+        shipped = shipped_db_dir()
+        self.seed_dbs = [self.db, *seed_dbs] + ([TuningDB(shipped)] if shipped else [])
+        self.stale_after_s = stale_after_s if stale_after_s is not None else 2 * timeout_s + 1800
+
+    def close(self) -> None:
+        if self._own_runner and hasattr(self.runner, "close"):
+            self.runner.close()
+
+    def __enter__(self) -> "Tuner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- seeds
+
+    def seeds(self, stem: str, T: int, B: int, keep: list[Config]) -> list[Config]:
+        """Configs to try first: the (fitting) heuristic default, then winners of the nearest
+        tuned shapes of the same kernel source, spec and device."""
+        kd = kernel_def(stem)
+        valid = set(keep)
+        out: list[Config] = []
+        for cfg in (kd.default(self.spec, T), fitting_default(kd, self.spec, T, self.device)):
+            if cfg in valid and cfg not in out:
+                out.append(cfg)
+        me = TuneKey.make(self.device, stem, self.spec, T, B)
+        near: list[tuple[float, Config]] = []
+        for db in self.seed_dbs:
+            for k, e in db.load(stem, self.device).items():
+                if k.group == me.group and k.shape != me.shape:
+                    near.append((shape_distance(me.shape, k.shape), e.config))
+        near.sort(key=lambda x: x[0])
+        added = 0
+        for _, cfg in near:
+            if added >= self.neighbours:
+                break
+            if cfg in valid and cfg not in out:
+                out.append(cfg)
+                added += 1
+        return out
+
+    # -- one study
+
+    def _open_study(self, name: str, n_keep: int) -> optuna.Study:
+        storage = self.storage or default_storage()
+        if storage == MEMORY:
+            storage = None
+        sampler = optuna.samplers.TPESampler(seed=self.seed,
+                                             n_startup_trials=max(3, min(10, n_keep // 4)))
+        return optuna.create_study(study_name=name, storage=storage, sampler=sampler,
+                                   direction="minimize", load_if_exists=True)
+
+    def tune(self, stem: str, T: int, B: int = 1, n_trials: int = 40) -> TuneResult:
+        """Run (or resume) the study of kernel `stem` at shape (T, B) until it holds
+        `n_trials` measured configs or the pruned space is exhausted, then write the winner
+        to the DB. Returns what was found."""
+        kd = kernel_def(stem)
+        if not kd.applies(self.spec):
+            raise ValueError(f"kernel {stem} does not apply to spec {self.spec.name!r}")
+        key = TuneKey.make(self.device, stem, self.spec, T, B)
+        name = study_name(key, self.spec)
+        space = search_space(stem, self.spec)
+        keep, dropped = pruned_space(stem, self.spec, self.device)
+        dists = {n: CategoricalDistribution(list(c)) for n, c in space.params}
+        with _quiet_optuna():
+            study = self._open_study(name, len(keep))
+            results, failures, retry = self._resume(study)
+            waiting = {Config.from_dict(t.system_attrs.get("fixed_params", {}))
+                       for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
+            for cfg in [*retry, *self.seeds(stem, T, B, keep)]:
+                fresh = cfg not in results and cfg not in failures and cfg not in waiting
+                if fresh and cfg in keep:
+                    study.enqueue_trial(cfg.as_dict(), user_attrs={"seed": True})
+                    waiting.add(cfg)
+            self._run(study, stem, T, B, n_trials, dists, keep, dropped, results, failures)
+        entry = None
+        if results:
+            ranked = sorted(results.items(), key=lambda kv: kv[1])
+            best_cfg, best = ranked[0]
+            margin = (ranked[1][1] - best) / best if len(ranked) > 1 and best > 0 else None
+            entry = Entry(best_cfg, best, margin, len(results) + len(failures), Entry.today())
+            self.db.put(key, entry)
+        else:
+            log.warning("tune: no config of %s ran correctly at T=%d B=%d; nothing "
+                        "written", stem, T, B)
+        return TuneResult(key, entry, len(results) + len(failures), len(failures), name,
+                          tuple((c, s, m) for c, (s, m) in failures.items()))
+
+    def _resume(self, study: optuna.Study) -> tuple[dict[Config, float],
+                                                     dict[Config, tuple[str, str]], list[Config]]:
+        """Measured results and failures already in the study, and configs whose trial was
+        cut short (Ctrl-C, or left RUNNING by a killed run, which we now mark failed) to
+        try again first."""
+        results: dict[Config, float] = {}
+        failures: dict[Config, tuple[str, str]] = {}
+        retry: list[Config] = []
+        now = _dt.datetime.now()
+        for t in study.get_trials(deepcopy=False):
+            if t.state == TrialState.RUNNING:
+                start = t.datetime_start
+                if start is not None and (now - start).total_seconds() > self.stale_after_s:
+                    study.tell(t.number, state=TrialState.FAIL)
+                    retry.append(Config.from_dict(t.params))
+                continue
+            status = t.user_attrs.get("status")
+            if t.state == TrialState.COMPLETE and status == OK:
+                cfg = Config.from_dict(t.params)
+                results[cfg] = min(results.get(cfg, math.inf), float(t.value))
+            elif t.state == TrialState.FAIL and status in ("interrupted", SETUP_FAILED):
+                retry.append(Config.from_dict(t.params))
+            elif t.state == TrialState.FAIL and status not in (None, "repeat"):
+                failures[Config.from_dict(t.params)] = (status, t.user_attrs.get("message", ""))
+        return results, failures, retry
+
+    def _run(self, study: optuna.Study, stem: str, T: int, B: int, n_trials: int,
+             dists: dict, keep: list[Config], dropped: dict[Config, str],
+             results: dict[Config, float], failures: dict[Config, tuple[str, str]]) -> None:
+        from tqdm.auto import tqdm
+
+        todo = set(keep) - set(results) - set(failures)
+        measured = len(results) + len(failures)
+        bar = tqdm(total=min(n_trials, len(keep)), initial=min(measured, len(keep)),
+                   desc=f"{stem} T={T} B={B}", unit="cfg", disable=not self.progress,
+                   dynamic_ncols=True, leave=True)
+        repeats = 0
+        try:
+            while measured < n_trials and todo:
+                trial = study.ask(dists)
+                cfg = Config.from_dict(trial.params)
+                if cfg in dropped:
+                    trial.set_user_attr("status", "pruned")
+                    trial.set_user_attr("message", dropped[cfg])
+                    study.tell(trial, state=TrialState.PRUNED)
+                    repeats += 1
+                elif cfg not in todo:
+                    trial.set_user_attr("status", "repeat")
+                    if cfg in results:
+                        study.tell(trial, results[cfg])
+                    else:
+                        study.tell(trial, state=TrialState.FAIL)
+                    repeats += 1
+                else:
+                    repeats = 0
+                    res = self._measure(study, trial, TrialRequest(
+                        stem, self.spec, T, B, cfg, self.torch_device, self.seed, self.dtype))
+                    todo.discard(cfg)
+                    measured += 1
+                    if res.ok:
+                        results[cfg] = res.ms
+                    else:
+                        failures[cfg] = (res.status, res.message)
+                    bar.update(1)
+                    if res.status == SETUP_FAILED:
+                        # No config can run without inputs and a reference: stop this shape.
+                        log.warning("tune: cannot set up %s at T=%d B=%d: %s", stem, T, B,
+                                    res.message.splitlines()[0] if res.message else "")
+                        break
+                    if results:
+                        bar.set_postfix(best=f"{min(results.values()):.4g}ms", failed=len(failures))
+                if repeats >= MAX_REPEATS and todo:
+                    study.enqueue_trial(self._nearest_untried(todo, results, keep).as_dict())
+                    repeats = 0
+        finally:
+            bar.close()
+
+    def _measure(self, study: optuna.Study, trial: optuna.Trial, req: TrialRequest) -> TrialResult:
+        try:
+            res = self.runner(req)
+        except Exception as e:  # noqa: BLE001 - a runner bug fails this config, not the study
+            log.warning("tune: trial runner raised %s: %s", type(e).__name__, e)
+            res = TrialResult(ERROR, message=f"runner raised {type(e).__name__}: {e}")
+        except BaseException:
+            # Ctrl-C: the config is not to blame, so a resumed study tries it again.
+            trial.set_user_attr("status", "interrupted")
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        trial.set_user_attr("status", res.status)
+        if res.ok:
+            study.tell(trial, res.ms)
+        else:
+            trial.set_user_attr("message", res.message[:4000])
+            study.tell(trial, state=TrialState.FAIL)
+        return res
+
+    @staticmethod
+    def _nearest_untried(todo: set[Config], results: dict[Config, float], keep: list[Config]) -> Config:
+        """The untried config closest (fewest differing parameters) to the best so far."""
+        order = {c: i for i, c in enumerate(keep)}
+        if not results:
+            return min(todo, key=order.__getitem__)
+        best = min(results, key=results.__getitem__).as_dict()
+        return min(todo, key=lambda c: (sum(v != best.get(k) for k, v in c.as_dict().items()),
+                                        order[c]))

@@ -1,0 +1,220 @@
+"""compress_mean and compression_fwd (compressed attention) against the fp32 reference
+(naive_compress, naive_compressed_attention).
+
+Kernels run in the Triton interpreter (TRITON_INTERPRET=1, conftest's default) on the CPU,
+where tl.dot on bf16 is not meaningful: bf16 runs only on a GPU (TRITON_INTERPRET=0).
+Outputs are NaN-poisoned before each run, so an element the kernel never writes fails.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nsa_gen import env
+from nsa_gen.config import Config
+from nsa_gen.kernels import kernel_def
+from nsa_gen.naive import naive_compress, naive_compressed_attention
+from nsa_gen.ops.compression import compress_mean, compression_fwd
+from nsa_gen.spec import load_spec
+
+# conftest.py turns the interpreter on unless TRITON_INTERPRET=0 is given (GPU runs).
+DEVICE = "cpu" if env.interpret() or not torch.cuda.is_available() else "cuda"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+def make_spec(G: int, DK: int = 48, DV: int = 32, l: int = 8, d: int = 4, H: int = 1):  # noqa: E741
+    """The paper's spec scaled down; DK = 48 is cut into 32 + 16 tiles, DK != DV."""
+    return load_spec("deepseek-nsa").replace(
+        heads={"q": G * H, "kv": H}, head_dim={"k": DK, "v": DV},
+        compression={"block": l, "stride": d, "phi": "mean"},
+        selection={"block": max(16, l), "top_n": 4, "initial_blocks": 1, "local_blocks": 2},
+        window=16)
+
+
+def rand(shape, dtype, g):
+    return torch.randn(*shape, generator=g).to(DEVICE, dtype)
+
+
+def rand_qkv(spec, B: int, T: int, dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return (rand((B, T, spec.HQ, spec.DK), dtype, g), rand((B, T, spec.H, spec.DK), dtype, g),
+            rand((B, T, spec.H, spec.DV), dtype, g))
+
+
+def poisoned(spec, B: int, T: int, dtype):
+    o = torch.full((B, T, spec.HQ, spec.DV), float("nan"), device=DEVICE, dtype=dtype)
+    lse = torch.full((B, T, spec.HQ), float("nan"), device=DEVICE, dtype=torch.float32)
+    return o, lse
+
+
+def ref_cmp(q, k_cmp, v_cmp, l: int, d: int, scale: float):  # noqa: E741
+    """(o, lse) in fp32: naive_compressed_attention for o, the log-sum-exp of the same
+    masked logits (-inf where no block is visible)."""
+    o, _ = naive_compressed_attention(q, k_cmp, v_cmp, l, d, scale)
+    G = q.shape[2] // k_cmp.shape[2]
+    logits = torch.einsum("bthd,bnhd->bhtn", q.float(),
+                          k_cmp.float().repeat_interleave(G, 2)) * scale
+    t = torch.arange(q.shape[1], device=q.device)[:, None]
+    i = torch.arange(k_cmp.shape[1], device=q.device)[None, :]
+    lse = logits.masked_fill(~(i * d + l - 1 <= t), float("-inf")).logsumexp(-1)
+    return o, lse.transpose(1, 2)
+
+
+def rel_err(x, ref) -> float:
+    return ((x.float() - ref).norm() / ref.norm()).item()
+
+
+def check(o, lse, ref_o, ref_lse, dtype, T_blind):
+    """T_blind: per sequence, the first positions (t < l - 1) that see no block."""
+    assert not o.isnan().any() and not lse.isnan().any(), "unwritten (NaN-poisoned) outputs"
+    assert rel_err(o, ref_o) < TOL[dtype]
+    blind = torch.isinf(ref_lse)
+    assert blind.sum().item() == T_blind * o.shape[0] * o.shape[2]
+    # Queries that see nothing: o exactly 0 (not NaN), lse -inf.
+    assert (o.float()[blind] == 0).all()
+    assert (lse[blind] == float("-inf")).all()
+    assert (lse[~blind] - ref_lse[~blind]).abs().max().item() < 50 * TOL[dtype]
+
+
+# ----------------------------------------------------------------------------- compress_mean
+
+
+@pytest.mark.parametrize("l,d", [(8, 4), (4, 4), (16, 4), (1, 1)])
+@pytest.mark.parametrize("T", [3, 8, 37])
+def test_compress_mean(T, l, d):  # noqa: E741
+    g = torch.Generator().manual_seed(T * 100 + l)
+    x = rand((2, T, 3, 16), torch.float32, g)
+    x_cmp, cu_cmp = compress_mean(x, l, d)
+    assert cu_cmp is None
+    ref = naive_compress(x, l, d)
+    assert x_cmp.shape == ref.shape and x_cmp.dtype == x.dtype
+    torch.testing.assert_close(x_cmp, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_compress_mean_16bit_accumulates_in_fp32():
+    g = torch.Generator().manual_seed(3)
+    x = (rand((1, 200, 2, 16), torch.float32, g) + 100).to(torch.bfloat16)
+    x_cmp, _ = compress_mean(x, 64, 16)
+    assert x_cmp.dtype == torch.bfloat16
+    torch.testing.assert_close(x_cmp.float(), naive_compress(x, 64, 16), rtol=8e-3, atol=0)
+
+
+def test_compress_mean_varlen():
+    """Blocks never cross a sequence boundary; a sequence shorter than l has none."""
+    l, d = 8, 4  # noqa: E741
+    cu = [0, 21, 26, 26, 60]
+    g = torch.Generator().manual_seed(5)
+    x = rand((1, cu[-1], 2, 16), torch.float32, g)
+    x_cmp, cu_cmp = compress_mean(x, l, d, torch.tensor(cu, device=DEVICE))
+    refs = [naive_compress(x[:, a:b], l, d) for a, b in zip(cu, cu[1:])]
+    torch.testing.assert_close(x_cmp, torch.cat(refs, 1), rtol=1e-5, atol=1e-5)
+    want = [0]
+    for r in refs:
+        want.append(want[-1] + r.shape[1])
+    assert cu_cmp.dtype == torch.int32 and cu_cmp.tolist() == want == [0, 4, 4, 4, 11]
+
+
+# ----------------------------------------------------------------------------- compression_fwd
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("G", [1, 4, 16])
+def test_compression_fwd(G, dtype):
+    spec = make_spec(G, H=2 if G < 16 else 1)
+    B, T = 2, 77  # ragged: no multiple of any tile, block or stride
+    q, k, v = rand_qkv(spec, B, T, dtype, seed=G)
+    k_cmp, _ = compress_mean(k, spec.l, spec.d)
+    v_cmp, _ = compress_mean(v, spec.l, spec.d)
+    out = poisoned(spec, B, T, dtype)
+    o, lse = compression_fwd(q, k_cmp, v_cmp, spec, out=out)
+    assert o is out[0] and lse is out[1]
+    ref = ref_cmp(q, k_cmp, v_cmp, spec.l, spec.d, spec.softmax_scale)
+    check(o, lse, *ref, dtype, T_blind=spec.l - 1)
+
+
+# BLOCK_T against d decides whether tiles have an edge phase; BLOCK_C against NC whether
+# there is a body; BLOCK_T = 1 runs one token per program.
+CONFIGS = [
+    dict(BLOCK_T=16, BLOCK_C=16), dict(BLOCK_T=32, BLOCK_C=16), dict(BLOCK_T=4, BLOCK_C=32),
+    dict(BLOCK_T=1, BLOCK_C=16), dict(BLOCK_T=64, BLOCK_C=64),
+]
+
+
+def cfg_id(c) -> str:
+    return f"T{c['BLOCK_T']}-C{c['BLOCK_C']}"
+
+
+@pytest.mark.parametrize("l,d", [(8, 4), (16, 16), (4, 1)])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=cfg_id)
+def test_compression_fwd_tiles(cfg, l, d):  # noqa: E741
+    G = max(1, 16 // cfg["BLOCK_T"])  # the smallest group that fills tl.dot's 16 rows
+    spec = make_spec(G, DK=32, DV=48, l=l, d=d)
+    config = Config.make(num_warps=4, num_stages=2, **cfg)
+    assert kernel_def("compression_fwd").valid(spec, config)
+    B, T = 1, 101
+    q, k, v = rand_qkv(spec, B, T, torch.float32, seed=l + d)
+    k_cmp, v_cmp = naive_compress(k, l, d), naive_compress(v, l, d)
+    out = poisoned(spec, B, T, torch.float32)
+    o, lse = compression_fwd(q, k_cmp, v_cmp, spec, config=config, out=out)
+    ref = ref_cmp(q, k_cmp, v_cmp, l, d, spec.softmax_scale)
+    check(o, lse, *ref, torch.float32, T_blind=l - 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("G", [1, 4])
+def test_compression_fwd_varlen(G, dtype):
+    """Ragged sequences packed in one row, one shorter than l (no block at all); a query
+    tile never mixes sequences, and each sequence's blocks start at its own first token."""
+    spec = make_spec(G, H=2)
+    cu = [0, 45, 50, 113]
+    T = cu[-1]
+    q, k, v = rand_qkv(spec, 1, T, dtype, seed=20 + G)
+    cu_t = torch.tensor(cu, dtype=torch.int32, device=DEVICE)
+    k_cmp, cu_cmp = compress_mean(k, spec.l, spec.d, cu_t)
+    v_cmp, _ = compress_mean(v, spec.l, spec.d, cu_t)
+    out = poisoned(spec, 1, T, dtype)
+    config = Config.make(BLOCK_T=16 // G, BLOCK_C=16, num_warps=4, num_stages=2)
+    o, lse = compression_fwd(q, k_cmp, v_cmp, spec, config=config, cu_seqlens=cu_t,
+                             cu_seqlens_cmp=cu_cmp, out=out)
+    refs = []
+    for a, b, ca, cb in zip(cu, cu[1:], cu_cmp.tolist(), cu_cmp.tolist()[1:]):
+        refs.append(ref_cmp(q[:, a:b], k_cmp[:, ca:cb], v_cmp[:, ca:cb], spec.l, spec.d,
+                            spec.softmax_scale))
+    ref_o, ref_lse = torch.cat([r[0] for r in refs], 1), torch.cat([r[1] for r in refs], 1)
+    # Blind positions: l - 1 per sequence, all 5 of the short one.
+    check(o, lse, ref_o, ref_lse, dtype, T_blind=2 * (spec.l - 1) + 5)
+
+
+def test_compression_fwd_no_blocks():
+    """T < l: no compressed block exists; o = 0 and lse = -inf everywhere."""
+    spec = make_spec(4, H=2)
+    q, k, v = rand_qkv(spec, 2, spec.l - 1, torch.float32, seed=1)
+    k_cmp, _ = compress_mean(k, spec.l, spec.d)
+    v_cmp, _ = compress_mean(v, spec.l, spec.d)
+    assert k_cmp.shape[1] == 0
+    out = poisoned(spec, 2, spec.l - 1, torch.float32)
+    o, lse = compression_fwd(q, k_cmp, v_cmp, spec, out=out)
+    assert (o == 0).all() and (lse == float("-inf")).all()
+
+
+def test_compression_fwd_default_config_valid():
+    """The heuristic default is in the config space for every built-in spec and any T."""
+    kd = kernel_def("compression_fwd")
+    for name in ("deepseek-nsa", "mqa", "small-group", "fla-compat"):
+        spec = load_spec(name)
+        for T in (1, 7, 100, 4096, 65536):
+            assert kd.valid(spec, kd.default(spec, T)), (name, T)
+
+
+def test_compression_fwd_rejects_bad_shapes():
+    spec = make_spec(4, H=2)
+    q, k, v = rand_qkv(spec, 1, 30, torch.float32, seed=0)
+    k_cmp, v_cmp = naive_compress(k, spec.l, spec.d), naive_compress(v, spec.l, spec.d)
+    with pytest.raises(ValueError):  # one block short
+        compression_fwd(q, k_cmp[:, 1:], v_cmp[:, 1:], spec)
+    cu = torch.tensor([0, 10, 30], dtype=torch.int32, device=DEVICE)
+    kc, cu_cmp = compress_mean(k, spec.l, spec.d, cu)
+    vc, _ = compress_mean(v, spec.l, spec.d, cu)
+    with pytest.raises(ValueError):  # cu_seqlens_cmp that disagrees with cu_seqlens
+        compression_fwd(q, kc, vc, spec, cu_seqlens=cu, cu_seqlens_cmp=cu_cmp + 1)

@@ -1,0 +1,352 @@
+"""Autotuning on the CPU: search space and static pruning, the Optuna tuner with an
+injected fake runner/timer (minimum found, failures recorded, seeding, resume), the trial
+executor and its worker process (crash, hang), and the `tune` subcommand's CPU guard."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+
+import optuna
+import pytest
+
+from nsa_gen.config import Config
+from nsa_gen.db import CPU_DEVICE, DeviceKey, Entry, TuneKey, TuningDB
+from nsa_gen.kernels import kernel_def
+from nsa_gen.spec import load_spec
+from nsa_gen.tuning import commands, space, tuner as tuner_mod
+from nsa_gen.tuning.space import pruned_space, register_estimate, search_space
+from nsa_gen.tuning.trial import (COMPILE_ERROR, CRASH, OK, SETUP_FAILED, TIMEOUT, WRONG, TrialExecutor,
+                                  TrialRequest, TrialResult, WorkerRunner, classify)
+from nsa_gen.tuning.tuner import Tuner, study_name
+
+H200 = DeviceKey("sm90", 132, 140, "NVIDIA H200")
+A10 = DeviceKey("sm86", 72, 22, "NVIDIA A10")
+STEM = "selection_fwd"
+KD = kernel_def(STEM)
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return load_spec("deepseek-nsa")
+
+
+def cfg(block_n=64, warps=4, stages=2):
+    return Config.make(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+
+
+# ----------------------------------------------------------------------------- space
+
+def test_search_space_is_the_kernels(spec):
+    sp = search_space(STEM, spec)
+    assert dict(sp.params) == {k: tuple(v) for k, v in KD.space(spec).items()}
+    assert sp.names == sorted(sp.names)
+    configs = sp.configs()
+    assert len(configs) == len(set(configs)) == sp.size == 3 * 3 * 4  # BS=64: BLOCK_N 16..64
+    assert all(KD.valid(spec, c) for c in configs)
+    assert KD.default(spec, 4096) in configs
+
+
+def test_static_pruning(spec, monkeypatch):
+    keep, dropped = pruned_space(STEM, spec, A10)
+    assert keep and dropped and len(keep) + len(dropped) == 36
+    assert all(KD.smem_bytes(spec, c) <= A10.smem_limit for c in keep)
+    assert all("shared memory" in why and KD.smem_bytes(spec, c) > A10.smem_limit
+               for c, why in dropped.items())
+    assert pruned_space(STEM, spec, H200)[1] == {}
+    assert pruned_space(STEM, spec, CPU_DEVICE)[1] == {}
+    # Registers: the estimate falls with more warps; a heavy model prunes the few-warp configs.
+    assert register_estimate(STEM, spec, cfg(64, 2)) > register_estimate(STEM, spec, cfg(64, 8))
+    assert register_estimate("no_such_kernel", spec, cfg()) is None
+    monkeypatch.setitem(space.REGISTER_MODELS, STEM, lambda s, c: 128 * 250.0)
+    keep, dropped = pruned_space(STEM, spec, H200)
+    assert {c.num_warps for c in keep} == {8}
+    assert all("registers" in why for why in dropped.values())
+    assert pruned_space(STEM, spec, CPU_DEVICE)[1] == {}  # the interpreter has no register file
+
+
+# ----------------------------------------------------------------------------- tuner with fakes
+
+def cost(c: Config) -> float:
+    """A known cost with its unique minimum at BLOCK_N=32, 8 warps, 3 stages."""
+    return 1.0 + abs(c["BLOCK_N"] - 32) / 16 + abs(c.num_warps - 8) / 4 + abs(c.num_stages - 3) * 0.3
+
+
+class FakeRunner:
+    """Measures `cost` through an injected fake timer; configs in `fail` fail as given."""
+
+    def __init__(self, fail=None, interrupt_at=None):
+        self.calls: list[Config] = []
+        self.fail = fail or {}
+        self.interrupt_at = interrupt_at
+
+    def __call__(self, req: TrialRequest) -> TrialResult:
+        self.calls.append(req.config)
+        if self.interrupt_at is not None and len(self.calls) == self.interrupt_at:
+            raise KeyboardInterrupt
+        what = self.fail.get(req.config)
+        if what == "raise":
+            raise RuntimeError("runner blew up")
+        if what:
+            return TrialResult(what, message=f"fake {what}")
+        ex = TrialExecutor(timer=lambda fn: fn(), make_case=make_cost_case)
+        return ex(req)
+
+
+class CostCase:
+    tolerance = 1e-3
+
+    def run(self, config):
+        return cost(config)
+
+    def rel_error(self, outputs):
+        return 0.0
+
+
+def make_cost_case(stem, spec, T, *, B, dtype, device, seed):
+    return CostCase()
+
+
+def make_tuner(spec, tmp_path, runner, device=H200, storage="memory", **kw):
+    kw.setdefault("progress", False)
+    return Tuner(spec, db=TuningDB(tmp_path / "db"), device=device, runner=runner,
+                 storage=storage, torch_device="cpu", **kw)
+
+
+def test_tuner_finds_minimum_of_fake_cost(spec, tmp_path):
+    runner = FakeRunner()
+    r = make_tuner(spec, tmp_path, runner).tune(STEM, 4096, n_trials=20)
+    best = min(search_space(STEM, spec).configs(), key=cost)
+    assert best == cfg(32, 8, 3)
+    assert r.entry.config == best and r.entry.ms == pytest.approx(1.0)
+    assert r.measured == r.entry.trials == 20 == len(runner.calls) == len(set(runner.calls))
+    assert r.entry.margin == pytest.approx(0.3)  # runner-up: stages 2 or 4
+    assert r.entry.date == Entry.today()
+    # The winner is in the DB under the device/kernel/spec/shape key.
+    key = TuneKey.make(H200, STEM, spec, 4096)
+    assert TuningDB(tmp_path / "db").get(key) == r.entry
+
+
+def test_tuner_exhausts_a_small_space_and_never_compiles_pruned(spec, tmp_path):
+    runner = FakeRunner()
+    keep, dropped = pruned_space(STEM, spec, A10)
+    r = make_tuner(spec, tmp_path, runner, device=A10).tune(STEM, 1024, n_trials=100)
+    assert set(runner.calls) == set(keep) and len(runner.calls) == len(keep)
+    assert not set(runner.calls) & set(dropped)
+    assert r.entry.config == min(keep, key=cost)
+
+
+def test_failed_trials_are_recorded_and_the_study_goes_on(spec, tmp_path):
+    url = optuna.storages.InMemoryStorage()
+    fail = {cfg(32, 8, 3): "raise", cfg(32, 8, 2): CRASH, cfg(32, 4, 3): COMPILE_ERROR,
+            cfg(16, 8, 3): TIMEOUT, cfg(64, 8, 3): "out_of_resources"}
+    runner = FakeRunner(fail=fail)
+    r = make_tuner(spec, tmp_path, runner, storage=url).tune(STEM, 4096, n_trials=36)
+    assert set(runner.calls) == set(search_space(STEM, spec).configs())
+    assert r.failed == len(fail) and r.measured == 36
+    assert r.entry.config == cfg(32, 8, 4) and r.entry.ms == pytest.approx(1.3)
+    assert {c for c, _, _ in r.failures} == set(fail)
+    study = optuna.load_study(study_name=r.study_name, storage=url)
+    failed = {Config.from_dict(t.params): t.user_attrs["status"]
+              for t in study.trials if t.state == optuna.trial.TrialState.FAIL
+              and t.user_attrs["status"] != "repeat"}
+    assert failed == {c: ("error" if v == "raise" else v) for c, v in fail.items()}
+    assert all(t.user_attrs.get("message") for t in study.trials
+               if t.state.name == "FAIL" and t.user_attrs["status"] != "repeat")
+
+
+def test_setup_failure_stops_the_shape_and_is_retried(spec, tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    broken = FakeRunner(fail={c: SETUP_FAILED for c in search_space(STEM, spec).configs()})
+    r = make_tuner(spec, tmp_path, broken, storage=url).tune(STEM, 4096, n_trials=10)
+    assert len(broken.calls) == 1 and r.entry is None and r.failures[0][1] == SETUP_FAILED
+    fixed = FakeRunner()
+    r = make_tuner(spec, tmp_path, fixed, storage=url).tune(STEM, 4096, n_trials=10)
+    assert fixed.calls[0] == broken.calls[0] and r.measured == 10 and r.failed == 0
+
+
+def test_no_working_config_writes_nothing(spec, tmp_path, caplog):
+    runner = FakeRunner(fail={c: WRONG for c in search_space(STEM, spec).configs()})
+    with caplog.at_level(logging.WARNING, logger="nsa_gen"):
+        r = make_tuner(spec, tmp_path, runner).tune(STEM, 4096, n_trials=5)
+    assert r.entry is None and r.failed == 5
+    assert TuningDB(tmp_path / "db").load() == {}
+    assert "no config" in caplog.text
+
+
+def test_seeded_with_default_and_neighbour_winners(spec, tmp_path):
+    db = TuningDB(tmp_path / "db")
+    near, far = cfg(16, 2, 1), cfg(16, 8, 4)
+    for T, c in ((2048, near), (1 << 20, far), (8192, cfg(64, 4, 2))):
+        db.put(TuneKey.make(H200, STEM, spec, T), Entry(c, 1.0, None, 1, "2026-01-01"))
+    runner = FakeRunner()
+    make_tuner(spec, tmp_path, runner, neighbours=2).tune(STEM, 4096, n_trials=6)
+    default = KD.default(spec, 4096)
+    assert default == cfg(64, 4, 2)  # also the 8192 winner: tried once
+    assert runner.calls[:3] == [default, near, far]  # the 8192 winner is the default
+
+
+def test_resume_after_interruption(spec, tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    first = FakeRunner(interrupt_at=6)
+    with pytest.raises(KeyboardInterrupt):
+        make_tuner(spec, tmp_path, first, storage=url).tune(STEM, 4096, n_trials=12)
+    done, interrupted = first.calls[:5], first.calls[5]
+    second = FakeRunner()
+    r = make_tuner(spec, tmp_path, second, storage=url).tune(STEM, 4096, n_trials=12)
+    assert not set(done) & set(second.calls)  # measured configs are not measured again
+    assert second.calls[0] == interrupted  # the config cut short is tried again, first
+    assert r.measured == 12 and len(second.calls) == 7
+    # A third run finds the study complete and measures nothing.
+    third = FakeRunner()
+    assert make_tuner(spec, tmp_path, third, storage=url).tune(STEM, 4096, n_trials=12).measured == 12
+    assert third.calls == []
+
+
+def test_trials_left_running_by_a_killed_run_are_retried(spec, tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    name = study_name(TuneKey.make(H200, STEM, spec, 4096), spec)
+    study = optuna.create_study(study_name=name, storage=url)
+    orphan = study.ask({n: optuna.distributions.CategoricalDistribution(list(c))
+                        for n, c in search_space(STEM, spec).params})
+    runner = FakeRunner()
+    make_tuner(spec, tmp_path, runner, storage=url, stale_after_s=0).tune(STEM, 4096, n_trials=3)
+    st = optuna.load_study(study_name=name, storage=url)
+    assert st.trials[orphan.number].state == optuna.trial.TrialState.FAIL
+    assert runner.calls[0] == Config.from_dict(orphan.params) and len(runner.calls) == 3
+
+
+# ----------------------------------------------------------------------------- trial executor
+
+class BehaviourCase:
+    """run() acts on the config: BLOCK_N=16 kills the process, 32 hangs, 2 warps fails to
+    compile, 4 stages computes a wrong result."""
+
+    tolerance = 1e-2
+
+    def run(self, config):
+        if config["BLOCK_N"] == 16:
+            os._exit(3)
+        if config["BLOCK_N"] == 32:
+            time.sleep(600)
+        if config.num_warps == 2:
+            raise CompilationError("bad tile")
+        return (1.0 if config.num_stages == 4 else 0.0,)
+
+    def rel_error(self, outputs):
+        return outputs[0]
+
+
+class CompilationError(Exception):
+    pass
+
+
+def make_behaviour_case(stem, spec, T, *, B, dtype, device, seed):
+    if T == 13:
+        raise ValueError("cannot build inputs")
+    return BehaviourCase()
+
+
+def fixed_timer(fn):
+    fn()
+    return 0.25
+
+
+def test_executor_in_process(spec):
+    ex = TrialExecutor(timer=fixed_timer, make_case=make_behaviour_case)
+    req = lambda c, T=64: TrialRequest(STEM, spec, T, 1, c, "cpu")  # noqa: E731
+    assert ex(req(cfg(64, 4, 2))) == TrialResult(OK, ms=0.25, rel_error=0.0)
+    assert ex(req(cfg(64, 4, 4))).status == WRONG
+    res = ex(req(cfg(64, 2, 2)))
+    assert res.status == COMPILE_ERROR and "bad tile" in res.message
+    assert ex(req(cfg(), T=13)).status == SETUP_FAILED
+
+
+def test_classify():
+    class OutOfResources(Exception):
+        pass
+
+    class OutOfMemoryError(RuntimeError):
+        pass
+    assert classify(OutOfResources()) == "out_of_resources"
+    assert classify(CompilationError()) == COMPILE_ERROR
+    assert classify(OutOfMemoryError()) == "out_of_memory"
+    assert classify(RuntimeError("CUDA error: illegal memory access")) == "error"
+
+
+def test_worker_survives_crash_and_hang(spec):
+    with WorkerRunner(fixed_timer, make_behaviour_case, timeout_s=3, setup_timeout_s=120) as w:
+        req = lambda c: TrialRequest(STEM, spec, 64, 1, c, "cpu")  # noqa: E731
+        assert w(req(cfg(64, 4, 2))) == TrialResult(OK, ms=0.25, rel_error=0.0)
+        assert w(req(cfg(64, 2, 2))).status == COMPILE_ERROR
+        assert w(req(cfg(64, 4, 4))).status == WRONG
+        assert w.restarts == 0
+        crashed = w(req(cfg(16, 4, 2)))
+        assert crashed.status == CRASH and "exit code 3" in crashed.message
+        assert w(req(cfg(64, 4, 2))).ok
+        assert w(req(cfg(32, 4, 2))).status == TIMEOUT
+        assert w(req(cfg(64, 4, 2))).ok
+        assert w.restarts == 2
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _cli(argv):
+    p = argparse.ArgumentParser(prog="nsa-gen")
+    commands.register(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+def test_tune_refuses_without_cuda(tmp_path, capsys, monkeypatch):
+    import torch
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _cli(["tune", "deepseek-nsa", "--db", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no CUDA GPU" in err and "TRITON_INTERPRET=1" in err and len(err.splitlines()) == 1
+
+
+def test_tune_cli_on_the_interpreter(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("NSA_GEN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(tuner_mod, "WorkerRunner", lambda timer, timeout_s: FakeRunner())
+    rc = _cli(["tune", "mqa", "--kernels", STEM, "--seqlens", "1k,256", "--trials", "4",
+               "--db", str(tmp_path / "db"), "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "T=256" in out and "T=1024" in out and "NSA_GEN_DB=" in out
+    got = TuningDB(tmp_path / "db").load()
+    assert {(k.device, k.T) for k in got} == {(CPU_DEVICE, 256), (CPU_DEVICE, 1024)}
+    assert (tmp_path / "cache" / "tuning" / "optuna.db").exists()  # default storage
+    assert _cli(["tune", "mqa", "--kernels", "nope", "--db", str(tmp_path)]) == 2
+    assert _cli(["tune", "no-such-spec", "--db", str(tmp_path)]) == 2
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def once_timer(fn):
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from triton's interpreter
+def test_end_to_end_on_the_interpreter(tmp_path, monkeypatch):
+    """Real template, real harness (fp32 reference check) in Triton's interpreter, then the
+    dispatcher serves the winner on this (CPU) device."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from nsa_gen.db import Dispatcher
+    spec = load_spec("mqa").replace(heads={"q": 2, "kv": 1}, head_dim={"k": 16, "v": 16},
+                                    dtype="float32", window=32,
+                                    compression={"block": 16, "stride": 8},
+                                    selection={"block": 16, "top_n": 3, "initial_blocks": 1,
+                                               "local_blocks": 1})
+    ex = TrialExecutor(timer=once_timer)
+    with Tuner(spec, db=TuningDB(tmp_path / "db"), device=CPU_DEVICE, runner=ex, storage="memory",
+               torch_device="cpu", progress=False) as t:
+        r = t.tune("window_fwd", 48, n_trials=2)
+    assert r.failures == () and r.measured == 2 and r.entry is not None
+    d = Dispatcher([tmp_path / "db"], read_env=False, shipped=False)
+    assert d.get("window_fwd", spec, 48) == r.entry.config
