@@ -162,4 +162,55 @@ def make_case(stem: str, spec: NSASpec, T: int, *, B: int = 1, dtype: torch.dtyp
                     lambda: (naive.naive_window(*_f32(q, k, v), spec.w, scale),),
                     lambda o, r: rel_error(o[0], r[0]))
 
+    if stem.endswith("_bwd"):
+        return _bwd_case(stem, spec, B, T, dtype, device, gen, q, k, v)
+
+    raise KeyError(f"no test case for kernel '{stem}'")
+
+
+def _grads(fn, inputs: list[torch.Tensor], do: torch.Tensor) -> tuple:
+    """Autograd of the fp32 reference: d(inputs) for upstream gradient do."""
+    leaves = [x.detach().float().requires_grad_(True) for x in inputs]
+    out = fn(*leaves)
+    return torch.autograd.grad(out, leaves, do.float())
+
+
+def _bwd_case(stem, spec, B, T, dtype, device, gen, q, k, v) -> Case:
+    """Backward kernels: the forward runs once (kernel), the case times and checks the
+    backward launcher; the reference is autograd through naive.py."""
+    from .ops import compression, selection, window  # noqa: F401 - launchers
+
+    scale = spec.softmax_scale
+    do = torch.randn(B, T, spec.HQ, spec.DV, generator=gen).to(device=device, dtype=dtype)
+
+    def cmp(outs, refs):
+        return max(rel_error(o, r) for o, r in zip(outs, refs))
+
+    if stem == "selection_bwd":
+        NS = -(-T // spec.BS)
+        rnd = torch.rand(B, T, spec.H, NS, generator=gen)
+        idx = naive.naive_topn(rnd, spec.BS, spec.S, spec.initial_blocks, spec.local_blocks)
+        idx = idx.to(device=device, dtype=torch.int32)
+        o, lse = selection.selection_fwd(q, k, v, idx, spec)
+        return Case(stem, spec, B, T, dtype, device, dict(q=q, k=k, v=v, block_indices=idx, do=do),
+                    lambda c: selection.selection_bwd(q, k, v, o, lse, do, idx, spec, c),
+                    lambda: _grads(lambda a, b, c: naive.naive_selection(a, b, c, idx.long(), spec.BS, scale),
+                                   [q, k, v], do), cmp)
+
+    if stem == "compression_bwd":
+        k_cmp = naive.naive_compress(k.float(), spec.l, spec.d).to(dtype)
+        v_cmp = naive.naive_compress(v.float(), spec.l, spec.d).to(dtype)
+        o, lse = compression.compression_fwd(q, k_cmp, v_cmp, spec)
+        return Case(stem, spec, B, T, dtype, device, dict(q=q, k_cmp=k_cmp, v_cmp=v_cmp, do=do),
+                    lambda c: compression.compression_bwd(q, k_cmp, v_cmp, o, lse, do, spec, c),
+                    lambda: _grads(lambda a, b, c: naive.naive_compressed_attention(
+                        a, b, c, spec.l, spec.d, scale)[0], [q, k_cmp, v_cmp], do), cmp)
+
+    if stem == "window_bwd":
+        o, lse = window.window_fwd(q, k, v, spec)
+        return Case(stem, spec, B, T, dtype, device, dict(q=q, k=k, v=v, do=do),
+                    lambda c: window.window_bwd(q, k, v, o, lse, do, spec, c),
+                    lambda: _grads(lambda a, b, c: naive.naive_window(a, b, c, spec.w, scale),
+                                   [q, k, v], do), cmp)
+
     raise KeyError(f"no test case for kernel '{stem}'")
