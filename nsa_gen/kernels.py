@@ -114,26 +114,28 @@ def topn_bj(spec: NSASpec) -> int:
 
 def _topn_context(spec: NSASpec, cfg: Config) -> dict:
     c = _common(spec)
-    return dict(H=c["H"], HQ=c["HQ"], G=c["G"], G_PAD=c["G_PAD"], DK=c["DK"], BK=c["BK"],
-                L=spec.l, D=spec.d, BS=spec.BS, S=spec.S, R=spec.BS // spec.d,
+    # Token-tile rows (G rounded to a power of two, no floor of 16): the tile reaches 16
+    # rows through BLOCK_T, so small groups waste no tensor-core work on padding heads.
+    return dict(H=c["H"], HQ=c["HQ"], G=c["G"], G_PAD=token_group_pad(spec), DK=c["DK"],
+                BK=c["BK"], L=spec.l, D=spec.d, BS=spec.BS, S=spec.S, R=spec.BS // spec.d,
                 M_CHUNKS=spec.l // spec.d, INITIAL=spec.initial_blocks, LOCAL=spec.local_blocks,
                 BLOCK_T=cfg["BLOCK_T"], BJ=cfg["BJ"], SCALE_LOG2=c["SCALE_LOG2"])
 
 
 def _topn_space(spec: NSASpec) -> dict[str, list]:
-    gp, bj = group_pad(spec), topn_bj(spec)
-    return {"BLOCK_T": [t for t in (1, 2, 4, 8, 16, 32, 64) if 16 <= t * gp <= 256],
+    gp, bj = token_group_pad(spec), topn_bj(spec)
+    return {"BLOCK_T": [t for t in (1, 2, 4, 8, 16, 32, 64, 128) if 16 <= t * gp <= 256],
             "BJ": [b for b in (bj, 2 * bj) if b * spec.BS // spec.d <= 256] or [bj],
             "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]}
 
 
 def _topn_default(spec: NSASpec, T: int) -> Config:
-    return Config.make(BLOCK_T=max(1, 64 // group_pad(spec)), BJ=topn_bj(spec),
+    return Config.make(BLOCK_T=max(1, 64 // token_group_pad(spec)), BJ=topn_bj(spec),
                        num_warps=4, num_stages=2)
 
 
 def _topn_smem(spec: NSASpec, cfg: Config) -> int:
-    rows, bc = cfg["BLOCK_T"] * group_pad(spec), cfg["BJ"] * spec.BS // spec.d
+    rows, bc = cfg["BLOCK_T"] * token_group_pad(spec), cfg["BJ"] * spec.BS // spec.d
     bk = next_pow2(spec.DK)
     return 2 * (rows * bk + max(1, cfg.num_stages) * bc * bk) + 4 * (rows * bc + bc * cfg["BJ"])
 
@@ -233,6 +235,92 @@ def _swa_fwd_smem(spec: NSASpec, cfg: Config) -> int:
     return _tile_smem(spec, cfg, "BLOCK_N")
 
 
+# ----------------------------------------------------------------- compression_bwd, window_bwd
+# Two kernels per module, one config: the dq kernel tiles like the forward (BLOCK_T tokens x
+# G_PAD heads, BLOCK_C / BLOCK_N key tiles); the dk/dv kernel owns DKV_BLOCK_C compressed
+# blocks / DKV_BLOCK_N keys, keeps their dk and dv in fp32 registers, and streams the query
+# tokens that see them, DKV_BLOCK_T tokens x G_PAD heads at a time. Defaults are unmeasured
+# (FlashAttention-2's shapes); tune on the GPU.
+
+def _bwd_space(spec: NSASpec, name: str) -> dict[str, list]:
+    """The forward's token tiles for dq, plus the dk/dv tiles. The dk and dv accumulators
+    together hold at most MAX_TILE_ELEMS (DK + DV = 320: 64 keys)."""
+    space = _tile_space(spec, name)
+    return {"BLOCK_T": space["BLOCK_T"], name: space[name],
+            "DKV_" + name: [b for b in (16, 32, 64, 128)
+                            if b * (spec.DK + spec.DV) <= MAX_TILE_ELEMS],
+            "DKV_BLOCK_T": space["BLOCK_T"],
+            "num_warps": [4, 8], "num_stages": [1, 2, 3]}
+
+
+def _bwd_default(spec: NSASpec, T: int, name: str, block_n: int, dkv_block_n: int) -> Config:
+    """64-row query tiles for both kernels, 2 stages. 8 warps once DK + DV > 256: the dk and
+    dv accumulators of 64 keys (64 x 320 fp32 at 192/128) would take 160 registers a thread
+    at 4 warps."""
+    fwd = _tile_default(spec, T, name, block_n, 2)
+    warps = 4 if spec.DK + spec.DV <= 256 else 8
+    # Head dims are at most 256, so 64 keys always fit MAX_TILE_ELEMS.
+    dkv = min(dkv_block_n, 64)
+    return Config.make(num_warps=warps, num_stages=2, BLOCK_T=fwd["BLOCK_T"], **{
+        name: block_n, "DKV_" + name: dkv, "DKV_BLOCK_T": fwd["BLOCK_T"]})
+
+
+def _bwd_smem(spec: NSASpec, cfg: Config, name: str) -> int:
+    """The larger of the two kernels. dq: query and do tiles, num_stages K/V tiles, ds
+    re-laid out for the dS.K dot. dk/dv: K/V tiles, num_stages query and do tiles, p and ds
+    re-laid out for the transposed dots."""
+    el = 4 if spec.dtype == "float32" else 2
+    gp, dkv, stages = token_group_pad(spec), spec.DK + spec.DV, max(1, cfg.num_stages)
+    rows, bn = cfg["BLOCK_T"] * gp, cfg[name]
+    rows_kv, bn_kv = cfg["DKV_BLOCK_T"] * gp, cfg["DKV_" + name]
+    dq = rows * dkv + stages * bn * dkv + rows * bn
+    dkv_ = bn_kv * dkv + stages * rows_kv * dkv + 2 * rows_kv * bn_kv
+    return el * max(dq, dkv_)
+
+
+def _bwd_context(spec: NSASpec, cfg: Config, name: str) -> dict:
+    gp = token_group_pad(spec)
+    return dict(_tile_context(spec, cfg), SCALE=spec.softmax_scale, **{
+        name: cfg[name], "DKV_" + name: cfg["DKV_" + name], "DKV_BLOCK_T": cfg["DKV_BLOCK_T"],
+        "DKV_ROWS": cfg["DKV_BLOCK_T"] * gp})
+
+
+def _cmp_bwd_context(spec: NSASpec, cfg: Config) -> dict:
+    return dict(_bwd_context(spec, cfg, "BLOCK_C"), L=spec.l, D=spec.d)
+
+
+def _cmp_bwd_space(spec: NSASpec) -> dict[str, list]:
+    return _bwd_space(spec, "BLOCK_C")
+
+
+def _cmp_bwd_default(spec: NSASpec, T: int) -> Config:
+    # Fewer compressed blocks than a tile: a smaller dk/dv tile wastes less.
+    nc = (T - spec.l) // spec.d + 1 if T >= spec.l else 1
+    return _bwd_default(spec, T, "BLOCK_C", 64, max(16, min(64, next_pow2(nc))))
+
+
+def _cmp_bwd_smem(spec: NSASpec, cfg: Config) -> int:
+    return _bwd_smem(spec, cfg, "BLOCK_C")
+
+
+def _swa_bwd_context(spec: NSASpec, cfg: Config) -> dict:
+    return dict(_bwd_context(spec, cfg, "BLOCK_N"), W=spec.w)
+
+
+def _swa_bwd_space(spec: NSASpec) -> dict[str, list]:
+    return _bwd_space(spec, "BLOCK_N")
+
+
+def _swa_bwd_default(spec: NSASpec, T: int) -> Config:
+    # dq: a key tile wider than the window would be mostly masked (as in the forward).
+    return _bwd_default(spec, T, "BLOCK_N", min(64, max(16, next_pow2(spec.w))),
+                        max(16, min(64, next_pow2(T))))
+
+
+def _swa_bwd_smem(spec: NSASpec, cfg: Config) -> int:
+    return _bwd_smem(spec, cfg, "BLOCK_N")
+
+
 KERNELS: dict[str, KernelDef] = {
     "selection_fwd": KernelDef("selection_fwd", "slc", _slc_fwd_context, _slc_fwd_default,
                                _slc_fwd_space, _slc_fwd_smem, lambda s: s.has("slc")),
@@ -246,6 +334,12 @@ KERNELS: dict[str, KernelDef] = {
                                  lambda s: s.has("cmp") or s.has("slc")),
     "window_fwd": KernelDef("window_fwd", "swa", _swa_fwd_context, _swa_fwd_default,
                             _swa_fwd_space, _swa_fwd_smem, lambda s: s.has("swa")),
+    "compression_bwd": KernelDef("compression_bwd", "cmp", _cmp_bwd_context, _cmp_bwd_default,
+                                 _cmp_bwd_space, _cmp_bwd_smem,
+                                 # the selection branch's top-n is not differentiated
+                                 lambda s: s.has("cmp")),
+    "window_bwd": KernelDef("window_bwd", "swa", _swa_bwd_context, _swa_bwd_default,
+                            _swa_bwd_space, _swa_bwd_smem, lambda s: s.has("swa")),
 }
 
 
