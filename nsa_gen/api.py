@@ -7,9 +7,9 @@ import torch
 
 from .config import Config
 from .ops.common import check, check_tensor
-from .ops.compression import compress_mean, compression_fwd
-from .ops.selection import selection_fwd, topn
-from .ops.window import window_fwd
+from .ops.compression import CompressionFunction, compress_mean
+from .ops.selection import SelectionFunction, topn
+from .ops.window import WindowFunction
 from .spec import NSASpec, load_spec
 
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -92,20 +92,94 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor |
     if g_cmp is not None or g_slc is not None:
         k_cmp, cu_cmp = compress(pairs["cmp"][0], spec, mlp_k, cu_seqlens)
         v_cmp, _ = compress(pairs["cmp"][1], spec, mlp_v, cu_seqlens)
-        o_cmp, lse_cmp = compression_fwd(q, k_cmp, v_cmp, spec, config("compression_fwd"),
-                                         cu_seqlens=cu_seqlens, cu_seqlens_cmp=cu_cmp)
+        o_cmp, lse_cmp = CompressionFunction.apply(q, k_cmp, v_cmp, spec, config("compression_fwd"),
+                                                   config("compression_bwd"), cu_seqlens, cu_cmp)
         aux.update(o_cmp=o_cmp, lse_cmp=lse_cmp, k_cmp=k_cmp, v_cmp=v_cmp)
         if g_cmp is not None:
             add(g_cmp, o_cmp)
         if g_slc is not None:
-            idx = topn(q, k_cmp, lse_cmp, spec, config("topn"), cu_seqlens=cu_seqlens)
-            o_slc, _ = selection_fwd(q, *pairs["slc"], idx, spec, config("selection_fwd"),
-                                     cu_seqlens=cu_seqlens)
+            # Block choice is discrete: no gradient flows through the indices (as in the paper).
+            idx = topn(q.detach(), k_cmp.detach(), lse_cmp, spec, config("topn"),
+                       cu_seqlens=cu_seqlens)
+            o_slc = SelectionFunction.apply(q, *pairs["slc"], idx, spec, config("selection_fwd"),
+                                            config("selection_bwd"), cu_seqlens)
             aux.update(indices=idx, o_slc=o_slc)
             add(g_slc, o_slc)
     if g_swa is not None:
-        o_swa, _ = window_fwd(q, *pairs["swa"], spec, config("window_fwd"), cu_seqlens=cu_seqlens)
+        o_swa = WindowFunction.apply(q, *pairs["swa"], spec, config("window_fwd"),
+                                     config("window_bwd"), cu_seqlens)
         aux["o_swa"] = o_swa
         add(g_swa, o_swa)
     o = o.to(q.dtype)
     return (o, aux) if return_aux else o
+
+
+class NativeSparseAttention(torch.nn.Module):
+    """NSA attention layer built from a spec: x [B, T, hidden] -> [B, T, hidden].
+
+    q/k/v/o projections; gates g = sigmoid(gate(x)) per branch and query head (`gate` is a
+    Linear, or a two-layer MLP with `gate_hidden`); phi's MLPs when spec.phi == "mlp";
+    with `per_branch_kv`, each branch gets its own k/v projections (the paper's design).
+    Positional encoding is the caller's: pass `rope`, a function (q [B, T, HQ, DK],
+    k [B, T, H, DK], cu_seqlens) -> (q, k), e.g. rotary embeddings applied per position
+    (restart positions at each sequence start when cu_seqlens packs sequences). It is
+    applied to every branch's keys before compression, as position is part of a key.
+    """
+
+    def __init__(self, spec: NSASpec | str, hidden_size: int, *, per_branch_kv: bool = False,
+                 gate_hidden: int | None = None, bias: bool = False, device=None, dtype=None):
+        super().__init__()
+        from .naive import CompressionMLP
+        self.spec = spec = load_spec(spec) if isinstance(spec, str) else spec
+        self.hidden_size = hidden_size
+        self.per_branch_kv = per_branch_kv
+        kw = dict(bias=bias, device=device, dtype=dtype)
+        n_kv = len(spec.branches) if per_branch_kv else 1
+        self.q_proj = torch.nn.Linear(hidden_size, spec.HQ * spec.DK, **kw)
+        self.k_proj = torch.nn.Linear(hidden_size, n_kv * spec.H * spec.DK, **kw)
+        self.v_proj = torch.nn.Linear(hidden_size, n_kv * spec.H * spec.DV, **kw)
+        self.o_proj = torch.nn.Linear(spec.HQ * spec.DV, hidden_size, **kw)
+        n_gate = len(spec.branches) * spec.HQ
+        if gate_hidden:
+            self.gate = torch.nn.Sequential(torch.nn.Linear(hidden_size, gate_hidden, **kw),
+                                            torch.nn.SiLU(),
+                                            torch.nn.Linear(gate_hidden, n_gate, **kw))
+        else:
+            self.gate = torch.nn.Linear(hidden_size, n_gate, **kw)
+        self.mlp_k = self.mlp_v = None
+        if spec.phi == "mlp":
+            # fp32: phi runs in PyTorch on fp32 blocks (see api.compress).
+            self.mlp_k = CompressionMLP(spec.l, spec.DK).to(device=device)
+            self.mlp_v = CompressionMLP(spec.l, spec.DV).to(device=device)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, rope=None,
+                attention=None) -> torch.Tensor:
+        """x [B, T, hidden]; cu_seqlens packs sequences (B = 1). `attention` replaces the op
+        (same signature as `nsa`), e.g. `naive.naive_nsa`-based reference runs."""
+        spec = self.spec
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, spec.HQ, spec.DK)
+        n_kv = len(spec.branches) if self.per_branch_kv else 1
+        ks = self.k_proj(x).view(B, T, n_kv, spec.H, spec.DK).unbind(2)
+        vs = self.v_proj(x).view(B, T, n_kv, spec.H, spec.DV).unbind(2)
+        if rope is not None:
+            rotated = [rope(q, kk, cu_seqlens) for kk in ks]
+            q, ks = rotated[0][0], [r[1] for r in rotated]
+        g = torch.sigmoid(self.gate(x)).view(B, T, len(spec.branches), spec.HQ).unbind(2)
+        gates = dict(zip(spec.branches, g))
+        kv = {}
+        if self.per_branch_kv:
+            kv = {f"kv_{b}": (ks[i], vs[i]) for i, b in enumerate(spec.branches)}
+        op = attention or nsa
+        o = op(q, ks[0], vs[0], gates.get("cmp"), gates.get("slc"), gates.get("swa"), spec=spec,
+               mlp_k=self.mlp_k, mlp_v=self.mlp_v, cu_seqlens=cu_seqlens, **kv)
+        return self.o_proj(o.reshape(B, T, spec.HQ * spec.DV).to(x.dtype))
+
+
+def reference_nsa(q, k, v, g_cmp=None, g_slc=None, g_swa=None, *, spec, **kwargs):
+    """`naive.naive_nsa` with `nsa`'s signature (fp32 result cast to q's dtype): the
+    reference a `NativeSparseAttention` can run with, for checks and training comparisons."""
+    from .naive import naive_nsa
+    spec = load_spec(spec) if isinstance(spec, str) else spec
+    kwargs.pop("dispatcher", None)
+    return naive_nsa(spec, q, k, v, g_cmp, g_slc, g_swa, **kwargs).to(q.dtype)

@@ -1,0 +1,140 @@
+"""The whole op, forward and backward, against autograd through naive.py; and the module."""
+import pytest
+import torch
+
+from conftest import shrink
+from nsa_gen import naive
+from nsa_gen.api import NativeSparseAttention, nsa, reference_nsa
+
+SMALL = dict(head_dim={"k": 32, "v": 16}, compression={"block": 16, "stride": 8},
+             selection={"block": 16, "top_n": 3, "initial_blocks": 1, "local_blocks": 1}, window=24)
+SPECS = {  # G in {1, 4, 16}, DK != DV
+    1: shrink("mqa", heads={"q": 2, "kv": 2}, **SMALL),
+    4: shrink("small-group", heads={"q": 8, "kv": 2}, **SMALL),
+    16: shrink("deepseek-nsa", heads={"q": 16, "kv": 1}, **SMALL),
+}
+
+
+def inputs(spec, B, T, seed, dtype=torch.float32, per_branch=False):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*s):
+        return torch.randn(*s, generator=g).to(dtype).requires_grad_(True)
+    q = r(B, T, spec.HQ, spec.DK)
+    k, v = r(B, T, spec.H, spec.DK), r(B, T, spec.H, spec.DV)
+    gates = [torch.rand(B, T, spec.HQ, generator=g).to(dtype).requires_grad_(True) for _ in range(3)]
+    kv = {}
+    if per_branch:
+        kv = {f"kv_{b}": (r(B, T, spec.H, spec.DK), r(B, T, spec.H, spec.DV)) for b in ("slc", "swa")}
+    return q, k, v, gates, kv
+
+
+def grads_of(fn, tensors, do):
+    for t in tensors:
+        t.grad = None
+    out = fn()
+    out.backward(do)
+    return out.detach(), [t.grad.clone() for t in tensors]
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("G", [1, 4, 16])
+def test_nsa_fwd_bwd(G, poison):
+    spec = SPECS[G]
+    B, T = 2, 61
+    q, k, v, gates, _ = inputs(spec, B, T, seed=G)
+    do = torch.randn(B, T, spec.HQ, spec.DV)
+    leaves = [q, k, v, *gates]
+    o, gr = grads_of(lambda: nsa(q, k, v, *gates, spec=spec), leaves, do)
+    o_ref, gr_ref = grads_of(lambda: naive.naive_nsa(spec, q, k, v, *gates), leaves, do)
+    assert rel(o, o_ref) < 1e-4
+    for name, a, b in zip(["dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_swa"], gr, gr_ref):
+        assert rel(a, b) < 1e-4, name
+
+
+def test_nsa_per_branch_kv_and_fp16(poison):
+    spec = SPECS[4]
+    B, T = 1, 50
+    q, k, v, gates, kv = inputs(spec, B, T, seed=7, per_branch=True)
+    do = torch.randn(B, T, spec.HQ, spec.DV)
+    leaves = [q, k, v, *kv["kv_slc"], *kv["kv_swa"]]
+    o, gr = grads_of(lambda: nsa(q, k, v, *gates, spec=spec, **kv), leaves, do)
+    o_ref, gr_ref = grads_of(lambda: naive.naive_nsa(spec, q, k, v, *gates, **kv), leaves, do)
+    assert rel(o, o_ref) < 1e-4
+    assert all(rel(a, b) < 1e-4 for a, b in zip(gr, gr_ref))
+    # fp16 inputs, same op
+    h = [t.detach().half() for t in (q, k, v, *gates)]
+    o16 = nsa(*h, spec=spec)
+    assert rel(o16.float(), naive.naive_nsa(spec, *[t.float() for t in h])) < 2e-2
+
+
+def test_nsa_varlen(poison):
+    spec = SPECS[4]
+    cu = torch.tensor([0, 23, 30, 71], dtype=torch.int32)  # one sequence shorter than l
+    q, k, v, gates, _ = inputs(spec, 1, 71, seed=3)
+    do = torch.randn(1, 71, spec.HQ, spec.DV)
+    leaves = [q, k, v, *gates]
+    o, gr = grads_of(lambda: nsa(q, k, v, *gates, spec=spec, cu_seqlens=cu), leaves, do)
+    o_ref, gr_ref = grads_of(lambda: naive.naive_nsa(spec, q, k, v, *gates, cu_seqlens=cu), leaves, do)
+    assert rel(o, o_ref) < 1e-4
+    assert all(rel(a, b) < 1e-4 for a, b in zip(gr, gr_ref))
+
+
+def test_nsa_mlp_phi_gradients(poison):
+    spec = SPECS[4].replace(compression={"block": 16, "stride": 8, "phi": "mlp"})
+    torch.manual_seed(0)
+    mlp_k, mlp_v = naive.CompressionMLP(spec.l, spec.DK), naive.CompressionMLP(spec.l, spec.DV)
+    q, k, v, gates, _ = inputs(spec, 1, 40, seed=5)
+    do = torch.randn(1, 40, spec.HQ, spec.DV)
+    params = list(mlp_k.parameters()) + list(mlp_v.parameters())
+    leaves = [q, k, v, *params]
+    o, gr = grads_of(lambda: nsa(q, k, v, *gates, spec=spec, mlp_k=mlp_k, mlp_v=mlp_v), leaves, do)
+    o_ref, gr_ref = grads_of(lambda: naive.naive_nsa(spec, q, k, v, *gates, mlp_k=mlp_k, mlp_v=mlp_v),
+                             leaves, do)
+    assert rel(o, o_ref) < 1e-4
+    # The key MLP's output bias shifts every key of a query alike, which softmax ignores: its
+    # true gradient is 0, so compare absolutely there.
+    assert all((a - b).norm() <= 1e-4 * b.norm() + 1e-5 for a, b in zip(gr, gr_ref))
+    assert sum(p.abs().sum() > 0 for p in gr_ref[3:]) >= len(params) - 1
+
+
+def test_deterministic_gradients(poison):
+    spec = SPECS[16]
+    q, k, v, gates, _ = inputs(spec, 1, 64, seed=9)
+    do = torch.randn(1, 64, spec.HQ, spec.DV)
+    _, g1 = grads_of(lambda: nsa(q, k, v, *gates, spec=spec), [q, k, v], do)
+    _, g2 = grads_of(lambda: nsa(q, k, v, *gates, spec=spec), [q, k, v], do)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_module_matches_reference(poison):
+    spec = SPECS[4]
+    torch.manual_seed(0)
+    m = NativeSparseAttention(spec, 32, per_branch_kv=True, gate_hidden=16)
+    x = torch.randn(2, 37, 32, requires_grad=True)
+    y = m(x)
+    y.sum().backward()
+    gx = x.grad.clone()
+    gp = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    x.grad = None
+    y_ref = m(x, attention=reference_nsa)
+    y_ref.sum().backward()
+    assert rel(y, y_ref) < 1e-4 and rel(gx, x.grad) < 1e-4
+    assert all(rel(a, p.grad) < 1e-4 for a, p in zip(gp, m.parameters()))
+
+
+def test_bad_calls():
+    spec = SPECS[4]
+    q, k, v, gates, _ = inputs(spec, 1, 20, seed=1)
+    with pytest.raises(ValueError, match="no gate"):
+        nsa(q, k, v, spec=spec)
+    with pytest.raises(ValueError, match="g_slc has shape"):
+        nsa(q, k, v, gates[0], gates[1][:, :5], spec=spec)
+    with pytest.raises(ValueError, match="no 'swa' branch"):
+        nsa(q, k, v, *gates, spec=spec.replace(window=0, branches=["cmp", "slc"]))
+    with pytest.raises(TypeError, match="dtype"):
+        nsa(q, k.half(), v, *gates, spec=spec)
