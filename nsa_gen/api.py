@@ -182,4 +182,6 @@ def reference_nsa(q, k, v, g_cmp=None, g_slc=None, g_swa=None, *, spec, **kwargs
     from .naive import naive_nsa
     spec = load_spec(spec) if isinstance(spec, str) else spec
     kwargs.pop("dispatcher", None)
-    return naive_nsa(spec, q, k, v, g_cmp, g_slc, g_swa, **kwargs).to(q.dtype)
+    # The reference computes in fp32 also inside an autocast region.
+    with torch.autocast(q.device.type, enabled=False):
+        return naive_nsa(spec, q, k, v, g_cmp, g_slc, g_swa, **kwargs).to(q.dtype)

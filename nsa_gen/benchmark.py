@@ -45,43 +45,55 @@ def _bench(fn, warmup=25, rep=100) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
-def _sdpa(q, k, v, backend):
+def _sdpa(q, k, v, backend, backward=False):
+    """Full causal attention with K/V expanded to the query heads (outside the timer)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
     G = q.shape[2] // k.shape[2]
-    qt = q.transpose(1, 2)
-    kt = k.repeat_interleave(G, 2).transpose(1, 2)
-    vt = v.repeat_interleave(G, 2).transpose(1, 2)
+    qt = q.detach().transpose(1, 2).requires_grad_(backward)
+    kt = k.detach().repeat_interleave(G, 2).transpose(1, 2).requires_grad_(backward)
+    vt = v.detach().repeat_interleave(G, 2).transpose(1, 2).requires_grad_(backward)
 
-    def run():
+    def fwd():
         with sdpa_kernel(be):
             return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+    run = _with_backward(fwd, [qt, kt, vt]) if backward else fwd
     run()  # fails here, not inside the timer, when the backend can't take the shape
     return run
 
 
-def _fla(spec: NSASpec, q, k, v, g_cmp, g_slc):
+def _with_backward(fwd, leaves):
+    """fwd + backward with a fixed random upstream gradient (made once, outside the timer)."""
+    out = fwd()
+    do = torch.randn_like(out)
+    return lambda: torch.autograd.grad(fwd(), leaves, do)
+
+
+def _fla(spec: NSASpec, q, k, v, g_cmp, g_slc, backward=False):
     from fla.ops.nsa import parallel_nsa
     if not (spec.l == spec.d == spec.BS == 64 and spec.phi == "mean" and spec.w == 0
             and spec.G >= 16 and spec.G & (spec.G - 1) == 0):
         raise RuntimeError("fla runs only l = l' = d = 64, mean, no window, G a power of 2 >= 16")
+    leaves = [x.detach().requires_grad_(backward) for x in (q, k, v, g_cmp, g_slc)]
 
-    def run():
-        return parallel_nsa(q, k, v, g_cmp, g_slc, None, block_counts=spec.S,
-                            block_size=spec.BS, window_size=0, scale=spec.softmax_scale)
+    def fwd():
+        return parallel_nsa(*leaves, None, block_counts=spec.S, block_size=spec.BS,
+                            window_size=0, scale=spec.softmax_scale)
+    run = _with_backward(fwd, leaves) if backward else fwd
     run()
     return run
 
 
 def bench_spec(spec: NSASpec, seqlens: list[int], *, dtype=torch.bfloat16, backward: bool = False,
-               baselines: bool = True, log=print) -> list[dict]:
+               baselines: bool = True, log=print, device: str = "cuda") -> list[dict]:
     """One row per T: ms of nsa-gen (total and per kernel), SDPA flash/cudnn, fla."""
     from . import api
     from .ops.compression import compress_mean, compression_fwd
     from .ops.selection import selection_fwd, topn
     from .ops.window import window_fwd
 
-    dev = "cuda"
+    dev = device
+    cuda = torch.device(dev).type == "cuda"
     rows = []
     for T in seqlens:
         torch.manual_seed(T)
@@ -98,12 +110,13 @@ def bench_spec(spec: NSASpec, seqlens: list[int], *, dtype=torch.bfloat16, backw
         def total():
             return api.nsa(q, k, v, gates["cmp"], gates["slc"], gates["swa"], spec=spec)
         total()
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        total()
-        torch.cuda.synchronize()
-        row["peak_extra_MiB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        if cuda:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            total()
+            torch.cuda.synchronize()
+            row["peak_extra_MiB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
         row["nsa_gen"] = _bench(total)
 
         # Per kernel, on the same inputs and configs.
@@ -119,6 +132,17 @@ def bench_spec(spec: NSASpec, seqlens: list[int], *, dtype=torch.bfloat16, backw
         if spec.has("swa"):
             row["window_fwd"] = _bench(lambda: window_fwd(q, k, v, spec, cfg("window_fwd")))
 
+        if backward:
+            leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+            gl = [g.detach().requires_grad_(True) if g is not None else None for g in gates.values()]
+            try:
+                row["nsa_gen_fb"] = _bench(_with_backward(
+                    lambda: api.nsa(*leaves, *gl, spec=spec), leaves + [g for g in gl if g is not None]))
+                _bench_bwd_kernels(row, spec, cfg, q, k, v, k_cmp, v_cmp)
+            except Exception as e:  # keep the forward numbers and the baselines
+                row["nsa_gen_fb_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                log(f"{spec.name} T={T}: backward failed: {row['nsa_gen_fb_error']}")
+
         fl = {b: flops(spec, T, b) for b in ("cmp", "topn", "slc", "swa", "full")}
         real = fl["cmp"] + (fl["topn"] + fl["slc"] if spec.has("slc") else 0) + (fl["swa"] if spec.has("swa") else 0)
         row["tflops"] = real / row["nsa_gen"] / 1e9
@@ -127,23 +151,47 @@ def bench_spec(spec: NSASpec, seqlens: list[int], *, dtype=torch.bfloat16, backw
                 row[f"{name}_tflops"] = fl[b] / row[name] / 1e9
 
         if baselines:
-            for be in ("flash", "cudnn"):
+            for sfx, bwd in (("", False), ("_fb", True)) if backward else (("", False),):
+                for be in ("flash", "cudnn"):
+                    try:
+                        row[f"sdpa_{be}{sfx}"] = _bench(_sdpa(q, k, v, be, bwd))
+                    except Exception as e:  # backend refuses the shape: a table cell, not a crash
+                        row[f"sdpa_{be}{sfx}"] = None
+                        row[f"sdpa_{be}{sfx}_error"] = f"{type(e).__name__}: {str(e)[:80]}"
                 try:
-                    row[f"sdpa_{be}"] = _bench(_sdpa(q, k, v, be))
-                    row[f"sdpa_{be}_tflops"] = fl["full"] / row[f"sdpa_{be}"] / 1e9
-                except Exception as e:  # backend refuses the shape: a table cell, not a crash
-                    row[f"sdpa_{be}"] = None
-                    row[f"sdpa_{be}_error"] = f"{type(e).__name__}: {str(e)[:80]}"
-            try:
-                row["fla"] = _bench(_fla(spec, q, k, v, gates["cmp"], gates["slc"]))
-            except Exception as e:
-                row["fla"] = None
-                row["fla_error"] = f"{type(e).__name__}: {str(e)[:80]}"
+                    row[f"fla{sfx}"] = _bench(_fla(spec, q, k, v, gates["cmp"], gates["slc"], bwd))
+                except Exception as e:
+                    row[f"fla{sfx}"] = None
+                    row[f"fla{sfx}_error"] = f"{type(e).__name__}: {str(e)[:80]}"
+            if row.get("sdpa_flash"):
+                row["sdpa_flash_tflops"] = fl["full"] / row["sdpa_flash"] / 1e9
+            if row.get("sdpa_cudnn"):
+                row["sdpa_cudnn_tflops"] = fl["full"] / row["sdpa_cudnn"] / 1e9
         log(_fmt_row(row))
         rows.append(row)
         del q, k, v, gates
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
     return rows
+
+
+def _bench_bwd_kernels(row, spec, cfg, q, k, v, k_cmp, v_cmp) -> None:
+    """Each backward launcher alone, on the forward's outputs and a random upstream grad."""
+    from .ops.compression import compression_bwd, compression_fwd
+    from .ops.selection import selection_bwd, selection_fwd, topn
+    from .ops.window import window_bwd, window_fwd
+    o, lse = compression_fwd(q, k_cmp, v_cmp, spec, cfg("compression_fwd"))
+    do = torch.randn_like(o)
+    row["compression_bwd"] = _bench(lambda: compression_bwd(q, k_cmp, v_cmp, o, lse, do, spec,
+                                                            cfg("compression_bwd")))
+    if spec.has("slc"):
+        idx = topn(q, k_cmp, lse, spec, cfg("topn"))
+        o_s, lse_s = selection_fwd(q, k, v, idx, spec, cfg("selection_fwd"))
+        row["selection_bwd"] = _bench(lambda: selection_bwd(q, k, v, o_s, lse_s, do, idx, spec,
+                                                            cfg("selection_bwd")))
+    if spec.has("swa"):
+        o_w, lse_w = window_fwd(q, k, v, spec, cfg("window_fwd"))
+        row["window_bwd"] = _bench(lambda: window_bwd(q, k, v, o_w, lse_w, do, spec, cfg("window_bwd")))
 
 
 def _ms(x) -> str:
@@ -151,29 +199,47 @@ def _ms(x) -> str:
 
 
 def _fmt_row(r: dict) -> str:
-    return (f"{r['spec']} T={r['T']}: nsa-gen {_ms(r['nsa_gen'])} ms ({r['tflops']:.0f} TFLOP/s), "
+    line = (f"{r['spec']} T={r['T']}: nsa-gen {_ms(r['nsa_gen'])} ms ({r['tflops']:.0f} TFLOP/s), "
             f"flash {_ms(r.get('sdpa_flash'))}, cudnn {_ms(r.get('sdpa_cudnn'))}, fla {_ms(r.get('fla'))}")
+    if "nsa_gen_fb" in r:
+        line += (f"; fwd+bwd nsa-gen {_ms(r['nsa_gen_fb'])}, flash {_ms(r.get('sdpa_flash_fb'))}, "
+                 f"cudnn {_ms(r.get('sdpa_cudnn_fb'))}, fla {_ms(r.get('fla_fb'))}")
+    return line
 
 
 COLS = [("T", "T"), ("nsa_gen", "nsa-gen ms"), ("tflops", "TFLOP/s"), ("peak_extra_MiB", "peak extra MiB"),
         ("compress", "phi"), ("compression_fwd", "cmp"), ("topn", "top-n"), ("selection_fwd", "slc"),
         ("window_fwd", "swa"), ("sdpa_flash", "sdpa flash"), ("sdpa_cudnn", "sdpa cudnn"), ("fla", "fla"),
         ("vs_cudnn", "x cudnn"), ("vs_fla", "x fla")]
+COLS_FB = [("T", "T"), ("nsa_gen_fb", "nsa-gen fwd+bwd ms"), ("compression_bwd", "cmp bwd"),
+           ("selection_bwd", "slc bwd"), ("window_bwd", "swa bwd"), ("sdpa_flash_fb", "sdpa flash"),
+           ("sdpa_cudnn_fb", "sdpa cudnn"), ("fla_fb", "fla"), ("vs_cudnn_fb", "x cudnn"),
+           ("vs_fla_fb", "x fla")]
 
 
-def markdown(rows: list[dict]) -> str:
-    out = []
-    for r in rows:
-        r["vs_cudnn"] = r["sdpa_cudnn"] / r["nsa_gen"] if r.get("sdpa_cudnn") else None
-        r["vs_fla"] = r["fla"] / r["nsa_gen"] if r.get("fla") else None
-    out.append("| spec | " + " | ".join(h for _, h in COLS) + " |")
-    out.append("|" + "---|" * (len(COLS) + 1))
+def _ratio(r: dict, base: str, ours: str):
+    return r[base] / r[ours] if r.get(base) and r.get(ours) else None
+
+
+def _table(rows: list[dict], cols) -> list[str]:
+    out = ["| spec | " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for r in rows:
         cells = []
-        for key, _ in COLS:
+        for key, _ in cols:
             x = r.get(key)
             cells.append("-" if x is None else (str(x) if isinstance(x, int) else f"{x:.2f}"))
         out.append(f"| {r['spec']} | " + " | ".join(cells) + " |")
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    for r in rows:
+        r["vs_cudnn"], r["vs_fla"] = _ratio(r, "sdpa_cudnn", "nsa_gen"), _ratio(r, "fla", "nsa_gen")
+        r["vs_cudnn_fb"] = _ratio(r, "sdpa_cudnn_fb", "nsa_gen_fb")
+        r["vs_fla_fb"] = _ratio(r, "fla_fb", "nsa_gen_fb")
+    out = ["Forward:", ""] + _table(rows, COLS)
+    if any("nsa_gen_fb" in r for r in rows):
+        out += ["", "Forward + backward:", ""] + _table(rows, COLS_FB)
     return "\n".join(out)
 
 
@@ -216,14 +282,15 @@ def plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def run(specs: list[str], seqlens: list[int], out: Path, baselines: bool = True) -> int:
+def run(specs: list[str], seqlens: list[int], out: Path, baselines: bool = True,
+        backward: bool = False) -> int:
     if not torch.cuda.is_available():
         print("nsa-gen: error: bench needs a CUDA GPU")
         return 2
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in specs:
-        rows += bench_spec(load_spec(name), seqlens, baselines=baselines)
+        rows += bench_spec(load_spec(name), seqlens, baselines=baselines, backward=backward)
     envd = environment()
     md = f"{envd}\n\n" + markdown(rows)
     (out / "bench.md").write_text(md + "\n")
@@ -239,5 +306,6 @@ def register(sub) -> None:
     s.add_argument("--seqlens", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
     s.add_argument("--out", default="out/bench")
     s.add_argument("--no-baselines", action="store_true")
-    s.set_defaults(func=lambda a: run(a.spec, a.seqlens, Path(a.out), not a.no_baselines))
+    s.add_argument("--backward", action="store_true", help="also time forward + backward")
+    s.set_defaults(func=lambda a: run(a.spec, a.seqlens, Path(a.out), not a.no_baselines, a.backward))
 

@@ -54,7 +54,9 @@ class Case:
         return tolerance(self.dtype, self.device)
 
     def run(self, config: Config | None = None) -> tuple:
-        return self._launch(config or kernel_def(self.stem).default(self.spec, self.T))
+        if config is None and self.stem != OP:
+            config = kernel_def(self.stem).default(self.spec, self.T)
+        return self._launch(config)
 
     def reference(self) -> tuple:
         if self._ref is None:
@@ -169,7 +171,36 @@ def make_case(stem: str, spec: NSASpec, T: int, *, B: int = 1, dtype: torch.dtyp
     if stem.endswith("_bwd"):
         return _bwd_case(stem, spec, B, T, dtype, device, gen, q, k, v)
 
+    if stem == OP:
+        return _op_case(spec, B, T, dtype, device, gen, q, k, v)
+
     raise KeyError(f"no test case for kernel '{stem}'")
+
+
+OP = "nsa"  # the composed op (all branches, gated), forward and backward
+
+
+def _op_case(spec, B, T, dtype, device, gen, q, k, v) -> Case:
+    """nsa() end to end: output and the gradients of q, k, v and the gates, against autograd
+    through naive_nsa. The configs come from the dispatcher (`run` ignores its argument)."""
+    from .api import nsa
+
+    gates = [torch.rand(B, T, spec.HQ, generator=gen).to(device=device, dtype=dtype)
+             if spec.has(b) else None for b in ("cmp", "slc", "swa")]
+    do = torch.randn(B, T, spec.HQ, spec.DV, generator=gen).to(device=device, dtype=dtype)
+    inputs = [q, k, v] + [g for g in gates if g is not None]
+
+    def both(fn, cast):
+        leaves = [cast(x).detach().requires_grad_(True) for x in inputs]
+        it = iter(leaves[3:])
+        gl = [next(it) if g is not None else None for g in gates]
+        out = fn(*leaves[:3], *gl)
+        return (out.detach(), *torch.autograd.grad(out, leaves, cast(do)))
+
+    return Case(OP, spec, B, T, dtype, device, dict(q=q, k=k, v=v),
+                lambda c: both(lambda *a: nsa(*a, spec=spec), lambda x: x),
+                lambda: both(lambda *a: naive.naive_nsa(spec, *a), lambda x: x.float()),
+                lambda o, r: max(rel_error(a, b) for a, b in zip(o, r)))
 
 
 def _grads(fn, inputs: list[torch.Tensor], do: torch.Tensor) -> tuple:

@@ -240,7 +240,7 @@ def _swa_fwd_smem(spec: NSASpec, cfg: Config) -> int:
 # G_PAD heads, BLOCK_C / BLOCK_N key tiles); the dk/dv kernel owns DKV_BLOCK_C compressed
 # blocks / DKV_BLOCK_N keys, keeps their dk and dv in fp32 registers, and streams the query
 # tokens that see them, DKV_BLOCK_T tokens x G_PAD heads at a time. Defaults are unmeasured
-# (FlashAttention-2's shapes); tune on the GPU.
+# (FlashAttention-2's shapes, register counts estimated by hand); tune on the GPU.
 
 def _bwd_space(spec: NSASpec, name: str) -> dict[str, list]:
     """The forward's token tiles for dq, plus the dk/dv tiles. The dk and dv accumulators
@@ -253,14 +253,20 @@ def _bwd_space(spec: NSASpec, name: str) -> dict[str, list]:
             "num_warps": [4, 8], "num_stages": [1, 2, 3]}
 
 
+# The dk and dv accumulators of one dk/dv program: at most 64 keys x 320 dims (192 + 128)
+# in fp32, 80 registers a thread at 8 warps.
+DKV_ACC_ELEMS = 64 * 320
+
+
 def _bwd_default(spec: NSASpec, T: int, name: str, block_n: int, dkv_block_n: int) -> Config:
-    """64-row query tiles for both kernels, 2 stages. 8 warps once DK + DV > 256: the dk and
-    dv accumulators of 64 keys (64 x 320 fp32 at 192/128) would take 160 registers a thread
-    at 4 warps."""
+    """64-row query tiles for both kernels, 2 stages (FlashAttention-2's shapes; unmeasured).
+    8 warps once DK + DV > 128: at 4 warps the fp32 tiles of one program (64-key dk and dv
+    accumulators and four 64 x 64 score-sized tiles, 256 registers a thread at 128/128)
+    would spill; at 8 warps they take 128 (144 at 192/128). Past 320 dims (DK + DV), 32
+    keys per dk/dv program."""
     fwd = _tile_default(spec, T, name, block_n, 2)
-    warps = 4 if spec.DK + spec.DV <= 256 else 8
-    # Head dims are at most 256, so 64 keys always fit MAX_TILE_ELEMS.
-    dkv = min(dkv_block_n, 64)
+    warps = 4 if spec.DK + spec.DV <= 128 else 8
+    dkv = min(dkv_block_n, max(b for b in (16, 32, 64) if b * (spec.DK + spec.DV) <= DKV_ACC_ELEMS))
     return Config.make(num_warps=warps, num_stages=2, BLOCK_T=fwd["BLOCK_T"], **{
         name: block_n, "DKV_" + name: dkv, "DKV_BLOCK_T": fwd["BLOCK_T"]})
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .harness import make_case
+from .harness import OP, make_case
 from .kernels import KERNELS
 from .spec import NSASpec
 
@@ -28,11 +28,18 @@ def applicable_kernels(spec: NSASpec) -> list[str]:
     return [stem for stem, kd in KERNELS.items() if kd.applies(spec)]
 
 
+def verify_targets(spec: NSASpec) -> list[str]:
+    """Every kernel the spec uses, then the composed op (forward and backward)."""
+    return applicable_kernels(spec) + [OP]
+
+
 def verify_spec(spec: NSASpec, *, T: int, B: int = 1, dtypes: list[torch.dtype],
                 device: str, kernels: list[str] | None = None, seed: int = 0) -> list[VerifyResult]:
-    """Run each kernel (default config) on fresh random inputs and compare with naive.py."""
+    """Run each kernel (default config) on fresh random inputs and compare with naive.py.
+    Kernels the spec does not use are skipped, also when named in `kernels`."""
     results = []
-    for stem in kernels or applicable_kernels(spec):
+    wanted = verify_targets(spec)
+    for stem in [s for s in (kernels or wanted) if s in wanted]:
         for dtype in dtypes:
             shape = f"B={B} T={T} HQ={spec.HQ} H={spec.H} DK={spec.DK} DV={spec.DV}"
             name = str(dtype).replace("torch.", "")

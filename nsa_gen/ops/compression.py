@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 
 from ..config import Config
-from ..kernels import kernel_def, kernel_fn
+from ..kernels import kernel_def, kernel_fn, kernel_module
 from ..spec import NSASpec
-from .common import (check, check_tensor, cmp_seqlens, dot_precision, launch_options,
-                     num_cmp_blocks, outputs, seq_start, tile_table)
+from .common import (check, check_tensor, cmp_seqlens, cmp_tile_table, dot_precision,
+                     launch_options, num_cmp_blocks, outputs, seq_start, tile_table)
 
 
 def compress_mean(x: torch.Tensor, l: int, d: int,  # noqa: E741 - the paper's names
@@ -32,7 +32,9 @@ def compress_mean(x: torch.Tensor, l: int, d: int,  # noqa: E741 - the paper's n
     if cu_seqlens is None:
         NC = num_cmp_blocks(T, l, d)
         if NC == 0:
-            return x.new_zeros(B, 0, H, D), None
+            # An empty slice of x, not new_zeros: it stays in x's autograd graph, so x.grad
+            # is zeros, not None, when nothing is compressed.
+            return x[:, :0].clone(), None
         n_chunks = NC + m - 1  # = T // d
         chunks = x[:, :n_chunks * d].reshape(B, n_chunks, d, H, D).sum(2, dtype=torch.float32)
         x_cmp = chunks.unfold(1, m, 1).sum(-1) / l  # [B, NC, H, D]
@@ -44,7 +46,7 @@ def compress_mean(x: torch.Tensor, l: int, d: int,  # noqa: E741 - the paper's n
     n_cmp = (cu_cmp[1:] - cu_cmp[:-1]).to(torch.int64)
     NC = int(cu_cmp[-1])
     if NC == 0:
-        return x.new_zeros(1, 0, H, D), cu_cmp
+        return x[:, :0].clone(), cu_cmp  # in x's autograd graph, as above
     # Only sequences with a block need their chunks: n_cmp + m - 1 of them each.
     n_chunks = torch.where(n_cmp > 0, n_cmp + m - 1, 0)
     cu_chunks = torch.cat([n_chunks.new_zeros(1), n_chunks.cumsum(0)])
@@ -62,21 +64,9 @@ def compress_mean(x: torch.Tensor, l: int, d: int,  # noqa: E741 - the paper's n
     return x_cmp.to(x.dtype)[None], cu_cmp
 
 
-def compression_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, spec: NSASpec,
-                    config: Config | None = None, cu_seqlens: torch.Tensor | None = None,
-                    cu_seqlens_cmp: torch.Tensor | None = None,
-                    out: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of each query over the compressed blocks wholly in its past: query t
-    (position in its sequence) sees block i iff i * d + l - 1 <= t.
-
-    q [B, T, HQ, DK]; k_cmp [B, NC, H, DK], v_cmp [B, NC, H, DV] with NC = (T - l) // d + 1
-    (0 if T < l), e.g. from `compress_mean`. With cu_seqlens (int32 [N+1], B = 1) the
-    compressed blocks are packed per sequence ([1, sum NC, H, *]); cu_seqlens_cmp, if given,
-    must match (it is derived from cu_seqlens either way). config: defaults to the kernel's
-    heuristic. out: optional (o, lse) to write into. Returns o [B, T, HQ, DV] (q's dtype;
-    exactly 0 where no block is visible) and lse [B, T, HQ] (fp32, natural log; -inf there).
-    """
+def _check_cmp_inputs(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, spec: NSASpec,
+                      cu_seqlens: torch.Tensor | None, cu_seqlens_cmp: torch.Tensor | None) -> int:
+    """Shape checks shared by the forward and backward launchers; returns NC (packed)."""
     check_tensor("q", q, (None, None, spec.HQ, spec.DK))
     B, T = q.shape[:2]
     if cu_seqlens is None:
@@ -93,6 +83,26 @@ def compression_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, s
         NC = int(cu_cmp[-1])
         check_tensor("k_cmp", k_cmp, (1, NC, spec.H, spec.DK), like=q)
     check_tensor("v_cmp", v_cmp, (B, NC, spec.H, spec.DV), like=q)
+    return NC
+
+
+def compression_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, spec: NSASpec,
+                    config: Config | None = None, cu_seqlens: torch.Tensor | None = None,
+                    cu_seqlens_cmp: torch.Tensor | None = None,
+                    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each query over the compressed blocks wholly in its past: query t
+    (position in its sequence) sees block i iff i * d + l - 1 <= t.
+
+    q [B, T, HQ, DK]; k_cmp [B, NC, H, DK], v_cmp [B, NC, H, DV] with NC = (T - l) // d + 1
+    (0 if T < l), e.g. from `compress_mean`. With cu_seqlens (int32 [N+1], B = 1) the
+    compressed blocks are packed per sequence ([1, sum NC, H, *]); cu_seqlens_cmp, if given,
+    must match (it is derived from cu_seqlens either way). config: defaults to the kernel's
+    heuristic. out: optional (o, lse) to write into. Returns o [B, T, HQ, DV] (q's dtype;
+    exactly 0 where no block is visible) and lse [B, T, HQ] (fp32, natural log; -inf there).
+    """
+    NC = _check_cmp_inputs(q, k_cmp, v_cmp, spec, cu_seqlens, cu_seqlens_cmp)
+    B, T = q.shape[:2]
     config = config or kernel_def("compression_fwd").default(spec, T)
     q, k_cmp, v_cmp = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous()
     o, lse = outputs(out, (B, T, spec.HQ, spec.DV), (B, T, spec.HQ), q)
@@ -105,3 +115,65 @@ def compression_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, s
     fn[(tiles.shape[0], spec.H)](q, k_cmp, v_cmp, o, lse, tiles, DOT_PRECISION=dot_precision(q),
                                  **launch_options(config))
     return o, lse
+
+
+def compression_bwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, o: torch.Tensor,
+                    lse: torch.Tensor, do: torch.Tensor, spec: NSASpec,
+                    config: Config | None = None, cu_seqlens: torch.Tensor | None = None,
+                    cu_seqlens_cmp: torch.Tensor | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `compression_fwd`: (dq [B, T, HQ, DK], dk_cmp [B, NC, H, DK],
+    dv_cmp [B, NC, H, DV]), in the inputs' dtypes.
+
+    o [B, T, HQ, DV], lse [B, T, HQ] (fp32): the forward's outputs; do: dL/do, like o.
+    Queries that see no block get dq = 0. Deterministic: no float atomics; each compressed
+    block's dk/dv is summed by one program over the tokens that see it (see
+    templates/compression_bwd.py.j2). Gradients reach k and v through `compress_mean`
+    (plain torch) by autograd.
+    """
+    NC = _check_cmp_inputs(q, k_cmp, v_cmp, spec, cu_seqlens, cu_seqlens_cmp)
+    B, T = q.shape[:2]
+    check_tensor("o", o, (B, T, spec.HQ, spec.DV), like=q)
+    check_tensor("do", do, (B, T, spec.HQ, spec.DV), like=q)
+    check_tensor("lse", lse, (B, T, spec.HQ), dtypes=(torch.float32,))
+    config = config or kernel_def("compression_bwd").default(spec, T)
+    q, k_cmp, v_cmp, do, lse = (x.contiguous() for x in (q, k_cmp, v_cmp, do, lse))
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk_cmp = torch.empty(k_cmp.shape, device=q.device, dtype=q.dtype)
+    dv_cmp = torch.empty(v_cmp.shape, device=q.device, dtype=q.dtype)
+    if B * T == 0:
+        return dq, dk_cmp, dv_cmp
+    if NC == 0:  # no query sees any block
+        return dq.zero_(), dk_cmp, dv_cmp
+    # delta = rowsum(o * do) in fp32; rows that see no block have o = 0, so delta = 0.
+    delta = (o.float() * do.float()).sum(-1)
+    mod = kernel_module("compression_bwd", spec, config)
+    opts, prec = launch_options(config), dot_precision(q)
+    tiles = tile_table(cu_seqlens, B, T, config["BLOCK_T"], spec.l, spec.d, q.device)
+    mod.nsa_compression_bwd_kernel[(tiles.shape[0], spec.H)](
+        q, k_cmp, v_cmp, do, lse, delta, dq, tiles, DOT_PRECISION=prec, **opts)
+    cmp_tiles = cmp_tile_table(cu_seqlens, B, T, config["DKV_BLOCK_C"], spec.l, spec.d, q.device)
+    mod.nsa_compression_bwd_dkv_kernel[(cmp_tiles.shape[0], spec.H)](
+        q, k_cmp, v_cmp, do, lse, delta, dk_cmp, dv_cmp, cmp_tiles, DOT_PRECISION=prec, **opts)
+    return dq, dk_cmp, dv_cmp
+
+
+class CompressionFunction(torch.autograd.Function):
+    """Compressed attention, differentiable in q, k_cmp and v_cmp. Returns (o, lse); lse is
+    not differentiable (the selection branch's top-n reads it, and indices carry no
+    gradient)."""
+
+    @staticmethod
+    def forward(ctx, q, k_cmp, v_cmp, spec, fwd_config, bwd_config, cu_seqlens, cu_seqlens_cmp):
+        o, lse = compression_fwd(q, k_cmp, v_cmp, spec, fwd_config, cu_seqlens, cu_seqlens_cmp)
+        ctx.save_for_backward(q, k_cmp, v_cmp, o, lse, cu_seqlens, cu_seqlens_cmp)
+        ctx.spec, ctx.bwd_config = spec, bwd_config
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k_cmp, v_cmp, o, lse, cu_seqlens, cu_seqlens_cmp = ctx.saved_tensors
+        dq, dk_cmp, dv_cmp = compression_bwd(q, k_cmp, v_cmp, o, lse, do, ctx.spec,
+                                             ctx.bwd_config, cu_seqlens, cu_seqlens_cmp)
+        return dq, dk_cmp, dv_cmp, None, None, None, None, None

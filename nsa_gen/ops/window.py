@@ -1,12 +1,13 @@
-"""Sliding-window attention (the `swa` branch): launchers."""
+"""Sliding-window attention (the `swa` branch): launchers and autograd wrapper."""
 from __future__ import annotations
 
 import torch
 
 from ..config import Config
-from ..kernels import kernel_def, kernel_fn
+from ..kernels import kernel_def, kernel_fn, kernel_module
 from ..spec import NSASpec
-from .common import check_qkv, dot_precision, launch_options, outputs, seq_start, tile_table
+from .common import (check_qkv, check_tensor, dot_precision, launch_options, outputs, seq_start,
+                     tile_table)
 
 
 def window_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: NSASpec,
@@ -32,3 +33,56 @@ def window_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: NSASpec,
     fn[(tiles.shape[0], spec.H)](q, k, v, o, lse, tiles, DOT_PRECISION=dot_precision(q),
                                  **launch_options(config))
     return o, lse
+
+
+def window_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+               lse: torch.Tensor, do: torch.Tensor, spec: NSASpec, config: Config | None = None,
+               cu_seqlens: torch.Tensor | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `window_fwd`: (dq [B, T, HQ, DK], dk [B, T, H, DK], dv [B, T, H, DV]),
+    in the inputs' dtypes.
+
+    o [B, T, HQ, DV], lse [B, T, HQ] (fp32): the forward's outputs; do: dL/do, like o.
+    Deterministic: no float atomics; each key's dk/dv is summed by one program over the
+    queries whose window holds it (see templates/window_bwd.py.j2).
+    """
+    B, T = check_qkv(spec, q, k, v)
+    check_tensor("o", o, (B, T, spec.HQ, spec.DV), like=q)
+    check_tensor("do", do, (B, T, spec.HQ, spec.DV), like=q)
+    check_tensor("lse", lse, (B, T, spec.HQ), dtypes=(torch.float32,))
+    config = config or kernel_def("window_bwd").default(spec, T)
+    q, k, v, do, lse = (x.contiguous() for x in (q, k, v, do, lse))
+    seq_start(cu_seqlens, B, T, q.device)  # validates cu_seqlens
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=q.device, dtype=q.dtype)
+    dv = torch.empty(v.shape, device=q.device, dtype=q.dtype)
+    if B * T == 0:
+        return dq, dk, dv
+    delta = (o.float() * do.float()).sum(-1)  # rowsum(o * do), fp32
+    mod = kernel_module("window_bwd", spec, config)
+    opts, prec = launch_options(config), dot_precision(q)
+    tiles = tile_table(cu_seqlens, B, T, config["BLOCK_T"], spec.l, spec.d, q.device)
+    mod.nsa_window_bwd_kernel[(tiles.shape[0], spec.H)](
+        q, k, v, do, lse, delta, dq, tiles, DOT_PRECISION=prec, **opts)
+    # Key tiles: the same table over DKV_BLOCK_N tokens (a tile never straddles sequences).
+    key_tiles = tile_table(cu_seqlens, B, T, config["DKV_BLOCK_N"], spec.l, spec.d, q.device)
+    mod.nsa_window_bwd_dkv_kernel[(key_tiles.shape[0], spec.H)](
+        q, k, v, do, lse, delta, dk, dv, key_tiles, DOT_PRECISION=prec, **opts)
+    return dq, dk, dv
+
+
+class WindowFunction(torch.autograd.Function):
+    """Sliding-window attention, differentiable in q, k, v."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, spec, fwd_config, bwd_config, cu_seqlens):
+        o, lse = window_fwd(q, k, v, spec, fwd_config, cu_seqlens)
+        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+        ctx.spec, ctx.bwd_config = spec, bwd_config
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv = window_bwd(q, k, v, o, lse, do, ctx.spec, ctx.bwd_config, cu_seqlens)
+        return dq, dk, dv, None, None, None, None

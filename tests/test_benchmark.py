@@ -1,0 +1,40 @@
+"""The benchmark's code paths on the CPU (interpreter, tiny shapes, a fake timer): the GPU
+run must not be the first time this code executes."""
+import torch
+
+from conftest import shrink
+from nsa_gen import benchmark
+
+
+def test_bench_spec_paths(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_bench(fn, **kw):
+        fn()
+        calls.append(fn)
+        return 1.0
+
+    monkeypatch.setattr(benchmark, "_bench", fake_bench)
+    spec = shrink("small-group", heads={"q": 4, "kv": 2}, head_dim={"k": 32, "v": 16},
+                  compression={"block": 16, "stride": 8}, selection={"block": 16, "top_n": 2,
+                                                                     "initial_blocks": 1, "local_blocks": 1},
+                  window=16)
+    rows = benchmark.bench_spec(spec, [40], dtype=torch.float32, backward=True, device="cpu",
+                                log=lambda s: None)
+    r = rows[0]
+    for key in ("nsa_gen", "nsa_gen_fb", "compress", "compression_fwd", "topn", "selection_fwd",
+                "window_fwd", "compression_bwd", "selection_bwd", "window_bwd"):
+        assert r[key] == 1.0, key
+    # Baselines that cannot run here become n/a cells with the reason, not crashes.
+    assert r["fla"] is None and "fla_error" in r
+    md = benchmark.markdown(rows)
+    assert "Forward + backward:" in md and "| small-group | 40 |" in md
+    assert benchmark.plot(rows, tmp_path / "p.png") in (True, False)
+
+
+def test_flop_model():
+    from nsa_gen.spec import load_spec
+    s = load_spec("deepseek-nsa")
+    total = sum(benchmark.flops(s, 65536, b) for b in ("cmp", "topn", "slc", "swa"))
+    assert 1.2e13 < total < 1.4e13  # NSA.md: about 1.3e13 at 64k
+    assert benchmark.flops(s, 100, "slc") == benchmark.flops(s, 100, "full")  # all keys selected

@@ -1,0 +1,209 @@
+"""compression_bwd / CompressionFunction (compressed attention, backward) against torch
+autograd of the fp32 reference (naive_compressed_attention over naive_compress).
+
+Kernels run in the Triton interpreter (TRITON_INTERPRET=1, conftest's default) on the CPU,
+where tl.dot on bf16 is not meaningful: bf16 runs only on a GPU (TRITON_INTERPRET=0).
+Launchers' torch.empty outputs are NaN-poisoned (the `poison` fixture), so an element the
+kernels never write fails.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nsa_gen import env
+from nsa_gen.config import Config
+from nsa_gen.kernels import kernel_def
+from nsa_gen.naive import naive_compress, naive_compressed_attention
+from nsa_gen.ops.common import cmp_tile_table
+from nsa_gen.ops.compression import CompressionFunction, compress_mean, compression_bwd
+from nsa_gen.spec import load_spec
+
+# conftest.py turns the interpreter on unless TRITON_INTERPRET=0 is given (GPU runs).
+DEVICE = "cpu" if env.interpret() or not torch.cuda.is_available() else "cuda"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+def make_spec(G: int, DK: int = 48, DV: int = 32, l: int = 8, d: int = 4, H: int = 1):  # noqa: E741
+    """The paper's spec scaled down; DK = 48 is cut into 32 + 16 tiles, DK != DV."""
+    return load_spec("deepseek-nsa").replace(
+        heads={"q": G * H, "kv": H}, head_dim={"k": DK, "v": DV},
+        compression={"block": l, "stride": d, "phi": "mean"},
+        selection={"block": max(16, l), "top_n": 4, "initial_blocks": 1, "local_blocks": 2},
+        window=16)
+
+
+def rand_inputs(spec, B: int, T: int, dtype, seed: int):
+    """q, k, v and an upstream gradient do: fresh seeded normals (never zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(B, T, spec.HQ, spec.DK), (B, T, spec.H, spec.DK), (B, T, spec.H, spec.DV),
+              (B, T, spec.HQ, spec.DV)]
+    return [torch.randn(*s, generator=g).to(DEVICE, dtype) for s in shapes]
+
+
+def rel_err(x, ref) -> float:
+    return ((x.float() - ref).norm() / ref.norm()).item()
+
+
+def ref_grads(spec, q, k, v, do, cu: list[int] | None = None):
+    """fp32 autograd of the reference, per sequence when cu is given: o and the gradients of
+    sum(o * do) w.r.t. q, k, v, k_cmp, v_cmp (packed like compress_mean's output)."""
+    q, k, v = (x.detach().float().requires_grad_() for x in (q, k, v))
+    bounds = [(0, q.shape[1])] if cu is None else list(zip(cu, cu[1:]))
+    outs, kcs, vcs = [], [], []
+    for a, b in bounds:
+        kc = naive_compress(k[:, a:b], spec.l, spec.d)
+        vc = naive_compress(v[:, a:b], spec.l, spec.d)
+        if kc.requires_grad:  # a sequence shorter than l has no block: an unattached empty
+            kc.retain_grad()
+            vc.retain_grad()
+        outs.append(naive_compressed_attention(q[:, a:b], kc, vc, spec.l, spec.d,
+                                               spec.softmax_scale)[0])
+        kcs.append(kc)
+        vcs.append(vc)
+    o = torch.cat(outs, 1)
+    (o * do.float()).sum().backward()
+    return (o.detach(), q.grad, k.grad, v.grad,
+            torch.cat([x.grad if x.requires_grad else x for x in kcs], 1),
+            torch.cat([x.grad if x.requires_grad else x for x in vcs], 1))
+
+
+def run_function(spec, q, k, v, do, config=None, cu: list[int] | None = None):
+    """CompressionFunction over compress_mean, backward of sum(o * do): (o, lse, dq, dk, dv,
+    dk_cmp, dv_cmp)."""
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=DEVICE)
+    k_cmp, cu_cmp = compress_mean(k, spec.l, spec.d, cu_t)
+    v_cmp, _ = compress_mean(v, spec.l, spec.d, cu_t)
+    k_cmp.retain_grad()
+    v_cmp.retain_grad()
+    o, lse = CompressionFunction.apply(q, k_cmp, v_cmp, spec, None, config, cu_t, cu_cmp)
+    assert not lse.requires_grad
+    (o * do).sum().backward()
+    return o, lse, q.grad, k.grad, v.grad, k_cmp.grad, v_cmp.grad
+
+
+def check_grads(got, ref, dtype):
+    names = ("o", "dq", "dk", "dv", "dk_cmp", "dv_cmp")
+    for name, x, r in zip(names, got, ref):
+        assert x.dtype == dtype, name
+        assert not x.isnan().any(), f"{name}: unwritten (NaN-poisoned) elements"
+        err = rel_err(x, r)
+        assert err < TOL[dtype], f"{name}: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+# G = 3: padded heads (G_PAD = 4) must add nothing to dk and dv.
+@pytest.mark.parametrize("G", [1, 3, 4, 16])
+def test_compression_bwd(G, dtype, poison):
+    """Gradients to q, k_cmp, v_cmp and, through compress_mean, to k and v."""
+    spec = make_spec(G, H=2 if G < 16 else 1)
+    B, T = 2, 45  # ragged: no multiple of any tile, block or stride
+    q, k, v, do = rand_inputs(spec, B, T, dtype, seed=G)
+    o, lse, *grads = run_function(spec, q, k, v, do)
+    ref = ref_grads(spec, q, k, v, do)
+    check_grads([o, *grads], ref, dtype)
+    # Queries that see no block (t < l - 1) get exactly zero dq, never NaN.
+    assert (grads[0][:, :spec.l - 1] == 0).all()
+
+
+# BLOCK_T against d decides whether dq tiles have an edge phase, BLOCK_C against NC whether
+# there is a body; DKV_BLOCK_C * d against DKV_BLOCK_T how long the dk/dv edge is, and
+# DKV_BLOCK_C against NC whether the last block tile is cut short.
+CONFIGS = [
+    dict(BLOCK_T=16, BLOCK_C=16, DKV_BLOCK_C=16, DKV_BLOCK_T=16),
+    dict(BLOCK_T=4, BLOCK_C=32, DKV_BLOCK_C=64, DKV_BLOCK_T=1),
+    dict(BLOCK_T=1, BLOCK_C=16, DKV_BLOCK_C=16, DKV_BLOCK_T=4),
+    dict(BLOCK_T=64, BLOCK_C=64, DKV_BLOCK_C=32, DKV_BLOCK_T=32),
+]
+
+
+def cfg_id(c) -> str:
+    return "-".join(f"{k.replace('BLOCK_', '')}{v}" for k, v in c.items())
+
+
+@pytest.mark.parametrize("l,d", [(8, 4), (16, 16), (4, 1)])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=cfg_id)
+def test_compression_bwd_tiles(cfg, l, d, poison):  # noqa: E741
+    # The smallest group that fills tl.dot's 16 rows in both kernels.
+    G = max(1, 16 // min(cfg["BLOCK_T"], cfg["DKV_BLOCK_T"]))
+    spec = make_spec(G, DK=32, DV=48, l=l, d=d)
+    config = Config.make(num_warps=4, num_stages=2, **cfg)
+    assert kernel_def("compression_bwd").valid(spec, config)
+    B, T = 1, 83
+    q, k, v, do = rand_inputs(spec, B, T, torch.float32, seed=l + d)
+    ref = ref_grads(spec, q, k, v, do)
+    k_cmp, v_cmp = naive_compress(k, l, d), naive_compress(v, l, d)
+    dq, dk_cmp, dv_cmp = compression_bwd(q, k_cmp, v_cmp, ref[0], ref_lse(spec, q, k_cmp), do,
+                                         spec, config)
+    for name, x, r in (("dq", dq, ref[1]), ("dk_cmp", dk_cmp, ref[4]), ("dv_cmp", dv_cmp, ref[5])):
+        assert not x.isnan().any(), f"{name}: unwritten (NaN-poisoned) elements"
+        assert rel_err(x, r) < TOL[torch.float32], name
+
+
+def ref_lse(spec, q, k_cmp):
+    """The forward's lse in fp32 (-inf where no block is visible)."""
+    logits = torch.einsum("bthd,bnhd->bthn", q.float(),
+                          k_cmp.float().repeat_interleave(spec.G, 2)) * spec.softmax_scale
+    t = torch.arange(q.shape[1], device=q.device)[:, None]
+    i = torch.arange(k_cmp.shape[1], device=q.device)[None, :]
+    vis = (i * spec.d + spec.l - 1 <= t)[None, :, None, :]
+    return logits.masked_fill(~vis, float("-inf")).logsumexp(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("G", [1, 4])
+def test_compression_bwd_varlen(G, dtype, poison):
+    """Three ragged sequences packed in one row, the middle one shorter than l (no block):
+    gradients never cross a sequence boundary, and the short sequence's dq is zero."""
+    spec = make_spec(G, H=2)
+    cu = [0, 37, 42, 83]
+    q, k, v, do = rand_inputs(spec, 1, cu[-1], dtype, seed=30 + G)
+    config = Config.make(BLOCK_T=16 // G, BLOCK_C=16, DKV_BLOCK_C=16, DKV_BLOCK_T=16 // G,
+                         num_warps=4, num_stages=2)
+    got = run_function(spec, q, k, v, do, config, cu)
+    ref = ref_grads(spec, q, k, v, do, cu)
+    check_grads([got[0]] + list(got[2:]), ref, dtype)
+    assert (got[2][:, 37:42] == 0).all()
+
+
+def test_cmp_tile_table():
+    """Block tiles per sequence; a sequence shorter than l has none."""
+    cu = torch.tensor([0, 37, 42, 83], dtype=torch.int32)
+    # l = 8, d = 4: 8, 0 and 9 blocks.
+    table = cmp_tile_table(cu, 1, 83, 4, 8, 4, "cpu").tolist()
+    assert table == [[0, 0, 8, 0, 37], [4, 0, 8, 0, 37],
+                     [8, 8, 17, 42, 83], [12, 8, 17, 42, 83], [16, 8, 17, 42, 83]]
+    fixed = cmp_tile_table(None, 2, 20, 16, 8, 4, "cpu").tolist()
+    assert fixed == [[0, 0, 4, 0, 20], [4, 4, 8, 20, 40]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_compression_bwd_deterministic(dtype):
+    """No atomics: two runs give bit-for-bit equal gradients."""
+    spec = make_spec(4, H=2)
+    cu = [0, 41, 83]
+    q, k, v, do = rand_inputs(spec, 1, cu[-1], dtype, seed=7)
+    a = run_function(spec, q, k, v, do, cu=cu)
+    b = run_function(spec, q, k, v, do, cu=cu)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_compression_bwd_no_blocks(poison):
+    """T < l: no compressed block; dq = 0, empty dk_cmp / dv_cmp, zero dk / dv."""
+    spec = make_spec(4, H=2)
+    q, k, v, do = rand_inputs(spec, 2, spec.l - 1, torch.float32, seed=1)
+    o, lse, dq, dk, dv, dk_cmp, dv_cmp = run_function(spec, q, k, v, do)
+    assert dk_cmp.shape[1] == 0 and dv_cmp.shape[1] == 0
+    assert (dq == 0).all() and (dk == 0).all() and (dv == 0).all()
+
+
+def test_compression_bwd_default_config_valid():
+    """The heuristic default is in the config space for every built-in spec and any T."""
+    kd = kernel_def("compression_bwd")
+    for name in ("deepseek-nsa", "mqa", "small-group", "fla-compat"):
+        spec = load_spec(name)
+        for T in (1, 7, 100, 4096, 65536):
+            assert kd.valid(spec, kd.default(spec, T)), (name, T)

@@ -1,0 +1,152 @@
+"""window_bwd / WindowFunction (sliding-window attention, backward) against torch autograd
+of the fp32 reference naive_window.
+
+Kernels run in the Triton interpreter (TRITON_INTERPRET=1, conftest's default) on the CPU,
+where tl.dot on bf16 is not meaningful: bf16 runs only on a GPU (TRITON_INTERPRET=0).
+Launchers' torch.empty outputs are NaN-poisoned (the `poison` fixture), so an element the
+kernels never write fails.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nsa_gen import env
+from nsa_gen.config import Config
+from nsa_gen.kernels import kernel_def
+from nsa_gen.naive import naive_window
+from nsa_gen.ops.window import WindowFunction, window_bwd, window_fwd
+from nsa_gen.spec import load_spec
+
+# conftest.py turns the interpreter on unless TRITON_INTERPRET=0 is given (GPU runs).
+DEVICE = "cpu" if env.interpret() or not torch.cuda.is_available() else "cuda"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+def make_spec(G: int, DK: int = 48, DV: int = 32, w: int = 24, H: int = 1):
+    """The paper's spec scaled down; DK = 48 is cut into 32 + 16 tiles, DK != DV."""
+    return load_spec("deepseek-nsa").replace(
+        heads={"q": G * H, "kv": H}, head_dim={"k": DK, "v": DV},
+        compression={"block": 8, "stride": 4, "phi": "mean"},
+        selection={"block": 16, "top_n": 4, "initial_blocks": 1, "local_blocks": 2}, window=w)
+
+
+def rand_inputs(spec, B: int, T: int, dtype, seed: int):
+    """q, k, v and an upstream gradient do: fresh seeded normals (never zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(B, T, spec.HQ, spec.DK), (B, T, spec.H, spec.DK), (B, T, spec.H, spec.DV),
+              (B, T, spec.HQ, spec.DV)]
+    return [torch.randn(*s, generator=g).to(DEVICE, dtype) for s in shapes]
+
+
+def rel_err(x, ref) -> float:
+    """Relative error; the absolute one where ref is zero (w = 1: p = 1, so dq = 0)."""
+    den = ref.norm().item()
+    return (x.float() - ref).norm().item() / (den if den > 0 else 1.0)
+
+
+def ref_grads(spec, q, k, v, do, cu: list[int] | None = None):
+    """fp32 autograd of naive_window, per sequence when cu is given: o and the gradients of
+    sum(o * do) w.r.t. q, k, v."""
+    q, k, v = (x.detach().float().requires_grad_() for x in (q, k, v))
+    bounds = [(0, q.shape[1])] if cu is None else list(zip(cu, cu[1:]))
+    o = torch.cat([naive_window(q[:, a:b], k[:, a:b], v[:, a:b], spec.w, spec.softmax_scale)
+                   for a, b in bounds], 1)
+    (o * do.float()).sum().backward()
+    return o.detach(), q.grad, k.grad, v.grad
+
+
+def run_function(spec, q, k, v, do, config=None, cu: list[int] | None = None):
+    """WindowFunction, backward of sum(o * do): (o, dq, dk, dv)."""
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=DEVICE)
+    o = WindowFunction.apply(q, k, v, spec, None, config, cu_t)
+    (o * do).sum().backward()
+    return o, q.grad, k.grad, v.grad
+
+
+def check_grads(got, ref, dtype):
+    for name, x, r in zip(("o", "dq", "dk", "dv"), got, ref):
+        assert x.dtype == dtype, name
+        assert not x.isnan().any(), f"{name}: unwritten (NaN-poisoned) elements"
+        err = rel_err(x, r)
+        assert err < TOL[dtype], f"{name}: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+# G = 3: padded heads (G_PAD = 4) must add nothing to dk and dv.
+@pytest.mark.parametrize("G", [1, 3, 4, 16])
+def test_window_bwd(G, dtype, poison):
+    spec = make_spec(G, H=2 if G < 16 else 1, w=20)
+    B, T = 2, 45  # ragged: no multiple of any tile
+    q, k, v, do = rand_inputs(spec, B, T, dtype, seed=G)
+    check_grads(run_function(spec, q, k, v, do), ref_grads(spec, q, k, v, do), dtype)
+
+
+# dq: BLOCK_N against w and BLOCK_T decides the head / body / edge split (as in the forward).
+# dk/dv: DKV_BLOCK_N against DKV_BLOCK_T sets the length of the diagonal phase, and against w
+# whether there is a body at all (w < DKV_BLOCK_N: none) before the masked tail.
+CONFIGS = [
+    dict(BLOCK_T=16, BLOCK_N=16, DKV_BLOCK_N=16, DKV_BLOCK_T=16),
+    dict(BLOCK_T=4, BLOCK_N=32, DKV_BLOCK_N=64, DKV_BLOCK_T=1),
+    dict(BLOCK_T=1, BLOCK_N=64, DKV_BLOCK_N=16, DKV_BLOCK_T=4),
+    dict(BLOCK_T=64, BLOCK_N=128, DKV_BLOCK_N=32, DKV_BLOCK_T=16),
+    dict(BLOCK_T=2, BLOCK_N=16, DKV_BLOCK_N=16, DKV_BLOCK_T=1),
+]
+
+
+def cfg_id(c) -> str:
+    return "-".join(f"{k.replace('BLOCK_', '')}{v}" for k, v in c.items())
+
+
+# w = 27: the dk/dv body of 16-key tiles ends exactly at the window's reach with 1- and
+# 4-token query tiles, one query off and the test catches it.
+@pytest.mark.parametrize("w", [1, 5, 27, 1000])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=cfg_id)
+def test_window_bwd_tiles(cfg, w, poison):
+    # The smallest group that fills tl.dot's 16 rows in both kernels.
+    G = max(1, 16 // min(cfg["BLOCK_T"], cfg["DKV_BLOCK_T"]))
+    spec = make_spec(G, DK=32, DV=48, w=w)
+    config = Config.make(num_warps=4, num_stages=2, **cfg)
+    assert kernel_def("window_bwd").valid(spec, config)
+    B, T = 1, 67
+    q, k, v, do = rand_inputs(spec, B, T, torch.float32, seed=w)
+    o, lse = window_fwd(q, k, v, spec)
+    got = (o,) + window_bwd(q, k, v, o, lse, do, spec, config)
+    check_grads(got, ref_grads(spec, q, k, v, do), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("G", [1, 4])
+def test_window_bwd_varlen(G, dtype, poison):
+    """Three ragged sequences packed in one row, one shorter than a tile: windows and key
+    gradients never cross a sequence boundary."""
+    spec = make_spec(G, H=2, w=20)
+    cu = [0, 37, 42, 83]
+    q, k, v, do = rand_inputs(spec, 1, cu[-1], dtype, seed=30 + G)
+    config = Config.make(BLOCK_T=16 // G, BLOCK_N=16, DKV_BLOCK_N=16, DKV_BLOCK_T=16 // G,
+                         num_warps=4, num_stages=2)
+    check_grads(run_function(spec, q, k, v, do, config, cu), ref_grads(spec, q, k, v, do, cu),
+                dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_window_bwd_deterministic(dtype):
+    """No atomics: two runs give bit-for-bit equal gradients."""
+    spec = make_spec(4, H=2, w=20)
+    cu = [0, 41, 83]
+    q, k, v, do = rand_inputs(spec, 1, cu[-1], dtype, seed=7)
+    a = run_function(spec, q, k, v, do, cu=cu)
+    b = run_function(spec, q, k, v, do, cu=cu)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_window_bwd_default_config_valid():
+    """The heuristic default is in the config space for every built-in spec and any T."""
+    kd = kernel_def("window_bwd")
+    for name in ("deepseek-nsa", "mqa", "small-group", "fla-compat"):
+        spec = load_spec(name)
+        for T in (1, 7, 100, 4096, 65536):
+            assert kd.valid(spec, kd.default(spec, T)), (name, T)
