@@ -32,3 +32,21 @@ def shrink(name: str, **changes):
     """A built-in spec with test-sized heads/dims; other fields as given."""
     from nsa_gen.spec import load_spec
     return load_spec(name).replace(**changes)
+
+
+# Kernel tests run on the CPU interpreter unless TRITON_INTERPRET=0 is given on a GPU machine,
+# where bf16 (garbage in the interpreter's tl.dot) is added.
+def _device() -> str:
+    from nsa_gen import env
+    return "cpu" if env.interpret() or not torch.cuda.is_available() else "cuda"
+
+
+DEVICE = _device()
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+def rel_err(x, ref) -> float:
+    """||x - ref|| / ||ref||; the absolute error where ref is zero (e.g. dq = 0 when w = 1)."""
+    den = ref.norm().item()
+    return (x.float() - ref).norm().item() / (den if den > 0 else 1.0)

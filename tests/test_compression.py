@@ -10,17 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nsa_gen import env
+from conftest import DEVICE, DTYPES, TOL, rel_err
 from nsa_gen.config import Config
 from nsa_gen.kernels import kernel_def
 from nsa_gen.naive import naive_compress, naive_compressed_attention
 from nsa_gen.ops.compression import compress_mean, compression_fwd
 from nsa_gen.spec import load_spec
 
-# conftest.py turns the interpreter on unless TRITON_INTERPRET=0 is given (GPU runs).
-DEVICE = "cpu" if env.interpret() or not torch.cuda.is_available() else "cuda"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
 
 def make_spec(G: int, DK: int = 48, DV: int = 32, l: int = 8, d: int = 4, H: int = 1):  # noqa: E741
@@ -61,8 +57,6 @@ def ref_cmp(q, k_cmp, v_cmp, l: int, d: int, scale: float):  # noqa: E741
     return o, lse.transpose(1, 2)
 
 
-def rel_err(x, ref) -> float:
-    return ((x.float() - ref).norm() / ref.norm()).item()
 
 
 def check(o, lse, ref_o, ref_lse, dtype, T_blind):

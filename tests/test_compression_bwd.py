@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nsa_gen import env
+from conftest import DEVICE, DTYPES, TOL, rel_err
 from nsa_gen.config import Config
 from nsa_gen.kernels import kernel_def
 from nsa_gen.naive import naive_compress, naive_compressed_attention
@@ -19,10 +19,6 @@ from nsa_gen.ops.common import cmp_tile_table
 from nsa_gen.ops.compression import CompressionFunction, compress_mean, compression_bwd
 from nsa_gen.spec import load_spec
 
-# conftest.py turns the interpreter on unless TRITON_INTERPRET=0 is given (GPU runs).
-DEVICE = "cpu" if env.interpret() or not torch.cuda.is_available() else "cuda"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
 
 def make_spec(G: int, DK: int = 48, DV: int = 32, l: int = 8, d: int = 4, H: int = 1):  # noqa: E741
@@ -42,8 +38,6 @@ def rand_inputs(spec, B: int, T: int, dtype, seed: int):
     return [torch.randn(*s, generator=g).to(DEVICE, dtype) for s in shapes]
 
 
-def rel_err(x, ref) -> float:
-    return ((x.float() - ref).norm() / ref.norm()).item()
 
 
 def ref_grads(spec, q, k, v, do, cu: list[int] | None = None):

@@ -9,17 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nsa_gen import env
+from conftest import DEVICE, DTYPES, TOL, rel_err
 from nsa_gen.config import Config
 from nsa_gen.kernels import kernel_def
 from nsa_gen.naive import naive_window
 from nsa_gen.ops.window import window_fwd
 from nsa_gen.spec import load_spec
 
-# conftest.py turns the interpreter on unless TRITON_INTERPRET=0 is given (GPU runs).
-DEVICE = "cpu" if env.interpret() or not torch.cuda.is_available() else "cuda"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
 
 def make_spec(G: int, DK: int = 48, DV: int = 32, w: int = 24, H: int = 1):
@@ -60,8 +56,6 @@ def ref_window_varlen(q, k, v, w: int, scale: float, cu: list[int]):
     return torch.cat([o for o, _ in outs], 1), torch.cat([x for _, x in outs], 1)
 
 
-def rel_err(x, ref) -> float:
-    return ((x.float() - ref).norm() / ref.norm()).item()
 
 
 def check(o, lse, ref_o, ref_lse, dtype):

@@ -11,17 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nsa_gen import env
+from conftest import DEVICE, DTYPES, TOL, rel_err
 from nsa_gen.config import Config
 from nsa_gen.kernels import kernel_def
 from nsa_gen.naive import naive_window
 from nsa_gen.ops.window import WindowFunction, window_bwd, window_fwd
 from nsa_gen.spec import load_spec
 
-# conftest.py turns the interpreter on unless TRITON_INTERPRET=0 is given (GPU runs).
-DEVICE = "cpu" if env.interpret() or not torch.cuda.is_available() else "cuda"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
 
 def make_spec(G: int, DK: int = 48, DV: int = 32, w: int = 24, H: int = 1):
@@ -40,10 +36,6 @@ def rand_inputs(spec, B: int, T: int, dtype, seed: int):
     return [torch.randn(*s, generator=g).to(DEVICE, dtype) for s in shapes]
 
 
-def rel_err(x, ref) -> float:
-    """Relative error; the absolute one where ref is zero (w = 1: p = 1, so dq = 0)."""
-    den = ref.norm().item()
-    return (x.float() - ref).norm().item() / (den if den > 0 else 1.0)
 
 
 def ref_grads(spec, q, k, v, do, cu: list[int] | None = None):

@@ -66,42 +66,48 @@ def num_cmp_blocks(T: int, l: int, d: int) -> int:
     return (T - l) // d + 1 if T >= l else 0
 
 
-_TILES: dict[tuple, torch.Tensor] = {}
+_TABLES: dict[tuple, torch.Tensor] = {}
+
+
+def _table(build, cu_seqlens: torch.Tensor | None, B: int, T: int, block: int, l: int, d: int,
+           device) -> torch.Tensor:
+    """A batch of B equal sequences is the packed case with cu_seqlens = [0, T, 2T, ...], so
+    kernels have one code path. Fixed-length tables are cached: building one takes several
+    small launches and a host sync, as long as a short kernel."""
+    if cu_seqlens is not None:
+        return build(cu_seqlens.to(device=device, dtype=torch.int64), block, l, d, device)
+    key = (build.__name__, B, T, block, l, d, str(device))
+    table = _TABLES.get(key)
+    if table is None:
+        if len(_TABLES) > 256:
+            _TABLES.clear()
+        cu = torch.arange(B + 1, device=device, dtype=torch.int64) * T
+        table = _TABLES[key] = build(cu, block, l, d, device)
+    return table
+
+
+def _tiles(lens: torch.Tensor, block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut sequences of `lens` items into tiles of `block`: (sequence, index in sequence)."""
+    per_seq = torch.div(lens + block - 1, block, rounding_mode="floor")
+    seq = torch.repeat_interleave(torch.arange(lens.numel(), device=device), per_seq)
+    first_tile = torch.cat([per_seq.new_zeros(1), per_seq.cumsum(0)])[:-1]
+    return seq, torch.arange(seq.numel(), device=device) - first_tile[seq]
 
 
 def tile_table(cu_seqlens: torch.Tensor | None, B: int, T: int, block_t: int, l: int, d: int,
                device) -> torch.Tensor:
     """int32 [n_tiles, 4] for kernels whose programs own BLOCK_T tokens of one sequence:
     (first row of the tile, first row of its sequence, end row of its sequence, first row of
-    the sequence's compressed blocks in the packed k_cmp). Rows are b * T + t; a batch of B
-    equal sequences is the packed case with cu_seqlens = [0, T, 2T, ...], so kernels have
-    one code path and a tile never straddles two sequences. Fixed-length tables are cached:
-    building one takes several small launches and a host sync, as long as a short kernel."""
-    if cu_seqlens is None:
-        key = (B, T, block_t, l, d, str(device))
-        table = _TILES.get(key)
-        if table is None:
-            if len(_TILES) > 256:
-                _TILES.clear()
-            cu = torch.arange(B + 1, device=device, dtype=torch.int64) * T
-            table = _TILES[key] = _tile_table(cu, block_t, l, d, device)
-        return table
-    return _tile_table(cu_seqlens.to(device=device, dtype=torch.int64), block_t, l, d, device)
+    the sequence's compressed blocks in the packed k_cmp). Rows are b * T + t; a tile never
+    straddles two sequences."""
+    return _table(_token_tiles, cu_seqlens, B, T, block_t, l, d, device)
 
 
-def _tile_table(cu: torch.Tensor, block_t: int, l: int, d: int, device) -> torch.Tensor:
-    lens = cu[1:] - cu[:-1]
-    n_cmp = torch.where(lens >= l, torch.div(lens - l, d, rounding_mode="floor") + 1, 0)
-    cu_cmp = torch.cat([n_cmp.new_zeros(1), n_cmp.cumsum(0)])
-    per_seq = torch.div(lens + block_t - 1, block_t, rounding_mode="floor")
-    seq = torch.repeat_interleave(torch.arange(lens.numel(), device=device), per_seq)
-    first_tile = torch.cat([per_seq.new_zeros(1), per_seq.cumsum(0)])[:-1]
-    tile_in_seq = torch.arange(seq.numel(), device=device) - first_tile[seq]
-    table = torch.stack([cu[seq] + tile_in_seq * block_t, cu[seq], cu[seq + 1], cu_cmp[seq]], 1)
+def _token_tiles(cu: torch.Tensor, block_t: int, l: int, d: int, device) -> torch.Tensor:
+    cu_cmp = cmp_seqlens(cu, l, d).to(torch.int64)
+    seq, i = _tiles(cu[1:] - cu[:-1], block_t, device)
+    table = torch.stack([cu[seq] + i * block_t, cu[seq], cu[seq + 1], cu_cmp[seq]], 1)
     return table.to(torch.int32).contiguous()
-
-
-_CMP_TILES: dict[tuple, torch.Tensor] = {}
 
 
 def cmp_tile_table(cu_seqlens: torch.Tensor | None, B: int, T: int, block_c: int, l: int, d: int,
@@ -110,28 +116,14 @@ def cmp_tile_table(cu_seqlens: torch.Tensor | None, B: int, T: int, block_c: int
     sequence (the dk/dv pass of compressed attention): (first row of the tile in the packed
     k_cmp, first row of its sequence's blocks, end row of its sequence's blocks, first token
     row of the sequence, end token row of the sequence). Sequences without a block (shorter
-    than l) have no tile. Like `tile_table`, fixed-length batches are the packed case with
-    cu_seqlens = [0, T, 2T, ...], and their tables are cached."""
-    if cu_seqlens is None:
-        key = (B, T, block_c, l, d, str(device))
-        table = _CMP_TILES.get(key)
-        if table is None:
-            if len(_CMP_TILES) > 256:
-                _CMP_TILES.clear()
-            cu = torch.arange(B + 1, device=device, dtype=torch.int64) * T
-            table = _CMP_TILES[key] = _cmp_tile_table(cu, block_c, l, d, device)
-        return table
-    return _cmp_tile_table(cu_seqlens.to(device=device, dtype=torch.int64), block_c, l, d, device)
+    than l) have no tile."""
+    return _table(_cmp_tiles, cu_seqlens, B, T, block_c, l, d, device)
 
 
-def _cmp_tile_table(cu: torch.Tensor, block_c: int, l: int, d: int, device) -> torch.Tensor:
+def _cmp_tiles(cu: torch.Tensor, block_c: int, l: int, d: int, device) -> torch.Tensor:
     cu_cmp = cmp_seqlens(cu, l, d).to(torch.int64)
-    n_cmp = cu_cmp[1:] - cu_cmp[:-1]
-    per_seq = torch.div(n_cmp + block_c - 1, block_c, rounding_mode="floor")
-    seq = torch.repeat_interleave(torch.arange(n_cmp.numel(), device=device), per_seq)
-    first_tile = torch.cat([per_seq.new_zeros(1), per_seq.cumsum(0)])[:-1]
-    tile_in_seq = torch.arange(seq.numel(), device=device) - first_tile[seq]
-    table = torch.stack([cu_cmp[seq] + tile_in_seq * block_c, cu_cmp[seq], cu_cmp[seq + 1],
+    seq, i = _tiles(cu_cmp[1:] - cu_cmp[:-1], block_c, device)
+    table = torch.stack([cu_cmp[seq] + i * block_c, cu_cmp[seq], cu_cmp[seq + 1],
                          cu[seq], cu[seq + 1]], 1)
     return table.to(torch.int32).contiguous()
 
