@@ -50,3 +50,20 @@ def rel_err(x, ref) -> float:
     """||x - ref|| / ||ref||; the absolute error where ref is zero (e.g. dq = 0 when w = 1)."""
     den = ref.norm().item()
     return (x.float() - ref).norm().item() / (den if den > 0 else 1.0)
+
+
+def rand_inputs(spec, B: int, T: int, dtype, seed: int):
+    """q, k, v and an upstream gradient do on DEVICE: fresh seeded normals (never zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(B, T, spec.HQ, spec.DK), (B, T, spec.H, spec.DK), (B, T, spec.H, spec.DV),
+              (B, T, spec.HQ, spec.DV)]
+    return [torch.randn(*s, generator=g).to(DEVICE, dtype) for s in shapes]
+
+
+def check_grads(got, ref, dtype, names=("o", "dq", "dk", "dv")):
+    """Each kernel output in `dtype`, fully written (no NaN poison left), within TOL of ref."""
+    for name, x, r in zip(names, got, ref):
+        assert x.dtype == dtype, name
+        assert not x.isnan().any(), f"{name}: unwritten (NaN-poisoned) elements"
+        err = rel_err(x, r)
+        assert err < TOL[dtype], f"{name}: relative error {err:.3g}"

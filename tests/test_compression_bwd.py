@@ -11,14 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPES, TOL, rel_err
+from conftest import DEVICE, DTYPES, TOL, rand_inputs, rel_err
+from conftest import check_grads as check_grads_of
 from nsa_gen.config import Config
 from nsa_gen.kernels import kernel_def
 from nsa_gen.naive import naive_compress, naive_compressed_attention
 from nsa_gen.ops.common import cmp_tile_table
 from nsa_gen.ops.compression import CompressionFunction, compress_mean, compression_bwd
 from nsa_gen.spec import load_spec
-
 
 
 def make_spec(G: int, DK: int = 48, DV: int = 32, l: int = 8, d: int = 4, H: int = 1):  # noqa: E741
@@ -28,16 +28,6 @@ def make_spec(G: int, DK: int = 48, DV: int = 32, l: int = 8, d: int = 4, H: int
         compression={"block": l, "stride": d, "phi": "mean"},
         selection={"block": max(16, l), "top_n": 4, "initial_blocks": 1, "local_blocks": 2},
         window=16)
-
-
-def rand_inputs(spec, B: int, T: int, dtype, seed: int):
-    """q, k, v and an upstream gradient do: fresh seeded normals (never zeros)."""
-    g = torch.Generator().manual_seed(seed)
-    shapes = [(B, T, spec.HQ, spec.DK), (B, T, spec.H, spec.DK), (B, T, spec.H, spec.DV),
-              (B, T, spec.HQ, spec.DV)]
-    return [torch.randn(*s, generator=g).to(DEVICE, dtype) for s in shapes]
-
-
 
 
 def ref_grads(spec, q, k, v, do, cu: list[int] | None = None):
@@ -79,12 +69,7 @@ def run_function(spec, q, k, v, do, config=None, cu: list[int] | None = None):
 
 
 def check_grads(got, ref, dtype):
-    names = ("o", "dq", "dk", "dv", "dk_cmp", "dv_cmp")
-    for name, x, r in zip(names, got, ref):
-        assert x.dtype == dtype, name
-        assert not x.isnan().any(), f"{name}: unwritten (NaN-poisoned) elements"
-        err = rel_err(x, r)
-        assert err < TOL[dtype], f"{name}: relative error {err:.3g}"
+    check_grads_of(got, ref, dtype, ("o", "dq", "dk", "dv", "dk_cmp", "dv_cmp"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

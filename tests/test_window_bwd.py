@@ -11,13 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPES, TOL, rel_err
+from conftest import DEVICE, DTYPES, check_grads, rand_inputs
 from nsa_gen.config import Config
 from nsa_gen.kernels import kernel_def
 from nsa_gen.naive import naive_window
 from nsa_gen.ops.window import WindowFunction, window_bwd, window_fwd
 from nsa_gen.spec import load_spec
-
 
 
 def make_spec(G: int, DK: int = 48, DV: int = 32, w: int = 24, H: int = 1):
@@ -26,16 +25,6 @@ def make_spec(G: int, DK: int = 48, DV: int = 32, w: int = 24, H: int = 1):
         heads={"q": G * H, "kv": H}, head_dim={"k": DK, "v": DV},
         compression={"block": 8, "stride": 4, "phi": "mean"},
         selection={"block": 16, "top_n": 4, "initial_blocks": 1, "local_blocks": 2}, window=w)
-
-
-def rand_inputs(spec, B: int, T: int, dtype, seed: int):
-    """q, k, v and an upstream gradient do: fresh seeded normals (never zeros)."""
-    g = torch.Generator().manual_seed(seed)
-    shapes = [(B, T, spec.HQ, spec.DK), (B, T, spec.H, spec.DK), (B, T, spec.H, spec.DV),
-              (B, T, spec.HQ, spec.DV)]
-    return [torch.randn(*s, generator=g).to(DEVICE, dtype) for s in shapes]
-
-
 
 
 def ref_grads(spec, q, k, v, do, cu: list[int] | None = None):
@@ -56,14 +45,6 @@ def run_function(spec, q, k, v, do, config=None, cu: list[int] | None = None):
     o = WindowFunction.apply(q, k, v, spec, None, config, cu_t)
     (o * do).sum().backward()
     return o, q.grad, k.grad, v.grad
-
-
-def check_grads(got, ref, dtype):
-    for name, x, r in zip(("o", "dq", "dk", "dv"), got, ref):
-        assert x.dtype == dtype, name
-        assert not x.isnan().any(), f"{name}: unwritten (NaN-poisoned) elements"
-        err = rel_err(x, r)
-        assert err < TOL[dtype], f"{name}: relative error {err:.3g}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
