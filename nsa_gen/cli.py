@@ -30,13 +30,6 @@ def _dtypes(arg: list[str] | None, spec, device: str):
     return [DTYPES[spec.dtype]]
 
 
-def _cpu_setup(device: str) -> None:
-    if device == "cpu" and not env.interpret():
-        import os
-        # Triton needs its interpreter to run kernels without a GPU; it reads this at launch.
-        os.environ["TRITON_INTERPRET"] = "1"
-
-
 def cmd_specs(args) -> int:
     for name in builtin_specs():
         s = load_spec(name)
@@ -69,7 +62,6 @@ def cmd_generate(args) -> int:
 def cmd_verify(args) -> int:
     from .verify import format_table, verify_spec
     device = _device(args.device)
-    _cpu_setup(device)
     failed = False
     for name in args.spec:
         spec = load_spec(name)
@@ -155,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="nsa-gen: %(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if args.command in ("verify", "build") and \
+            _device(getattr(args, "device", None)) == "cpu" and not env.interpret():
+        # No GPU: kernels run in Triton's interpreter, which must be on before triton loads.
+        env.use_interpreter()
     if getattr(args, "seqlen", "unset") is None:
         args.seqlen = 4096 if _device(getattr(args, "device", None)) == "cuda" else 100
     try:

@@ -22,6 +22,15 @@ def interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def use_interpreter() -> None:
+    """Turn on TRITON_INTERPRET for this process (CPU runs). Triton reads it when it is
+    imported (its standard library is jitted then), so this must run before that."""
+    import sys
+    if "triton" in sys.modules and not interpret():
+        raise RuntimeError("TRITON_INTERPRET must be set before triton is imported")
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
 def log_level() -> str:
     """NSA_GEN_LOG: log level of the `nsa_gen` logger (default WARNING)."""
     return os.environ.get("NSA_GEN_LOG", "WARNING").upper()

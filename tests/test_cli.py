@@ -1,0 +1,36 @@
+"""CLI end to end in fresh processes, as a user on a machine without a GPU runs it."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*args, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user has it
+    env["NSA_GEN_CACHE_DIR"] = str(tmp_path / "cache")
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True,
+                          text=True, timeout=900, env=env, cwd=tmp_path)
+
+
+def test_verify_without_gpu_turns_on_the_interpreter(tmp_path):
+    spec = {"name": "tiny", "heads": {"q": 4, "kv": 2}, "head_dim": {"k": 32, "v": 16},
+            "compression": {"block": 16, "stride": 8}, "selection": {"block": 16, "top_n": 3},
+            "window": 16}
+    p = tmp_path / "tiny.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    r = _run("verify", str(p), "-T", "40", "--dtype", "float32", tmp_path=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| tiny")]
+    kernels = {line.split("|")[2].strip() for line in rows}
+    assert kernels == {"selection_fwd", "topn", "selection_bwd", "compression_fwd", "window_fwd",
+                       "compression_bwd", "window_bwd", "nsa"}
+    assert all("pass" in line for line in rows)
+
+
+def test_unknown_spec_exit_2(tmp_path):
+    r = _run("verify", "no-such-spec", tmp_path=tmp_path)
+    assert r.returncode == 2 and "no such spec" in r.stderr and "Traceback" not in r.stderr
