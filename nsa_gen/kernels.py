@@ -292,17 +292,22 @@ def _bwd_context(spec: NSASpec, cfg: Config, name: str) -> dict:
 
 
 def _cmp_bwd_context(spec: NSASpec, cfg: Config) -> dict:
-    return dict(_bwd_context(spec, cfg, "BLOCK_C"), L=spec.l, D=spec.d)
+    return dict(_bwd_context(spec, cfg, "BLOCK_C"), L=spec.l, D=spec.d,
+                DKV_SPLIT_T=cfg["DKV_SPLIT_T"])
 
 
 def _cmp_bwd_space(spec: NSASpec) -> dict[str, list]:
-    return _bwd_space(spec, "BLOCK_C")
+    # DKV_SPLIT_T: tokens per dk/dv program (0 = all); multiples of every DKV_BLOCK_T.
+    return dict(_bwd_space(spec, "BLOCK_C"), DKV_SPLIT_T=[0, 2048, 4096, 8192, 16384])
 
 
 def _cmp_bwd_default(spec: NSASpec, T: int) -> Config:
     # Fewer compressed blocks than a tile: a smaller dk/dv tile wastes less.
     nc = (T - spec.l) // spec.d + 1 if T >= spec.l else 1
-    return _bwd_default(spec, T, "BLOCK_C", 64, max(16, min(64, next_pow2(nc))))
+    cfg = _bwd_default(spec, T, "BLOCK_C", 64, max(16, min(64, next_pow2(nc))))
+    # No token split by default: the split is unmeasured on a GPU (see benchmarks/RESULTS.md).
+    return Config.make(num_warps=cfg.num_warps, num_stages=cfg.num_stages, DKV_SPLIT_T=0,
+                       **dict(cfg.params))
 
 
 def _cmp_bwd_smem(spec: NSASpec, cfg: Config) -> int:

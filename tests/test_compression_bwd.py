@@ -90,11 +90,14 @@ def test_compression_bwd(G, dtype, poison):
 # BLOCK_T against d decides whether dq tiles have an edge phase, BLOCK_C against NC whether
 # there is a body; DKV_BLOCK_C * d against DKV_BLOCK_T how long the dk/dv edge is, and
 # DKV_BLOCK_C against NC whether the last block tile is cut short.
+# DKV_SPLIT_T > 0 cuts the dk/dv token loop into ranges summed as fp32 partials; tiny splits
+# here (the tuned space starts at 2048) so that several ranges, edges included, are exercised.
 CONFIGS = [
-    dict(BLOCK_T=16, BLOCK_C=16, DKV_BLOCK_C=16, DKV_BLOCK_T=16),
-    dict(BLOCK_T=4, BLOCK_C=32, DKV_BLOCK_C=64, DKV_BLOCK_T=1),
-    dict(BLOCK_T=1, BLOCK_C=16, DKV_BLOCK_C=16, DKV_BLOCK_T=4),
-    dict(BLOCK_T=64, BLOCK_C=64, DKV_BLOCK_C=32, DKV_BLOCK_T=32),
+    dict(BLOCK_T=16, BLOCK_C=16, DKV_BLOCK_C=16, DKV_BLOCK_T=16, DKV_SPLIT_T=0),
+    dict(BLOCK_T=4, BLOCK_C=32, DKV_BLOCK_C=64, DKV_BLOCK_T=1, DKV_SPLIT_T=0),
+    dict(BLOCK_T=1, BLOCK_C=16, DKV_BLOCK_C=16, DKV_BLOCK_T=4, DKV_SPLIT_T=16),
+    dict(BLOCK_T=64, BLOCK_C=64, DKV_BLOCK_C=32, DKV_BLOCK_T=32, DKV_SPLIT_T=32),
+    dict(BLOCK_T=16, BLOCK_C=16, DKV_BLOCK_C=16, DKV_BLOCK_T=8, DKV_SPLIT_T=8),
 ]
 
 
@@ -109,7 +112,8 @@ def test_compression_bwd_tiles(cfg, l, d, poison):  # noqa: E741
     G = max(1, 16 // min(cfg["BLOCK_T"], cfg["DKV_BLOCK_T"]))
     spec = make_spec(G, DK=32, DV=48, l=l, d=d)
     config = Config.make(num_warps=4, num_stages=2, **cfg)
-    assert kernel_def("compression_bwd").valid(spec, config)
+    if not cfg["DKV_SPLIT_T"]:
+        assert kernel_def("compression_bwd").valid(spec, config)
     B, T = 1, 83
     q, k, v, do = rand_inputs(spec, B, T, torch.float32, seed=l + d)
     ref = ref_grads(spec, q, k, v, do)
@@ -139,12 +143,13 @@ def test_compression_bwd_varlen(G, dtype, poison):
     spec = make_spec(G, H=2)
     cu = [0, 37, 42, 83]
     q, k, v, do = rand_inputs(spec, 1, cu[-1], dtype, seed=30 + G)
-    config = Config.make(BLOCK_T=16 // G, BLOCK_C=16, DKV_BLOCK_C=16, DKV_BLOCK_T=16 // G,
-                         num_warps=4, num_stages=2)
-    got = run_function(spec, q, k, v, do, config, cu)
     ref = ref_grads(spec, q, k, v, do, cu)
-    check_grads([got[0]] + list(got[2:]), ref, dtype)
-    assert (got[2][:, 37:42] == 0).all()
+    for split in (0, 16):  # 16: split ranges cross sequences' ends and straddle their starts
+        config = Config.make(BLOCK_T=16 // G, BLOCK_C=16, DKV_BLOCK_C=16, DKV_BLOCK_T=16 // G,
+                             DKV_SPLIT_T=split, num_warps=4, num_stages=2)
+        got = run_function(spec, q, k, v, do, config, cu)
+        check_grads([got[0]] + list(got[2:]), ref, dtype)
+        assert (got[2][:, 37:42] == 0).all()
 
 
 def test_cmp_tile_table():

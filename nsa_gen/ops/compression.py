@@ -153,8 +153,23 @@ def compression_bwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, o
     mod.nsa_compression_bwd_kernel[(tiles.shape[0], spec.H)](
         q, k_cmp, v_cmp, do, lse, delta, dq, tiles, DOT_PRECISION=prec, **opts)
     cmp_tiles = cmp_tile_table(cu_seqlens, B, T, config["DKV_BLOCK_C"], spec.l, spec.d, q.device)
-    mod.nsa_compression_bwd_dkv_kernel[(cmp_tiles.shape[0], spec.H)](
-        q, k_cmp, v_cmp, do, lse, delta, dk_cmp, dv_cmp, cmp_tiles, DOT_PRECISION=prec, **opts)
+    split = config.get("DKV_SPLIT_T", 0)
+    if not split:
+        mod.nsa_compression_bwd_dkv_kernel[(cmp_tiles.shape[0], spec.H, 1)](
+            q, k_cmp, v_cmp, do, lse, delta, dk_cmp, dv_cmp, cmp_tiles, B * NC,
+            DOT_PRECISION=prec, **opts)
+        return dq, dk_cmp, dv_cmp
+    # Token-range splits write fp32 partials, summed in split order: deterministic. A
+    # sequence has at most T tokens, so ceil(T / split) splits cover it; a split past its
+    # sequence's end writes zeros (its loops are empty).
+    n_split = -(-T // split)
+    dk_part = torch.empty((n_split, *k_cmp.shape), device=q.device, dtype=torch.float32)
+    dv_part = torch.empty((n_split, *v_cmp.shape), device=q.device, dtype=torch.float32)
+    mod.nsa_compression_bwd_dkv_kernel[(cmp_tiles.shape[0], spec.H, n_split)](
+        q, k_cmp, v_cmp, do, lse, delta, dk_part, dv_part, cmp_tiles, B * NC,
+        DOT_PRECISION=prec, **opts)
+    dk_cmp.copy_(dk_part.sum(0))
+    dv_cmp.copy_(dv_part.sum(0))
     return dq, dk_cmp, dv_cmp
 
 
