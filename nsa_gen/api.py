@@ -85,9 +85,10 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor |
     o = None
 
     def add(g, x):
+        # In place after the first branch: one [B, T, HQ, DV] buffer instead of a product
+        # and a sum per branch (autograd keeps what it needs: g and x, not o).
         nonlocal o
-        term = g.unsqueeze(-1) * x
-        o = term if o is None else o + term
+        o = g.unsqueeze(-1) * x if o is None else o.addcmul_(g.unsqueeze(-1), x)
 
     if g_cmp is not None or g_slc is not None:
         k_cmp, cu_cmp = compress(pairs["cmp"][0], spec, mlp_k, cu_seqlens)
