@@ -25,6 +25,7 @@ MAX_HEADS = 1024
 MAX_BLOCK = 4096
 MAX_TOP_N = 256
 MAX_WINDOW = 1 << 20
+MAX_BLOCK_RATIO = 16
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "specs"
@@ -258,6 +259,10 @@ def _parse(data: Any) -> NSASpec:
         raise SpecError("selection.block", f"must be divisible by compression.stride ({bs} % {d} != 0)")
     if l > bs:
         raise SpecError("compression.block", f"must be <= selection.block ({l} > {bs})")
+    if bs // d > MAX_BLOCK_RATIO:
+        # top-n scores BS/d compressed blocks per selection block inside one tile
+        raise SpecError("selection.block", f"selection.block / compression.stride must be <= "
+                        f"{MAX_BLOCK_RATIO}, got {bs // d}")
     n = _int(sm, "top_n", "selection.", lo=1, hi=MAX_TOP_N)
     init = _int(sm, "initial_blocks", "selection.", lo=0, hi=MAX_TOP_N, default=1)
     local = _int(sm, "local_blocks", "selection.", lo=0, hi=MAX_TOP_N, default=2)

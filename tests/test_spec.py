@@ -63,6 +63,7 @@ BAD = [
     ("compression.block", -32, "compression.block", "must be in [1"),
     ("compression.block", 128, "compression.block", "<= selection.block"),
     ("selection.block", 48, "selection.block", "power of two"),
+    ("compression", {"block": 2, "stride": 2}, "selection.block", "must be <= 16"),
     ("selection.top_n", 2, "selection.top_n", ">= initial_blocks + local_blocks"),
     ("selection.initial_blocks", -1, "selection.initial_blocks", "must be in [0"),
     ("compression.phi", "max", "compression.phi", "must be one of mean, mlp"),
