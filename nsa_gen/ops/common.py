@@ -42,8 +42,9 @@ def check_qkv(spec: NSASpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return B, T
 
 
-def seq_start(cu_seqlens: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor | None:
-    """For packed batches: int32 [T], the row of the first token of each token's sequence."""
+def check_seqlens(cu_seqlens: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor | None:
+    """Validate packed-sequence offsets (int32/int64 [N+1], 0 .. T, non-decreasing, B = 1);
+    returns them as int64 on `device`, or None for a plain batch."""
     if cu_seqlens is None:
         return None
     check(B == 1, f"cu_seqlens needs B == 1 (packed sequences), got B = {B}")
@@ -53,9 +54,16 @@ def seq_start(cu_seqlens: torch.Tensor | None, B: int, T: int, device) -> torch.
     cu = cu_seqlens.to(device=device, dtype=torch.int64)
     check(cu.numel() >= 2 and int(cu[0]) == 0 and int(cu[-1]) == T,
           f"cu_seqlens must start at 0 and end at T = {T}")
-    lens = cu[1:] - cu[:-1]
-    check(bool((lens >= 0).all()), "cu_seqlens must be non-decreasing")
-    return torch.repeat_interleave(cu[:-1], lens).to(torch.int32)
+    check(bool((cu[1:] >= cu[:-1]).all()), "cu_seqlens must be non-decreasing")
+    return cu
+
+
+def seq_start(cu_seqlens: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor | None:
+    """For packed batches: int32 [T], the row of the first token of each token's sequence."""
+    cu = check_seqlens(cu_seqlens, B, T, device)
+    if cu is None:
+        return None
+    return torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=T).to(torch.int32)
 
 
 def launch_options(config) -> dict:

@@ -6,8 +6,8 @@ import torch
 from ..config import Config
 from ..kernels import kernel_def, kernel_fn, kernel_module
 from ..spec import NSASpec
-from .common import (check, check_tensor, cmp_seqlens, cmp_tile_table, dot_precision,
-                     launch_options, num_cmp_blocks, outputs, seq_start, tile_table)
+from .common import (check, check_seqlens, check_tensor, cmp_seqlens, cmp_tile_table,
+                     dot_precision, launch_options, num_cmp_blocks, outputs, tile_table)
 
 
 def compress_mean(x: torch.Tensor, l: int, d: int,  # noqa: E741 - the paper's names
@@ -40,8 +40,7 @@ def compress_mean(x: torch.Tensor, l: int, d: int,  # noqa: E741 - the paper's n
         x_cmp = chunks.unfold(1, m, 1).sum(-1) / l  # [B, NC, H, D]
         return x_cmp.to(x.dtype), None
 
-    seq_start(cu_seqlens, B, T, x.device)  # validates cu_seqlens
-    cu = cu_seqlens.to(device=x.device, dtype=torch.int64)
+    cu = check_seqlens(cu_seqlens, B, T, x.device)
     cu_cmp = cmp_seqlens(cu, l, d)
     n_cmp = (cu_cmp[1:] - cu_cmp[:-1]).to(torch.int64)
     NC = int(cu_cmp[-1])
@@ -74,7 +73,7 @@ def _check_cmp_inputs(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
         NC = num_cmp_blocks(T, spec.l, spec.d)
         check_tensor("k_cmp", k_cmp, (B, NC, spec.H, spec.DK), like=q)
     else:
-        seq_start(cu_seqlens, B, T, q.device)  # validates cu_seqlens
+        check_seqlens(cu_seqlens, B, T, q.device)
         cu_cmp = cmp_seqlens(cu_seqlens.to(q.device), spec.l, spec.d)
         if cu_seqlens_cmp is not None:
             check(torch.equal(cu_seqlens_cmp.to(cu_cmp), cu_cmp),

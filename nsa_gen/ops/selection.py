@@ -6,7 +6,8 @@ import torch
 from ..config import Config
 from ..kernels import kernel_def, kernel_fn, kernel_module, next_pow2
 from ..spec import NSASpec
-from .common import check_qkv, check_tensor, launch_options, seq_start, tile_table
+from .common import (check_qkv, check_seqlens, check_tensor, launch_options, seq_start,
+                     tile_table)
 
 
 def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
@@ -50,7 +51,7 @@ def topn(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, spec: NSAS
     check_tensor("k_cmp", k_cmp, (B, None, spec.H, spec.DK), like=q)
     check_tensor("lse_cmp", lse_cmp, (B, T, spec.HQ), dtypes=(torch.float32,))
     config = config or kernel_def("topn").default(spec, T)
-    seq_start(cu_seqlens, B, T, q.device)  # validates cu_seqlens
+    check_seqlens(cu_seqlens, B, T, q.device)
     q, k_cmp, lse_cmp = q.contiguous(), k_cmp.contiguous(), lse_cmp.contiguous()
     idx = torch.empty(B, T, spec.H, spec.S, device=q.device, dtype=torch.int32)
     if B * T == 0:

@@ -6,8 +6,8 @@ import torch
 from ..config import Config
 from ..kernels import kernel_def, kernel_fn, kernel_module
 from ..spec import NSASpec
-from .common import (check_qkv, check_tensor, dot_precision, launch_options, outputs, seq_start,
-                     tile_table)
+from .common import (check_qkv, check_seqlens, check_tensor, dot_precision, launch_options,
+                     outputs, tile_table)
 
 
 def window_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: NSASpec,
@@ -24,7 +24,7 @@ def window_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: NSASpec,
     B, T = check_qkv(spec, q, k, v)
     config = config or kernel_def("window_fwd").default(spec, T)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    seq_start(cu_seqlens, B, T, q.device)  # validates cu_seqlens
+    check_seqlens(cu_seqlens, B, T, q.device)
     o, lse = outputs(out, (B, T, spec.HQ, spec.DV), (B, T, spec.HQ), q)
     if B * T == 0:
         return o, lse
@@ -52,7 +52,7 @@ def window_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tenso
     check_tensor("lse", lse, (B, T, spec.HQ), dtypes=(torch.float32,))
     config = config or kernel_def("window_bwd").default(spec, T)
     q, k, v, do, lse = (x.contiguous() for x in (q, k, v, do, lse))
-    seq_start(cu_seqlens, B, T, q.device)  # validates cu_seqlens
+    check_seqlens(cu_seqlens, B, T, q.device)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=q.device, dtype=q.dtype)
     dv = torch.empty(v.shape, device=q.device, dtype=q.dtype)
