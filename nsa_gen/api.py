@@ -6,6 +6,7 @@ from typing import Callable
 import torch
 
 from .config import Config
+from .db.dispatch import default_dispatcher
 from .ops.common import check, check_tensor
 from .ops.compression import CompressionFunction, compress_mean
 from .ops.selection import SelectionFunction, topn
@@ -16,13 +17,7 @@ KV = tuple[torch.Tensor, torch.Tensor]
 
 
 def _configs(spec: NSASpec, T: int, B: int, dispatcher) -> Callable[[str], Config]:
-    if dispatcher is None:
-        try:
-            from .db.dispatch import default_dispatcher
-            dispatcher = default_dispatcher()
-        except ImportError:  # a build without the tuning DB: heuristics only
-            from .kernels import kernel_def
-            return lambda stem: kernel_def(stem).default(spec, T)
+    dispatcher = dispatcher or default_dispatcher()
     return lambda stem: dispatcher.get(stem, spec, T, B)
 
 

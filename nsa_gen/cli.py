@@ -9,8 +9,6 @@ from pathlib import Path
 from . import __version__, env
 from .spec import SpecError, builtin_specs, load_spec
 
-log = logging.getLogger("nsa_gen")
-
 
 def _device(arg: str | None) -> str:
     import torch
@@ -83,12 +81,8 @@ def cmd_build(args) -> int:
                            device=None, kernels=None, seed=0)
     rc |= cmd_verify(a)
     if torch.cuda.is_available() and not args.no_tune:
-        try:
-            from .tuning.commands import run_tune_all
-        except ImportError:
-            log.warning("tuning is not available in this build; skipped")
-        else:
-            rc |= run_tune_all(builtin_specs(), trials=args.trials)
+        from .tuning.commands import run_tune_all
+        rc |= run_tune_all(builtin_specs(), trials=args.trials)
     elif not torch.cuda.is_available():
         print("no GPU here: tuning skipped (kernels were verified in Triton's interpreter)")
     return rc
@@ -131,28 +125,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-tune", action="store_true")
     s.set_defaults(func=cmd_build)
 
-    try:
-        from .benchmark import register as register_bench
-        register_bench(sub)
-    except ImportError:
-        pass
-    try:
-        from .tuning.commands import register as register_tuning
-        register_tuning(sub)
-    except ImportError:
-        pass
+    from .benchmark import register as register_bench
+    from .tuning.commands import register as register_tuning
+    register_bench(sub)
+    register_tuning(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="nsa-gen: %(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
-    if args.command in ("verify", "build") and \
-            _device(getattr(args, "device", None)) == "cpu" and not env.interpret():
-        # No GPU: kernels run in Triton's interpreter, which must be on before triton loads.
-        env.use_interpreter()
-    if getattr(args, "seqlen", "unset") is None:
-        args.seqlen = 4096 if _device(getattr(args, "device", None)) == "cuda" else 100
+    if args.command in ("verify", "build"):
+        device = _device(getattr(args, "device", None))
+        if device == "cpu" and not env.interpret():
+            # No GPU: kernels run in Triton's interpreter, which must be on before triton loads.
+            env.use_interpreter()
+        if args.seqlen is None:
+            args.seqlen = 4096 if device == "cuda" else 100
     try:
         return int(args.func(args) or 0)
     except SpecError as e:
