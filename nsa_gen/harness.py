@@ -77,6 +77,14 @@ def _qkv(spec: NSASpec, B: int, T: int, dtype, device, gen) -> tuple:
     return rnd(B, T, spec.HQ, spec.DK), rnd(B, T, spec.H, spec.DK), rnd(B, T, spec.H, spec.DV)
 
 
+def _random_indices(spec: NSASpec, B: int, T: int, device, gen) -> torch.Tensor:
+    """Realistic block indices (forced blocks, -1 padding): the reference top-n of random
+    scores. int32 [B, T, H, S] on `device`."""
+    rnd = torch.rand(B, T, spec.H, -(-T // spec.BS), generator=gen)
+    idx = naive.naive_topn(rnd, spec.BS, spec.S, spec.initial_blocks, spec.local_blocks)
+    return idx.to(device=device, dtype=torch.int32)
+
+
 def _cmp_lse(q, k_cmp, spec: NSASpec) -> torch.Tensor:
     """Log-sum-exp of the compressed attention's logits (-inf where no block is visible)."""
     G, T, NC = spec.G, q.shape[1], k_cmp.shape[1]
@@ -131,11 +139,7 @@ def make_case(stem: str, spec: NSASpec, T: int, *, B: int = 1, dtype: torch.dtyp
     scale = spec.softmax_scale
 
     if stem == "selection_fwd":
-        # Realistic indices (forced blocks, -1 padding) from the reference top-n on random scores.
-        NS = -(-T // spec.BS)
-        rnd = torch.rand(B, T, spec.H, NS, generator=gen)
-        idx = naive.naive_topn(rnd, spec.BS, spec.S, spec.initial_blocks, spec.local_blocks)
-        idx = idx.to(device=device, dtype=torch.int32)
+        idx = _random_indices(spec, B, T, device, gen)
         return Case(stem, spec, B, T, dtype, device, dict(q=q, k=k, v=v, block_indices=idx),
                     lambda c: selection.selection_fwd(q, k, v, idx, spec, c),
                     lambda: (naive.naive_selection(*_f32(q, k, v), idx.long(), spec.BS, scale),),
@@ -222,10 +226,7 @@ def _bwd_case(stem, spec, B, T, dtype, device, gen, q, k, v) -> Case:
         return max(rel_error(o, r) for o, r in zip(outs, refs))
 
     if stem == "selection_bwd":
-        NS = -(-T // spec.BS)
-        rnd = torch.rand(B, T, spec.H, NS, generator=gen)
-        idx = naive.naive_topn(rnd, spec.BS, spec.S, spec.initial_blocks, spec.local_blocks)
-        idx = idx.to(device=device, dtype=torch.int32)
+        idx = _random_indices(spec, B, T, device, gen)
         o, lse = selection.selection_fwd(q, k, v, idx, spec)
         return Case(stem, spec, B, T, dtype, device, dict(q=q, k=k, v=v, block_indices=idx, do=do),
                     lambda c: selection.selection_bwd(q, k, v, o, lse, do, idx, spec, c),

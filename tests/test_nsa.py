@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from conftest import rel_err as rel
 from conftest import shrink
 from nsa_gen import naive
 from nsa_gen.api import NativeSparseAttention, nsa, reference_nsa
@@ -37,8 +38,6 @@ def grads_of(fn, tensors, do):
     return out.detach(), [t.grad.clone() for t in tensors]
 
 
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("G", [1, 4, 16])
