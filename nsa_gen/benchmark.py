@@ -125,6 +125,7 @@ def bench_spec(spec: NSASpec, seqlens: list[int], *, dtype=torch.bfloat16, backw
         row["compress"] = _bench(lambda: (compress_mean(k, spec.l, spec.d), compress_mean(v, spec.l, spec.d)))
         o_cmp, lse = compression_fwd(q, k_cmp, v_cmp, spec, cfg("compression_fwd"))
         row["compression_fwd"] = _bench(lambda: compression_fwd(q, k_cmp, v_cmp, spec, cfg("compression_fwd")))
+        idx = None
         if spec.has("slc"):
             idx = topn(q, k_cmp, lse, spec, cfg("topn"))
             row["topn"] = _bench(lambda: topn(q, k_cmp, lse, spec, cfg("topn")))
@@ -138,7 +139,7 @@ def bench_spec(spec: NSASpec, seqlens: list[int], *, dtype=torch.bfloat16, backw
             try:
                 row["nsa_gen_fb"] = _bench(_with_backward(
                     lambda: api.nsa(*leaves, *gl, spec=spec), leaves + [g for g in gl if g is not None]))
-                _bench_bwd_kernels(row, spec, cfg, q, k, v, k_cmp, v_cmp)
+                _bench_bwd_kernels(row, spec, cfg, q, k, v, k_cmp, v_cmp, o_cmp, lse, idx)
             except Exception as e:  # keep the forward numbers and the baselines
                 row["nsa_gen_fb_error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 log(f"{spec.name} T={T}: backward failed: {row['nsa_gen_fb_error']}")
@@ -175,17 +176,16 @@ def bench_spec(spec: NSASpec, seqlens: list[int], *, dtype=torch.bfloat16, backw
     return rows
 
 
-def _bench_bwd_kernels(row, spec, cfg, q, k, v, k_cmp, v_cmp) -> None:
-    """Each backward launcher alone, on the forward's outputs and a random upstream grad."""
-    from .ops.compression import compression_bwd, compression_fwd
-    from .ops.selection import selection_bwd, selection_fwd, topn
+def _bench_bwd_kernels(row, spec, cfg, q, k, v, k_cmp, v_cmp, o_cmp, lse, idx) -> None:
+    """Each backward launcher alone, on the forward's outputs (o_cmp, lse, idx as
+    bench_spec computed them) and a random upstream grad."""
+    from .ops.compression import compression_bwd
+    from .ops.selection import selection_bwd, selection_fwd
     from .ops.window import window_bwd, window_fwd
-    o, lse = compression_fwd(q, k_cmp, v_cmp, spec, cfg("compression_fwd"))
-    do = torch.randn_like(o)
-    row["compression_bwd"] = _bench(lambda: compression_bwd(q, k_cmp, v_cmp, o, lse, do, spec,
+    do = torch.randn_like(o_cmp)
+    row["compression_bwd"] = _bench(lambda: compression_bwd(q, k_cmp, v_cmp, o_cmp, lse, do, spec,
                                                             cfg("compression_bwd")))
-    if spec.has("slc"):
-        idx = topn(q, k_cmp, lse, spec, cfg("topn"))
+    if idx is not None:
         o_s, lse_s = selection_fwd(q, k, v, idx, spec, cfg("selection_fwd"))
         row["selection_bwd"] = _bench(lambda: selection_bwd(q, k, v, o_s, lse_s, do, idx, spec,
                                                             cfg("selection_bwd")))
