@@ -1,6 +1,7 @@
 """Autotuning on the CPU: search space and static pruning, the Optuna tuner with an
-injected fake runner/timer (minimum found, failures recorded, seeding, resume), the trial
-executor and its worker process (crash, hang), and the `tune` subcommand's CPU guard."""
+injected fake runner/timer (minimum found, failures recorded, seeding, resume), rounds of
+prewarmed configs with a fake prewarm, the trial executor and its worker process (crash,
+hang), and the `tune` subcommand's CPU guard."""
 from __future__ import annotations
 
 import argparse
@@ -74,18 +75,22 @@ def cost(c: Config) -> float:
 
 
 class FakeRunner:
-    """Measures `cost` through an injected fake timer; configs in `fail` fail as given."""
+    """Measures `cost` through an injected fake timer; configs in `fail` fail as given, and
+    so does the n-th call (from 1) for n in `fail_call`. Appends ("run", config) to `events`."""
 
-    def __init__(self, fail=None, interrupt_at=None):
+    def __init__(self, fail=None, interrupt_at=None, fail_call=None, events=None):
         self.calls: list[Config] = []
         self.fail = fail or {}
+        self.fail_call = fail_call or {}
         self.interrupt_at = interrupt_at
+        self.events = events if events is not None else []
 
     def __call__(self, req: TrialRequest) -> TrialResult:
         self.calls.append(req.config)
+        self.events.append(("run", req.config))
         if self.interrupt_at is not None and len(self.calls) == self.interrupt_at:
             raise KeyboardInterrupt
-        what = self.fail.get(req.config)
+        what = self.fail_call.get(len(self.calls)) or self.fail.get(req.config)
         if what == "raise":
             raise RuntimeError("runner blew up")
         if what:
@@ -217,6 +222,138 @@ def test_trials_left_running_by_a_killed_run_are_retried(spec, tmp_path):
     assert runner.calls[0] == Config.from_dict(orphan.params) and len(runner.calls) == 3
 
 
+# ----------------------------------------------------------------------------- rounds and prewarm
+
+class FakePrewarm:
+    """Records each round it is asked to compile; appends ("warm", configs) to `events`."""
+
+    def __init__(self, events=None, raise_=None):
+        self.rounds: list[list[Config]] = []
+        self.events = events if events is not None else []
+        self.raise_ = raise_
+
+    def __call__(self, reqs):
+        cfgs = [r.config for r in reqs]
+        self.rounds.append(cfgs)
+        self.events.append(("warm", cfgs))
+        if self.raise_ is not None:
+            raise self.raise_
+        return {c: None for c in cfgs}
+
+
+def rounds_of(events):
+    """The runs of `events` grouped by the prewarm round before them: [(warmed, run)]."""
+    out = []
+    for kind, x in events:
+        if kind == "warm":
+            out.append((x, []))
+        else:
+            assert out, "a config was measured before any round was prewarmed"
+            out[-1][1].append(x)
+    return out
+
+
+def test_rounds_are_prewarmed_then_measured_in_order(spec, tmp_path):
+    events = []
+    runner, warm = FakeRunner(events=events), FakePrewarm(events)
+    r = make_tuner(spec, tmp_path, runner, jobs=4, prewarm=warm).tune(STEM, 4096, n_trials=10)
+    assert [len(x) for x in warm.rounds] == [4, 4, 2]
+    assert r.measured == 10 == len(runner.calls) == len(set(runner.calls))
+    # Each round's configs are all compiled before the first of them is measured, and
+    # measured in the order asked.
+    assert all(warmed == run for warmed, run in rounds_of(events))
+    assert runner.calls[0] == KD.default(spec, 4096)  # the seed comes in the first round
+
+
+def test_rounds_exhaust_a_small_space_once_each(spec, tmp_path):
+    keep, _ = pruned_space(STEM, spec, A10)
+    runner, warm = FakeRunner(), FakePrewarm()
+    r = make_tuner(spec, tmp_path, runner, device=A10, jobs=5, prewarm=warm).tune(
+        STEM, 1024, n_trials=100)
+    assert sorted(runner.calls, key=str) == sorted(keep, key=str)  # each once, all of them
+    sizes = [5] * (len(keep) // 5) + [len(keep) % 5]
+    assert [len(x) for x in warm.rounds] == [n for n in sizes if n > 1]  # a round of 1: no prewarm
+    assert r.entry.config == min(keep, key=cost)
+
+
+def test_one_job_never_prewarms(spec, tmp_path):
+    warm = FakePrewarm()
+    make_tuner(spec, tmp_path, FakeRunner(), jobs=1, prewarm=warm).tune(STEM, 4096, n_trials=5)
+    assert warm.rounds == []
+    cpu = make_tuner(spec, tmp_path, FakeRunner())
+    assert cpu.jobs == 1  # the CPU default
+    from nsa_gen.tuning.prewarm import default_jobs
+    gpu = Tuner(spec, db=TuningDB(tmp_path / "db"), device=H200, runner=FakeRunner(),
+                storage="memory", torch_device="cuda", progress=False)
+    assert gpu.jobs == default_jobs()
+    with pytest.raises(ValueError):
+        make_tuner(spec, tmp_path, FakeRunner(), jobs=0)
+
+
+def test_failed_prewarm_does_not_stop_the_trials(spec, tmp_path, caplog):
+    runner, warm = FakeRunner(), FakePrewarm(raise_=RuntimeError("pool broke"))
+    with caplog.at_level(logging.WARNING, logger="nsa_gen"):
+        r = make_tuner(spec, tmp_path, runner, jobs=3, prewarm=warm).tune(STEM, 4096, n_trials=6)
+    assert r.measured == 6 and len(runner.calls) == 6 and "pool broke" in caplog.text
+
+
+def _states(url, r):
+    study = optuna.load_study(study_name=r, storage=url)
+    return study, [(t.state, t.user_attrs.get("status")) for t in study.trials]
+
+
+def test_setup_failure_mid_round_leaves_the_rest_retryable(spec, tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    name = study_name(TuneKey.make(H200, STEM, spec, 4096), spec)
+    events = []
+    broken, warm = FakeRunner(fail_call={2: SETUP_FAILED}, events=events), FakePrewarm(events)
+    r = make_tuner(spec, tmp_path, broken, storage=url, jobs=4, prewarm=warm).tune(
+        STEM, 4096, n_trials=10)
+    first_round = warm.rounds[0]
+    assert len(warm.rounds) == 1 and len(first_round) == 4
+    assert broken.calls == first_round[:2]  # the shape stopped at the setup failure
+    assert r.entry is not None and r.entry.config == first_round[0]
+    study, states = _states(url, name)
+    assert not any(s == optuna.trial.TrialState.RUNNING for s, _ in states)
+    told = {Config.from_dict(t.params): t.user_attrs.get("status") for t in study.trials
+            if t.user_attrs.get("status") not in ("repeat", "pruned")}
+    assert told == {first_round[0]: OK, first_round[1]: SETUP_FAILED,
+                    first_round[2]: "interrupted", first_round[3]: "interrupted"}
+    # A resumed run retries the setup failure and the two unmeasured configs, first, and
+    # never measures the good one again.
+    fixed = FakeRunner()
+    r = make_tuner(spec, tmp_path, fixed, storage=url, jobs=4, prewarm=FakePrewarm()).tune(
+        STEM, 4096, n_trials=10)
+    assert fixed.calls[:3] == first_round[1:]
+    assert first_round[0] not in fixed.calls and len(fixed.calls) == len(set(fixed.calls)) == 9
+    assert r.measured == 10 and r.failed == 0
+
+
+@pytest.mark.parametrize("where", ["trial", "prewarm"])
+def test_ctrl_c_mid_round_leaves_nothing_running(spec, tmp_path, where):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    name = study_name(TuneKey.make(H200, STEM, spec, 4096), spec)
+    if where == "trial":
+        first, warm = FakeRunner(interrupt_at=6), FakePrewarm()  # the 2nd of round 2
+    else:
+        first, warm = FakeRunner(), FakePrewarm(raise_=KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        make_tuner(spec, tmp_path, first, storage=url, jobs=4, prewarm=warm).tune(
+            STEM, 4096, n_trials=12)
+    study, states = _states(url, name)
+    assert not any(s == optuna.trial.TrialState.RUNNING for s, _ in states)
+    cut = warm.rounds[-1][1:] if where == "trial" else warm.rounds[-1]
+    interrupted = [Config.from_dict(t.params) for t in study.trials
+                   if t.user_attrs.get("status") == "interrupted"]
+    assert interrupted == cut
+    second = FakeRunner()
+    r = make_tuner(spec, tmp_path, second, storage=url, jobs=4, prewarm=FakePrewarm()).tune(
+        STEM, 4096, n_trials=12)
+    done = first.calls[:-1] if where == "trial" else []
+    assert second.calls[:len(cut)] == cut and not set(done) & set(second.calls)
+    assert r.measured == 12 and len(second.calls) == 12 - len(done)
+
+
 # ----------------------------------------------------------------------------- trial executor
 
 class BehaviourCase:
@@ -322,6 +459,30 @@ def test_tune_cli_on_the_interpreter(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "cache" / "tuning" / "optuna.db").exists()  # default storage
     assert _cli(["tune", "mqa", "--kernels", "nope", "--db", str(tmp_path)]) == 2
     assert _cli(["tune", "no-such-spec", "--db", str(tmp_path)]) == 2
+    assert _cli(["tune", "mqa", "--jobs", "0", "--db", str(tmp_path)]) == 2
+
+
+def test_tune_cli_jobs_reach_the_prewarm(tmp_path, capsys, monkeypatch):
+    from nsa_gen.tuning import prewarm
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("NSA_GEN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(tuner_mod, "WorkerRunner", lambda timer, timeout_s: FakeRunner())
+    made = []
+
+    class Pool(FakePrewarm):
+        def __init__(self, jobs, timeout_s):
+            super().__init__()
+            self.jobs, self.closed = jobs, False
+            made.append(self)
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(prewarm, "Prewarmer", Pool)
+    rc = _cli(["tune", "mqa", "--kernels", STEM, "--seqlens", "256", "--trials", "5",
+               "--jobs", "3", "--storage", "memory", "--db", str(tmp_path / "db"), "--no-progress"])
+    assert rc == 0 and len(made) == 1 and made[0].jobs == 3 and made[0].closed
+    assert [len(x) for x in made[0].rounds] == [3, 2]
 
 
 # ----------------------------------------------------------------------------- end to end

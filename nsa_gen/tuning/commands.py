@@ -60,6 +60,10 @@ def register(subparsers) -> None:
                    help="tuning DB directory to write (default: NSA_GEN_DB, else the shipped DB)")
     t.add_argument("--timeout", type=float, default=300.0, help="seconds per trial (default 300)")
     t.add_argument("--seed", type=int, default=0, help="sampler and input seed (default 0)")
+    t.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="configs compiled in parallel before each round of trials (default "
+                        "on a GPU: half the CPU cores, at most 8; on the interpreter 1; "
+                        "1 compiles each config in its own trial)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_tune)
 
@@ -130,12 +134,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if skipped:
         _err(f"nsa-gen tune: spec {spec.name!r} does not use {', '.join(skipped)}")
         return 2
-    if args.trials < 1 or args.batch < 1:
-        _err("nsa-gen tune: --trials and --batch must be >= 1")
+    if args.trials < 1 or args.batch < 1 or (args.jobs is not None and args.jobs < 1):
+        _err("nsa-gen tune: --trials, --batch and --jobs must be >= 1")
         return 2
     return tune_spec(spec, stems, args.seqlens, batch=args.batch, trials=args.trials,
                      storage=args.storage, db_dir=args.db, timeout_s=args.timeout,
-                     seed=args.seed, progress=not args.no_progress)
+                     seed=args.seed, progress=not args.no_progress, jobs=args.jobs)
 
 
 def _tuning_device():
@@ -153,9 +157,10 @@ def _tuning_device():
 
 def tune_spec(spec, stems: list[str], seqlens: list[int], *, batch: int = 1, trials: int = 40,
               storage: str | None = None, db_dir: Path | None = None, timeout_s: float = 300.0,
-              seed: int = 0, progress: bool = True) -> int:
+              seed: int = 0, progress: bool = True, jobs: int | None = None) -> int:
     """Tune kernels `stems` of `spec` at each T in `seqlens` (batch `batch`) on this machine's
-    GPU and write the winners to `db_dir` (default: NSA_GEN_DB, else the shipped DB).
+    GPU and write the winners to `db_dir` (default: NSA_GEN_DB, else the shipped DB),
+    compiling `jobs` configs at a time (None: the Tuner's default).
     Returns an exit code: 0 all tuned, 1 some shape had no working config, 2 cannot tune
     here, 130 interrupted (rerun to resume)."""
     from ..db import TuningDB, shipped_db_dir
@@ -173,7 +178,7 @@ def tune_spec(spec, stems: list[str], seqlens: list[int], *, batch: int = 1, tri
     try:
         with Tuner(spec, db=TuningDB(db_dir), device=device, storage=storage,
                    torch_device=torch_device, seed=seed, progress=progress,
-                   timeout_s=timeout_s) as tuner:
+                   timeout_s=timeout_s, jobs=jobs) as tuner:
             for stem in stems:
                 for T in sorted(seqlens):
                     r = tuner.tune(stem, T, batch, trials)
@@ -201,7 +206,8 @@ def tune_spec(spec, stems: list[str], seqlens: list[int], *, batch: int = 1, tri
 
 
 def run_tune_all(specs: list[str], *, trials: int = 40, seqlens=DEFAULT_SEQLENS,
-                 db_dir: Path | None = None, progress: bool = True) -> int:
+                 db_dir: Path | None = None, progress: bool = True,
+                 jobs: int | None = None) -> int:
     """Tune every kernel each of `specs` (names or paths) uses, at `seqlens` (the `build`
     job's tuning step). Returns the worst exit code."""
     rc = 0
@@ -209,7 +215,7 @@ def run_tune_all(specs: list[str], *, trials: int = 40, seqlens=DEFAULT_SEQLENS,
         spec = load_spec(name)
         stems = [s for s, kd in KERNELS.items() if kd.applies(spec)]
         code = tune_spec(spec, stems, list(seqlens), trials=trials, db_dir=db_dir,
-                         progress=progress)
+                         progress=progress, jobs=jobs)
         if code in (2, 130):
             return code
         rc = max(rc, code)

@@ -10,6 +10,10 @@ status and message and the study goes on; only a failure to build the shape's in
 reference (not the config's fault) ends a study early, to be retried on the next run.
 Studies live in Optuna storage (SQLite under the cache directory by default), so a rerun
 of the same study resumes where it stopped.
+
+Trials run in rounds of up to `jobs` fresh configs: the round's configs are compiled in
+parallel first (`prewarm`, one process per config), then measured one at a time, since
+timings taken side by side on one GPU would disturb each other.
 """
 from __future__ import annotations
 
@@ -36,10 +40,14 @@ from .trial import ERROR, OK, SETUP_FAILED, Timer, TrialRequest, TrialResult, Wo
 log = logging.getLogger("nsa_gen")
 
 Runner = Callable[[TrialRequest], TrialResult]
+# Compiles the configs of a round ahead of their trials; its return value is ignored.
+Prewarm = Callable[[list[TrialRequest]], object]
 
 # Sampler proposals in a row that were all measured before, after which we pick for it.
 MAX_REPEATS = 2
 MEMORY = "memory"
+# Status of a trial cut short through no fault of its config; a resumed study retries it.
+INTERRUPTED = "interrupted"
 
 
 def default_storage() -> str:
@@ -87,7 +95,11 @@ class Tuner:
     ("cuda" or "cpu"). seed_dbs: more DBs (read-only) whose neighbouring winners seed a
     study; `db` and the shipped DB always do. stale_after_s: a RUNNING trial older than
     this was left by a killed run and is marked failed on resume, its config retried
-    (default: twice the trial limit plus the setup limit).
+    (default: twice the trial limit plus the setup limit). jobs: fresh configs per round,
+    compiled in parallel before they are measured one by one (default:
+    `prewarm.default_jobs()` on CUDA, 1 on the CPU; 1 compiles each config in its own
+    trial). prewarm: compiles a round's requests (default: a `prewarm.Prewarmer` of `jobs`
+    processes); tests pass a fake.
     """
 
     def __init__(self, spec: NSASpec, *, db: TuningDB | str, device: DeviceKey,
@@ -95,7 +107,8 @@ class Tuner:
                  storage: str | optuna.storages.BaseStorage | None = None,
                  torch_device: str = "cuda", seed: int = 0,
                  progress: bool = True, neighbours: int = 3, timeout_s: float = 300.0,
-                 seed_dbs: Iterable[TuningDB] = (), stale_after_s: float | None = None):
+                 seed_dbs: Iterable[TuningDB] = (), stale_after_s: float | None = None,
+                 jobs: int | None = None, prewarm: Prewarm | None = None):
         self.spec = spec
         self.db = db if isinstance(db, TuningDB) else TuningDB(db)
         self.device = device
@@ -112,10 +125,34 @@ class Tuner:
         shipped = shipped_db_dir()
         self.seed_dbs = [self.db, *seed_dbs] + ([TuningDB(shipped)] if shipped else [])
         self.stale_after_s = stale_after_s if stale_after_s is not None else 2 * timeout_s + 1800
+        if jobs is None:
+            # The interpreter compiles nothing worth sharing, and CPU tuning exists for tests.
+            from .prewarm import default_jobs
+            jobs = default_jobs() if torch_device.startswith("cuda") else 1
+        if jobs < 1:
+            raise ValueError(f"jobs must be >= 1, not {jobs}")
+        self.jobs = jobs
+        self._prewarm = prewarm
+        self._own_prewarm = prewarm is None
+        self._prewarm_timeout_s = 2 * timeout_s
+
+    @property
+    def prewarm(self) -> Prewarm:
+        """The round compiler; the default pool is started on first use, so that a Tuner
+        that never runs a round of several configs spawns no processes."""
+        if self._prewarm is None:
+            from .prewarm import Prewarmer
+            # A round compiles in parallel, so it takes about as long as its slowest config:
+            # bound it like one trial, with room for the processes' first CUDA start.
+            self._prewarm = Prewarmer(self.jobs, timeout_s=self._prewarm_timeout_s)
+        return self._prewarm
 
     def close(self) -> None:
         if self._own_runner and hasattr(self.runner, "close"):
             self.runner.close()
+        if self._own_prewarm and self._prewarm is not None:
+            self._prewarm.close()
+            self._prewarm = None
 
     def __enter__(self) -> "Tuner":
         return self
@@ -217,7 +254,7 @@ class Tuner:
             if t.state == TrialState.COMPLETE and status == OK:
                 cfg = Config.from_dict(t.params)
                 results[cfg] = min(results.get(cfg, math.inf), float(t.value))
-            elif t.state == TrialState.FAIL and status in ("interrupted", SETUP_FAILED):
+            elif t.state == TrialState.FAIL and status in (INTERRUPTED, SETUP_FAILED):
                 retry.append(Config.from_dict(t.params))
             elif t.state == TrialState.FAIL and status not in (None, "repeat"):
                 failures[Config.from_dict(t.params)] = (status, t.user_attrs.get("message", ""))
@@ -233,27 +270,26 @@ class Tuner:
         bar = tqdm(total=min(n_trials, len(keep)), initial=min(measured, len(keep)),
                    desc=f"{stem} T={T} B={B}", unit="cfg", disable=not self.progress,
                    dynamic_ncols=True, leave=True)
+        # Trials asked but not yet told, oldest first: whatever stops the loop early tells
+        # them FAIL "interrupted", so that none is left RUNNING and a resumed study retries them.
+        pending: list[tuple[optuna.Trial, Config]] = []
         repeats = 0
         try:
             while measured < n_trials and todo:
-                trial = study.ask(dists)
-                cfg = Config.from_dict(trial.params)
-                if cfg in dropped:
-                    trial.set_user_attr("status", "pruned")
-                    trial.set_user_attr("message", dropped[cfg])
-                    study.tell(trial, state=TrialState.PRUNED)
-                    repeats += 1
-                elif cfg not in todo:
-                    trial.set_user_attr("status", "repeat")
-                    if cfg in results:
-                        study.tell(trial, results[cfg])
-                    else:
-                        study.tell(trial, state=TrialState.FAIL)
-                    repeats += 1
-                else:
-                    repeats = 0
-                    res = self._measure(study, trial, TrialRequest(
-                        stem, self.spec, T, B, cfg, self.torch_device, self.seed, self.dtype))
+                want = min(self.jobs, n_trials - measured, len(todo))
+                repeats = self._ask_round(study, dists, want, keep, dropped, todo, results,
+                                          pending, repeats)
+                reqs = [TrialRequest(stem, self.spec, T, B, cfg, self.torch_device, self.seed,
+                                     self.dtype) for _, cfg in pending]
+                if self.jobs > 1 and len(reqs) > 1:
+                    try:
+                        self.prewarm(reqs)
+                    except Exception as e:  # noqa: BLE001 - only a speed-up; trials still run
+                        log.warning("tune: prewarm failed (%s: %s); compiling in the trials",
+                                    type(e).__name__, e)
+                for req in reqs:
+                    trial, cfg = pending.pop(0)
+                    res = self._measure(study, trial, req)
                     todo.discard(cfg)
                     measured += 1
                     if res.ok:
@@ -265,14 +301,56 @@ class Tuner:
                         # No config can run without inputs and a reference: stop this shape.
                         log.warning("tune: cannot set up %s at T=%d B=%d: %s", stem, T, B,
                                     res.message.splitlines()[0] if res.message else "")
-                        break
+                        return
                     if results:
                         bar.set_postfix(best=f"{min(results.values()):.4g}ms", failed=len(failures))
-                if repeats >= MAX_REPEATS and todo:
-                    study.enqueue_trial(self._nearest_untried(todo, results, keep).as_dict())
-                    repeats = 0
         finally:
+            self._interrupt(study, pending)
             bar.close()
+
+    def _ask_round(self, study: optuna.Study, dists: dict, want: int, keep: list[Config],
+                   dropped: dict[Config, str], todo: set[Config], results: dict[Config, float],
+                   pending: list[tuple[optuna.Trial, Config]], repeats: int) -> int:
+        """Ask the sampler until `pending` holds `want` fresh configs (want <= len(todo)).
+        Proposals that are pruned, measured already or already in this round are told at
+        once; after MAX_REPEATS of them in a row the nearest untried config is enqueued.
+        Returns the count of repeats in a row so far (it carries over between rounds)."""
+        while len(pending) < want:
+            trial = study.ask(dists)
+            cfg = Config.from_dict(trial.params)
+            in_round = {c for _, c in pending}
+            if cfg in dropped:
+                trial.set_user_attr("status", "pruned")
+                trial.set_user_attr("message", dropped[cfg])
+                study.tell(trial, state=TrialState.PRUNED)
+                repeats += 1
+            elif cfg not in todo or cfg in in_round:
+                trial.set_user_attr("status", "repeat")
+                if cfg in results:
+                    study.tell(trial, results[cfg])
+                else:
+                    study.tell(trial, state=TrialState.FAIL)
+                repeats += 1
+            else:
+                pending.append((trial, cfg))
+                in_round.add(cfg)
+                repeats = 0
+            left = todo - in_round
+            if repeats >= MAX_REPEATS and left:
+                study.enqueue_trial(self._nearest_untried(left, results, keep).as_dict())
+                repeats = 0
+        return repeats
+
+    @staticmethod
+    def _interrupt(study: optuna.Study, pending: list[tuple[optuna.Trial, Config]]) -> None:
+        """Tell the trials of `pending` FAIL with status "interrupted" (see `_resume`)."""
+        while pending:
+            trial, _ = pending.pop(0)
+            try:
+                trial.set_user_attr("status", INTERRUPTED)
+                study.tell(trial, state=TrialState.FAIL)
+            except Exception as e:  # noqa: BLE001 - a trial left RUNNING is retried once stale
+                log.warning("tune: could not mark trial %d interrupted: %s", trial.number, e)
 
     def _measure(self, study: optuna.Study, trial: optuna.Trial, req: TrialRequest) -> TrialResult:
         try:
@@ -282,7 +360,7 @@ class Tuner:
             res = TrialResult(ERROR, message=f"runner raised {type(e).__name__}: {e}")
         except BaseException:
             # Ctrl-C: the config is not to blame, so a resumed study tries it again.
-            trial.set_user_attr("status", "interrupted")
+            trial.set_user_attr("status", INTERRUPTED)
             study.tell(trial, state=TrialState.FAIL)
             raise
         trial.set_user_attr("status", res.status)
