@@ -19,7 +19,8 @@ from nsa_gen.spec import load_spec
 from nsa_gen.tuning import commands, space, tuner as tuner_mod
 from nsa_gen.tuning.space import pruned_space, register_estimate, search_space
 from nsa_gen.tuning.trial import (COMPILE_ERROR, CRASH, OK, SETUP_FAILED, TIMEOUT, WRONG, TrialExecutor,
-                                  TrialRequest, TrialResult, WorkerRunner, classify)
+                                  TrialRequest, TrialResult, WorkerRunner, bench_counts,
+                                  bench_timer, classify)
 from nsa_gen.tuning.tuner import Tuner, study_name
 
 H200 = DeviceKey("sm90", 132, 140, "NVIDIA H200")
@@ -398,6 +399,54 @@ def test_executor_in_process(spec):
     res = ex(req(cfg(64, 2, 2)))
     assert res.status == COMPILE_ERROR and "bad tile" in res.message
     assert ex(req(cfg(), T=13)).status == SETUP_FAILED
+
+
+@pytest.mark.parametrize("kernel_ms, warmup, reps", [(0.01, 1000, 4000), (1.0, 10, 40),
+                                                     (8.0, 1, 5), (100.0, 0, 5)])
+def test_bench_counts(kernel_ms, warmup, reps):
+    # ~10 ms of warm-up and ~40 ms timed, but never fewer than 5 timed runs.
+    assert bench_counts(kernel_ms) == (warmup, reps)
+
+
+def test_bench_timer_takes_the_median_of_flushed_runs(monkeypatch):
+    """bench_timer with fake CUDA events and driver: a 100 ms kernel gets one untimed
+    launch, one estimate and 5 timed runs (no warm-up), each after an L2 flush."""
+    import types
+
+    import torch
+    import triton.runtime
+
+    clock = [0.0]
+    log = []
+
+    class Event:
+        def __init__(self, enable_timing):
+            self.t = None
+
+        def record(self):
+            self.t = clock[0]
+
+        def elapsed_time(self, other):
+            return other.t - self.t
+
+    class Driver:
+        def get_empty_cache_for_benchmark(self):
+            return "l2"
+
+        def clear_cache(self, cache):
+            log.append("flush")
+
+    times = iter([500.0, 100.0, 104.0, 99.0, 101.0, 150.0, 100.5])
+
+    def kernel():
+        log.append("run")
+        clock[0] += next(times)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(triton.runtime, "driver", types.SimpleNamespace(active=Driver()))
+    assert bench_timer(kernel) == 101.0  # median of 104, 99, 101, 150, 100.5
+    assert log == ["run"] + ["flush", "run"] * 6
 
 
 def test_classify():

@@ -77,10 +77,51 @@ def wall_timer(fn: Callable[[], Any], reps: int = 3) -> float:
     return statistics.median(times)
 
 
+# A trial's timing budget. do_bench's defaults (warm up 25 ms, time 100 ms) cost a 1 ms
+# kernel ~130 runs; a study of a 100 ms kernel at 128k tokens should not spend seconds per
+# trial either. And do_bench times max(1, rep / estimate) runs after its own five-run
+# estimate, so past rep / 5 ms its "median" is one run. Here the median is always over at
+# least BENCH_MIN_REPS runs, and otherwise over about BENCH_REP_MS of them: for kernels long
+# enough to get only the minimum (> 8 ms), the median of 5 L2-flushed runs is stable to ~1%,
+# and such a trial costs ~7 runs instead of do_bench's 8 for one timed run.
+BENCH_WARMUP_MS, BENCH_REP_MS, BENCH_MIN_REPS = 10.0, 40.0, 5
+
+
+def bench_counts(estimate_ms: float, warmup_ms: float = BENCH_WARMUP_MS,
+                 rep_ms: float = BENCH_REP_MS, min_reps: int = BENCH_MIN_REPS) -> tuple[int, int]:
+    """(warm-up runs, timed runs) for a kernel of about `estimate_ms`: fill the budgets,
+    with at least `min_reps` timed runs."""
+    est = max(estimate_ms, 1e-3)
+    return int(warmup_ms / est), max(min_reps, int(rep_ms / est))
+
+
 def bench_timer(fn: Callable[[], Any]) -> float:
-    """Median ms from triton's do_bench (CUDA events, L2 flushed between runs)."""
-    from triton.testing import do_bench
-    return float(do_bench(fn, return_mode="median"))
+    """Median ms of `fn` over CUDA-event-timed runs with the L2 cache flushed before each
+    (do_bench's method, with the run counts of `bench_counts`)."""
+    import torch
+    from triton import runtime
+    drv = runtime.driver.active
+    cache = drv.get_empty_cache_for_benchmark()
+    clear = getattr(drv, "clear_cache", None) or (lambda c: c.zero_())  # older triton
+
+    def timed() -> tuple[Any, Any]:
+        clear(cache)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        return start, end
+
+    fn()  # first launch: loads the kernel, allocates; not timed
+    torch.cuda.synchronize()
+    start, end = timed()
+    torch.cuda.synchronize()
+    n_warmup, n_reps = bench_counts(start.elapsed_time(end))
+    for _ in range(n_warmup):
+        fn()
+    events = [timed() for _ in range(n_reps)]
+    torch.cuda.synchronize()
+    return float(statistics.median(s.elapsed_time(e) for s, e in events))
 
 
 def classify(exc: BaseException) -> str:

@@ -89,8 +89,8 @@ class Tuner:
     """Tunes kernels of one spec on one device and writes winners to `db`.
 
     runner: runs one trial (default: a `WorkerRunner` with `timer`, `timeout_s`);
-    tests pass a fake. timer: ms of a callable (default: do_bench median on CUDA,
-    wall-clock median on the CPU). storage: an Optuna storage URL or storage object,
+    tests pass a fake. timer: ms of a callable (default: `trial.bench_timer`, a median of
+    CUDA-event times, on CUDA; wall-clock median on the CPU). storage: an Optuna storage URL or storage object,
     "memory", or None for `default_storage()`. torch_device: where trial tensors live
     ("cuda" or "cpu"). seed_dbs: more DBs (read-only) whose neighbouring winners seed a
     study; `db` and the shipped DB always do. stale_after_s: a RUNNING trial older than
