@@ -95,8 +95,11 @@ def _slc_bwd_space(spec: NSASpec) -> dict[str, list]:
 
 
 def _slc_bwd_default(spec: NSASpec, T: int) -> Config:
-    return Config.make(BLOCK_N=min(64, spec.BS), BLOCK_Q=max(1, 64 // group_pad(spec)), SEG=1024,
-                       num_warps=4, num_stages=2)
+    # H200, T = 64k: 32-key slices were 11% faster than 64 at DK + DV = 320 (deepseek-nsa:
+    # the dk/dv kernel's accumulators halve); 8 warps were slower everywhere measured.
+    block_n = 32 if spec.DK + spec.DV > 256 else 64
+    return Config.make(BLOCK_N=min(block_n, spec.BS), BLOCK_Q=max(1, 64 // group_pad(spec)),
+                       SEG=1024, num_warps=4, num_stages=2)
 
 
 def _slc_bwd_smem(spec: NSASpec, cfg: Config) -> int:
@@ -249,26 +252,19 @@ def _bwd_space(spec: NSASpec, name: str) -> dict[str, list]:
     return {"BLOCK_T": space["BLOCK_T"], name: space[name],
             "DKV_" + name: [b for b in (16, 32, 64, 128)
                             if b * (spec.DK + spec.DV) <= MAX_TILE_ELEMS],
-            "DKV_BLOCK_T": space["BLOCK_T"],
+            "DKV_BLOCK_T": space["BLOCK_T"], "DKV_WARPS": [4, 8],
             "num_warps": [4, 8], "num_stages": [1, 2, 3]}
 
 
-# The dk and dv accumulators of one dk/dv program: at most 64 keys x 320 dims (192 + 128)
-# in fp32, 80 registers a thread at 8 warps.
-DKV_ACC_ELEMS = 64 * 320
-
-
 def _bwd_default(spec: NSASpec, T: int, name: str, block_n: int, dkv_block_n: int) -> Config:
-    """64-row query tiles for both kernels, 2 stages (FlashAttention-2's shapes; unmeasured).
-    8 warps once DK + DV > 128: at 4 warps the fp32 tiles of one program (64-key dk and dv
-    accumulators and four 64 x 64 score-sized tiles, 256 registers a thread at 128/128)
-    would spill; at 8 warps they take 128 (144 at 192/128). Past 320 dims (DK + DV), 32
-    keys per dk/dv program."""
+    """64-row query tiles for both kernels, 4 warps each, 2 stages. Measured on an H200
+    (bf16, T = 64k, deepseek-nsa and fla-compat, benchmarks/RESULTS.md run 4): 4 warps beat
+    8 for every dq kernel (by 1.5-2.4x) and for the window's dk/dv kernel; 8 warps only
+    helped the compressed dk/dv kernel with 8-token tiles, by 10%."""
     fwd = _tile_default(spec, T, name, block_n, 2)
-    warps = 4 if spec.DK + spec.DV <= 128 else 8
-    dkv = min(dkv_block_n, max(b for b in (16, 32, 64) if b * (spec.DK + spec.DV) <= DKV_ACC_ELEMS))
-    return Config.make(num_warps=warps, num_stages=2, BLOCK_T=fwd["BLOCK_T"], **{
-        name: block_n, "DKV_" + name: dkv, "DKV_BLOCK_T": fwd["BLOCK_T"]})
+    return Config.make(num_warps=4, num_stages=2, BLOCK_T=fwd["BLOCK_T"], **{
+        name: block_n, "DKV_" + name: dkv_block_n, "DKV_BLOCK_T": fwd["BLOCK_T"],
+        "DKV_WARPS": 4})
 
 
 def _bwd_smem(spec: NSASpec, cfg: Config, name: str) -> int:
@@ -302,12 +298,17 @@ def _cmp_bwd_space(spec: NSASpec) -> dict[str, list]:
 
 
 def _cmp_bwd_default(spec: NSASpec, T: int) -> Config:
-    # Fewer compressed blocks than a tile: a smaller dk/dv tile wastes less.
+    """dk/dv: 64 compressed blocks a program at DK + DV <= 256, 32 beyond (4 warps: 6.6 vs
+    10.8 ms at fla-compat, 48.6 vs 67.9 ms at deepseek-nsa, T = 64k), and the token range
+    split every 8192 (4096 beyond 256 dims) tokens, which cut the pass 1.3-6x there: without
+    it the first tiles' programs walk all T tokens while the grid's tail idles. Fewer
+    compressed blocks than a tile: a smaller tile wastes less."""
+    wide = spec.DK + spec.DV > 256
     nc = (T - spec.l) // spec.d + 1 if T >= spec.l else 1
-    cfg = _bwd_default(spec, T, "BLOCK_C", 64, max(16, min(64, next_pow2(nc))))
-    # No token split by default: the split is unmeasured on a GPU (see benchmarks/RESULTS.md).
-    return Config.make(num_warps=cfg.num_warps, num_stages=cfg.num_stages, DKV_SPLIT_T=0,
-                       **dict(cfg.params))
+    cfg = _bwd_default(spec, T, "BLOCK_C", 64, max(16, min(32 if wide else 64, next_pow2(nc))))
+    split = 4096 if wide else 8192
+    return Config.make(num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                       DKV_SPLIT_T=split if T > split else 0, **dict(cfg.params))
 
 
 def _cmp_bwd_smem(spec: NSASpec, cfg: Config) -> int:
@@ -324,8 +325,10 @@ def _swa_bwd_space(spec: NSASpec) -> dict[str, list]:
 
 def _swa_bwd_default(spec: NSASpec, T: int) -> Config:
     # dq: a key tile wider than the window would be mostly masked (as in the forward).
+    # dk/dv: 32 keys a program beyond 256 dims (DK + DV): 12.0 vs 20.6 ms at deepseek-nsa.
+    dkv = 32 if spec.DK + spec.DV > 256 else 64
     return _bwd_default(spec, T, "BLOCK_N", min(64, max(16, next_pow2(spec.w))),
-                        max(16, min(64, next_pow2(T))))
+                        max(16, min(dkv, next_pow2(T))))
 
 
 def _swa_bwd_smem(spec: NSASpec, cfg: Config) -> int:

@@ -70,6 +70,12 @@ def launch_options(config) -> dict:
     return {"num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
+def dkv_launch_options(config) -> dict:
+    """Launch options of a backward module's dk/dv kernel: its own DKV_WARPS where the
+    config has one (its tiles differ from the dq kernel's, and so does its best warp count)."""
+    return {"num_warps": config.get("DKV_WARPS", config.num_warps), "num_stages": config.num_stages}
+
+
 def num_cmp_blocks(T: int, l: int, d: int) -> int:
     return (T - l) // d + 1 if T >= l else 0
 

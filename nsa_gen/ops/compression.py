@@ -7,7 +7,8 @@ from ..config import Config
 from ..kernels import kernel_def, kernel_fn, kernel_module
 from ..spec import NSASpec
 from .common import (check, check_seqlens, check_tensor, cmp_seqlens, cmp_tile_table,
-                     dot_precision, launch_options, num_cmp_blocks, outputs, tile_table)
+                     dkv_launch_options, dot_precision, launch_options, num_cmp_blocks,
+                     outputs, tile_table)
 
 
 def compress_mean(x: torch.Tensor, l: int, d: int,  # noqa: E741 - the paper's names
@@ -144,13 +145,15 @@ def compression_bwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, o
         return dq, dk_cmp, dv_cmp
     if NC == 0:  # no query sees any block
         return dq.zero_(), dk_cmp, dv_cmp
-    # delta = rowsum(o * do) in fp32; rows that see no block have o = 0, so delta = 0.
-    delta = (o.float() * do.float()).sum(-1)
+    # delta = rowsum(o * do) in fp32, written by the dq kernel for the dk/dv kernel.
+    o = o.contiguous()
+    delta = torch.empty(lse.shape, device=q.device, dtype=torch.float32)
     mod = kernel_module("compression_bwd", spec, config)
-    opts, prec = launch_options(config), dot_precision(q)
+    opts, prec = dkv_launch_options(config), dot_precision(q)
     tiles = tile_table(cu_seqlens, B, T, config["BLOCK_T"], spec.l, spec.d, q.device)
     mod.nsa_compression_bwd_kernel[(tiles.shape[0], spec.H)](
-        q, k_cmp, v_cmp, do, lse, delta, dq, tiles, DOT_PRECISION=prec, **opts)
+        q, k_cmp, v_cmp, o, do, lse, delta, dq, tiles, DOT_PRECISION=prec,
+        **launch_options(config))
     cmp_tiles = cmp_tile_table(cu_seqlens, B, T, config["DKV_BLOCK_C"], spec.l, spec.d, q.device)
     split = config.get("DKV_SPLIT_T", 0)
     if not split:

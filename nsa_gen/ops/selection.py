@@ -120,11 +120,13 @@ def selection_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Te
     atomics; dk/dv come from per-block token lists (see templates/selection_bwd.py.j2).
     """
     B, T = check_qkv(spec, q, k, v)
+    check_tensor("o", o, (B, T, spec.HQ, spec.DV), like=q)
     check_tensor("do", do, (B, T, spec.HQ, spec.DV), like=q)
+    check_tensor("lse", lse, (B, T, spec.HQ), dtypes=(torch.float32,))
     config = config or kernel_def("selection_bwd").default(spec, T)
     q, k, v, do, block_indices = (x.contiguous() for x in (q, k, v, do, block_indices))
-    lse = lse.contiguous()
-    delta = (o.float() * do.float()).sum(-1)
+    lse, o = lse.contiguous(), o.contiguous()
+    delta = torch.empty(lse.shape, device=q.device, dtype=torch.float32)  # the dq kernel fills it
     starts = seq_start(cu_seqlens, B, T, q.device)
     ends = None
     if cu_seqlens is not None:
@@ -138,7 +140,7 @@ def selection_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Te
     if B * T == 0:
         return dq, dk, dv
     mod.nsa_selection_bwd_kernel[(T, B * spec.H)](
-        q, k, v, do, lse, delta, block_indices, dq, starts if starts is not None else q, T,
+        q, k, v, o, do, lse, delta, block_indices, dq, starts if starts is not None else q, T,
         IS_VARLEN=starts is not None, **opts)
     tokens, segments, reduces, n_slots = _inverse_selection(block_indices, spec, T, starts, ends,
                                                             config["SEG"])

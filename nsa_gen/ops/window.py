@@ -6,8 +6,8 @@ import torch
 from ..config import Config
 from ..kernels import kernel_def, kernel_fn, kernel_module
 from ..spec import NSASpec
-from .common import (check_qkv, check_seqlens, check_tensor, dot_precision, launch_options,
-                     outputs, tile_table)
+from .common import (check_qkv, check_seqlens, check_tensor, dkv_launch_options, dot_precision,
+                     launch_options, outputs, tile_table)
 
 
 def window_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: NSASpec,
@@ -58,16 +58,17 @@ def window_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tenso
     dv = torch.empty(v.shape, device=q.device, dtype=q.dtype)
     if B * T == 0:
         return dq, dk, dv
-    delta = (o.float() * do.float()).sum(-1)  # rowsum(o * do), fp32
+    o = o.contiguous()
+    delta = torch.empty(lse.shape, device=q.device, dtype=torch.float32)  # the dq kernel fills it
     mod = kernel_module("window_bwd", spec, config)
     opts, prec = launch_options(config), dot_precision(q)
     tiles = tile_table(cu_seqlens, B, T, config["BLOCK_T"], spec.l, spec.d, q.device)
     mod.nsa_window_bwd_kernel[(tiles.shape[0], spec.H)](
-        q, k, v, do, lse, delta, dq, tiles, DOT_PRECISION=prec, **opts)
+        q, k, v, o, do, lse, delta, dq, tiles, DOT_PRECISION=prec, **opts)
     # Key tiles: the same table over DKV_BLOCK_N tokens (a tile never straddles sequences).
     key_tiles = tile_table(cu_seqlens, B, T, config["DKV_BLOCK_N"], spec.l, spec.d, q.device)
     mod.nsa_window_bwd_dkv_kernel[(key_tiles.shape[0], spec.H)](
-        q, k, v, do, lse, delta, dk, dv, key_tiles, DOT_PRECISION=prec, **opts)
+        q, k, v, do, lse, delta, dk, dv, key_tiles, DOT_PRECISION=prec, **dkv_launch_options(config))
     return dq, dk, dv
 
 
