@@ -15,7 +15,7 @@ from nsa_gen import codegen
 from nsa_gen.config import Config
 from nsa_gen.db import (CPU_DEVICE, SCHEMA, SCHEMA_VERSION, DeviceKey, Entry, TuneKey, TuningDB,
                         current_device_key, kernel_source_hash, shipped_db_dir, spec_fields,
-                        triton_version)
+                        spec_from_fields, triton_version)
 from nsa_gen.db import store
 from nsa_gen.spec import load_spec
 from nsa_gen.tuning import commands
@@ -69,6 +69,15 @@ def test_tune_key_fields(spec):
     assert key(spec.replace(dtype="float16")) != k
     assert key(spec, T=8192) != k and key(spec, B=2) != k
     assert spec_fields(spec) == k.spec
+
+
+@pytest.mark.parametrize("name", ["deepseek-nsa", "fla-compat", "small-group", "mqa"])
+def test_spec_from_fields_inverts_spec_fields(name):
+    spec = load_spec(name)
+    assert spec_from_fields(spec_fields(spec), name) == spec
+    k = key(spec)
+    assert spec_from_fields(k.spec, k.spec_name) == spec
+    assert spec_from_fields(k.spec).name == "tuned"
 
 
 def test_source_hash_follows_template_text():

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 from .. import codegen, env
 from ..config import Config
 from ..kernels import kernel_def
-from ..spec import NSASpec
+from ..spec import NSASpec, parse_spec
 
 log = logging.getLogger("nsa_gen")
 
@@ -161,6 +161,21 @@ def spec_fields(spec: NSASpec) -> tuple[tuple[str, Any], ...]:
     d.pop("name")
     walk("", d)
     return tuple(sorted(out))
+
+
+def spec_from_fields(fields: Iterable[tuple[str, Any]], name: str = "") -> NSASpec:
+    """The spec whose `spec_fields` are `fields` (e.g. a TuneKey's `spec`), named `name`
+    (default "tuned"): the inverse of `spec_fields`, for timing a DB entry's shape without
+    knowing which spec file it came from. Raises SpecError on fields that are no spec."""
+    d: dict[str, Any] = {}
+    for dotted, v in fields:
+        *outer, last = dotted.split(".")
+        node = d
+        for part in outer:
+            node = node.setdefault(part, {})
+        node[last] = list(v) if isinstance(v, tuple) else v
+    d["name"] = name or "tuned"
+    return parse_spec(d)
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,56 @@ def study_name(key: TuneKey, spec: NSASpec) -> str:
 
 
 @dataclass(frozen=True)
+class StudyId:
+    """What a study name says (see `study_name`): the study of `kernel` for the spec of
+    `spec_hash` at shape (T, B) on the device of `device_id`."""
+
+    device_id: str
+    kernel: str
+    spec_hash: str
+    source_hash: str
+    triton: str
+    T: int
+    B: int
+
+
+def parse_study_name(name: str) -> StudyId | None:
+    """The parts of a name made by `study_name`; None for any other study."""
+    parts = name.split("/")
+    if len(parts) != 7 or parts[0] != "nsa-gen" or not parts[5].startswith("triton-"):
+        return None
+    T, _, B = parts[6].partition("-")
+    try:
+        if not (T[:1] == "T" and B[:1] == "B"):
+            return None
+        return StudyId(parts[1], parts[2], parts[3], parts[4], parts[5][len("triton-"):],
+                       int(T[1:]), int(B[1:]))
+    except ValueError:
+        return None
+
+
+def study_measurements(trials: Iterable[optuna.trial.FrozenTrial]) -> tuple[
+        dict[Config, float], dict[Config, tuple[str, str]], list[Config]]:
+    """From a study's trials: the measured time of each config that ran correctly, the
+    (status, message) of each config that failed, and the configs whose trial was cut short
+    through no fault of theirs (to retry). Repeats and pruned proposals count for nothing;
+    RUNNING trials are left to the caller."""
+    results: dict[Config, float] = {}
+    failures: dict[Config, tuple[str, str]] = {}
+    retry: list[Config] = []
+    for t in trials:
+        status = t.user_attrs.get("status")
+        if t.state == TrialState.COMPLETE and status == OK:
+            cfg = Config.from_dict(t.params)
+            results[cfg] = min(results.get(cfg, math.inf), float(t.value))
+        elif t.state == TrialState.FAIL and status in (INTERRUPTED, SETUP_FAILED):
+            retry.append(Config.from_dict(t.params))
+        elif t.state == TrialState.FAIL and status not in (None, "repeat"):
+            failures[Config.from_dict(t.params)] = (status, t.user_attrs.get("message", ""))
+    return results, failures, retry
+
+
+@dataclass(frozen=True)
 class TuneResult:
     """entry is None when no config ran correctly (nothing is written then)."""
 
@@ -212,6 +262,9 @@ class Tuner:
         dists = {n: CategoricalDistribution(list(c)) for n, c in space.params}
         with _quiet_optuna():
             study = self._open_study(name, len(keep))
+            # The name holds only the spec's hash; this makes a study readable on its own
+            # (benchmarks/tune_evidence.py finds the spec's heuristic default with it).
+            study.set_user_attr("spec", self.spec.to_dict())
             results, failures, retry = self._resume(study)
             waiting = {Config.from_dict(t.system_attrs.get("fixed_params", {}))
                        for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
@@ -239,26 +292,18 @@ class Tuner:
         """Measured results and failures already in the study, and configs whose trial was
         cut short (Ctrl-C, or left RUNNING by a killed run, which we now mark failed) to
         try again first."""
-        results: dict[Config, float] = {}
-        failures: dict[Config, tuple[str, str]] = {}
-        retry: list[Config] = []
+        stale: list[Config] = []
         now = _dt.datetime.now()
-        for t in study.get_trials(deepcopy=False):
+        trials = study.get_trials(deepcopy=False)
+        for t in trials:
             if t.state == TrialState.RUNNING:
                 start = t.datetime_start
                 if start is not None and (now - start).total_seconds() > self.stale_after_s:
                     study.tell(t.number, state=TrialState.FAIL)
-                    retry.append(Config.from_dict(t.params))
-                continue
-            status = t.user_attrs.get("status")
-            if t.state == TrialState.COMPLETE and status == OK:
-                cfg = Config.from_dict(t.params)
-                results[cfg] = min(results.get(cfg, math.inf), float(t.value))
-            elif t.state == TrialState.FAIL and status in (INTERRUPTED, SETUP_FAILED):
-                retry.append(Config.from_dict(t.params))
-            elif t.state == TrialState.FAIL and status not in (None, "repeat"):
-                failures[Config.from_dict(t.params)] = (status, t.user_attrs.get("message", ""))
-        return results, failures, retry
+                    stale.append(Config.from_dict(t.params))
+        results, failures, retry = study_measurements(
+            t for t in trials if t.state != TrialState.RUNNING)
+        return results, failures, retry + stale
 
     def _run(self, study: optuna.Study, stem: str, T: int, B: int, n_trials: int,
              dists: dict, keep: list[Config], dropped: dict[Config, str],
