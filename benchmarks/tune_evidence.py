@@ -419,11 +419,23 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("nothing to do: give --storage, --exhaustive-storage or --db DIR --loo")
 
     tables: dict[str, list[dict[str, Any]]] = {}
+    meta = _meta(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write() -> str:
+        # After each table, so that a run cut short (table c times kernels) keeps the rest.
+        md = render_markdown(tables, meta)
+        Path(f"{args.out}.md").write_text(md)
+        Path(f"{args.out}.json").write_text(to_json(tables, meta))
+        return md
+
     if args.storage:
         tables["a"] = tuned_vs_default(read_studies(args.storage))
+        write()
     if args.exhaustive_storage:
         tables["b"] = sampled_vs_exhaustive(read_studies(sampled),
                                             read_studies(args.exhaustive_storage))
+        write()
     if args.loo:
         import torch
         if not torch.cuda.is_available():
@@ -431,12 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         tables["c"] = leave_one_out(_loo_entries(args.db), CaseTimer(args.dtype),
                                     rounds=args.loo_rounds)
-    meta = _meta(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    md = render_markdown(tables, meta)
-    Path(f"{args.out}.md").write_text(md)
-    Path(f"{args.out}.json").write_text(to_json(tables, meta))
-    print(md)
+    print(write())
     return 0
 
 

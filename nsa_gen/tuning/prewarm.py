@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 from dataclasses import replace
 from typing import Iterable
 
@@ -41,6 +42,12 @@ def _warm_one(req: TrialRequest) -> str | None:
         return f"{type(e).__name__}: {e}"[:500]
 
 
+def _ignore_sigint() -> None:
+    # Ctrl-C (or `timeout -s INT`) reaches the whole process group: the tuner handles it
+    # and terminates the pool, so workers need not die of it, each with a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def default_jobs() -> int:
     """Half the CPU cores, at most 8: compiling is CPU-bound, and each process holds a CUDA
     context and one case's inputs."""
@@ -64,7 +71,7 @@ class Prewarmer:
         if not reqs:
             return {}
         if self._pool is None:
-            self._pool = mp.get_context("spawn").Pool(self.jobs)
+            self._pool = mp.get_context("spawn").Pool(self.jobs, initializer=_ignore_sigint)
         try:
             msgs = self._pool.map_async(_warm_one, reqs, chunksize=1).get(self.timeout_s)
         except mp.TimeoutError:
