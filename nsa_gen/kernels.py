@@ -122,19 +122,26 @@ def _topn_context(spec: NSASpec, cfg: Config) -> dict:
     return dict(H=c["H"], HQ=c["HQ"], G=c["G"], G_PAD=token_group_pad(spec), DK=c["DK"],
                 BK=c["BK"], L=spec.l, D=spec.d, BS=spec.BS, S=spec.S, R=spec.BS // spec.d,
                 M_CHUNKS=spec.l // spec.d, INITIAL=spec.initial_blocks, LOCAL=spec.local_blocks,
-                BLOCK_T=cfg["BLOCK_T"], BJ=cfg["BJ"], SCALE_LOG2=c["SCALE_LOG2"])
+                BLOCK_T=cfg["BLOCK_T"], BJ=cfg["BJ"], SCALE_LOG2=c["SCALE_LOG2"],
+                MERGE=cfg["MERGE"], MERGE_STEPS=_half_cleaners(cfg["BJ"]))
+
+
+def _half_cleaners(n: int) -> tuple[tuple[int, int], ...]:
+    """Steps of a bitonic merge of n (a power of two) keys: (subsequences, half length),
+    from one subsequence of n down to n / 2 subsequences of 2."""
+    return tuple((n // (2 * h), h) for h in (n >> s for s in range(1, n.bit_length())))
 
 
 def _topn_space(spec: NSASpec) -> dict[str, list]:
     gp, bj = token_group_pad(spec), topn_bj(spec)
     return {"BLOCK_T": [t for t in (1, 2, 4, 8, 16, 32, 64, 128) if 16 <= t * gp <= 256],
             "BJ": [b for b in (bj, 2 * bj) if b * spec.BS // spec.d <= 256] or [bj],
-            "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]}
+            "MERGE": ["sort", "bitonic"], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]}
 
 
 def _topn_default(spec: NSASpec, T: int) -> Config:
     return Config.make(BLOCK_T=max(1, 64 // token_group_pad(spec)), BJ=topn_bj(spec),
-                       num_warps=4, num_stages=2)
+                       MERGE="sort", num_warps=4, num_stages=2)
 
 
 def _topn_smem(spec: NSASpec, cfg: Config) -> int:

@@ -6,6 +6,7 @@ from conftest import shrink
 from nsa_gen import naive
 from nsa_gen.config import Config
 from nsa_gen.harness import make_case
+from nsa_gen.kernels import kernel_def
 from nsa_gen.ops.selection import selection_fwd, topn
 
 # G in {1, 4, 16}, DK != DV, ragged T (not a multiple of l, d or l').
@@ -100,6 +101,20 @@ def test_topn(key, poison):
     # The block holding t is the last valid slot.
     last = idx.gather(-1, ((idx >= 0).sum(-1, keepdim=True) - 1).clamp_min(0)).squeeze(-1)
     assert (last == cur).all()
+
+
+@pytest.mark.parametrize("key", ["G4", "fla"])
+def test_topn_merge_variants(key, poison):
+    """The bitonic merge keeps exactly what sorting the union keeps, at every chunk width,
+    over several chunks (600 tokens: 38 selection blocks of 16)."""
+    spec = make_spec(key, selection={"block": 16, "top_n": 4, "initial_blocks": 1, "local_blocks": 2})
+    case = make_case("topn", spec, 600, B=1, dtype=torch.float32, seed=5)
+    space = kernel_def("topn").space(spec)
+    for bj in space["BJ"]:
+        base = dict(kernel_def("topn").default(spec, 93).as_dict(), BJ=bj)
+        got = {m: case.run(Config.from_dict(dict(base, MERGE=m)))[0] for m in space["MERGE"]}
+        assert case.rel_error((got["bitonic"],)) < 1e-4
+        assert torch.equal(got["bitonic"], got["sort"]), bj
 
 
 def test_topn_ties_and_padding(poison):
