@@ -73,14 +73,14 @@ def _f32(*xs):
 
 def _qkv(spec: NSASpec, B: int, T: int, dtype, device, gen) -> tuple:
     def rnd(*shape):
-        return torch.randn(*shape, generator=gen, device="cpu").to(device=device, dtype=dtype)
+        return torch.randn(*shape, generator=gen, device=device).to(dtype=dtype)
     return rnd(B, T, spec.HQ, spec.DK), rnd(B, T, spec.H, spec.DK), rnd(B, T, spec.H, spec.DV)
 
 
 def _random_indices(spec: NSASpec, B: int, T: int, device, gen) -> torch.Tensor:
     """Realistic block indices (forced blocks, -1 padding): the reference top-n of random
     scores. int32 [B, T, H, S] on `device`."""
-    rnd = torch.rand(B, T, spec.H, -(-T // spec.BS), generator=gen)
+    rnd = torch.rand(B, T, spec.H, -(-T // spec.BS), generator=gen, device=device)
     idx = naive.naive_topn(rnd, spec.BS, spec.S, spec.initial_blocks, spec.local_blocks)
     return idx.to(device=device, dtype=torch.int32)
 
@@ -134,7 +134,9 @@ def make_case(stem: str, spec: NSASpec, T: int, *, B: int = 1, dtype: torch.dtyp
     from .ops import compression, selection, window  # noqa: F401 - launchers
 
     device = torch.device(device)
-    gen = torch.Generator().manual_seed(seed)
+    # Drawn where they are used: on a GPU, drawing 64k-token inputs on the CPU took seconds
+    # per tuning study. Same seed, same device type: same inputs.
+    gen = torch.Generator(device=device).manual_seed(seed)
     q, k, v = _qkv(spec, B, T, dtype, device, gen)
     scale = spec.softmax_scale
 
@@ -189,9 +191,9 @@ def _op_case(spec, B, T, dtype, device, gen, q, k, v) -> Case:
     through naive_nsa. The configs come from the dispatcher (`run` ignores its argument)."""
     from .api import nsa
 
-    gates = [torch.rand(B, T, spec.HQ, generator=gen).to(device=device, dtype=dtype)
+    gates = [torch.rand(B, T, spec.HQ, generator=gen, device=device).to(dtype=dtype)
              if spec.has(b) else None for b in ("cmp", "slc", "swa")]
-    do = torch.randn(B, T, spec.HQ, spec.DV, generator=gen).to(device=device, dtype=dtype)
+    do = torch.randn(B, T, spec.HQ, spec.DV, generator=gen, device=device).to(dtype=dtype)
     inputs = [q, k, v] + [g for g in gates if g is not None]
 
     def both(fn, cast):
@@ -220,7 +222,7 @@ def _bwd_case(stem, spec, B, T, dtype, device, gen, q, k, v) -> Case:
     from .ops import compression, selection, window  # noqa: F401 - launchers
 
     scale = spec.softmax_scale
-    do = torch.randn(B, T, spec.HQ, spec.DV, generator=gen).to(device=device, dtype=dtype)
+    do = torch.randn(B, T, spec.HQ, spec.DV, generator=gen, device=device).to(dtype=dtype)
 
     def cmp(outs, refs):
         return max(rel_error(o, r) for o, r in zip(outs, refs))

@@ -120,7 +120,7 @@ def _topn_context(spec: NSASpec, cfg: Config) -> dict:
     # Token-tile rows (G rounded to a power of two, no floor of 16): the tile reaches 16
     # rows through BLOCK_T, so small groups waste no tensor-core work on padding heads.
     return dict(H=c["H"], HQ=c["HQ"], G=c["G"], G_PAD=token_group_pad(spec), DK=c["DK"],
-                BK=c["BK"], L=spec.l, D=spec.d, BS=spec.BS, S=spec.S, R=spec.BS // spec.d,
+                DK_CHUNKS=dim_chunks(spec.DK), L=spec.l, D=spec.d, BS=spec.BS, S=spec.S, R=spec.BS // spec.d,
                 M_CHUNKS=spec.l // spec.d, INITIAL=spec.initial_blocks, LOCAL=spec.local_blocks,
                 BLOCK_T=cfg["BLOCK_T"], BJ=cfg["BJ"], SCALE_LOG2=c["SCALE_LOG2"],
                 MERGE=cfg["MERGE"], MERGE_STEPS=_half_cleaners(cfg["BJ"]))
@@ -141,7 +141,7 @@ def _topn_space(spec: NSASpec) -> dict[str, list]:
 
 def _topn_default(spec: NSASpec, T: int) -> Config:
     return Config.make(BLOCK_T=max(1, 64 // token_group_pad(spec)), BJ=topn_bj(spec),
-                       MERGE="sort", num_warps=4, num_stages=2)
+                       MERGE="bitonic", num_warps=4, num_stages=2)
 
 
 def _topn_smem(spec: NSASpec, cfg: Config) -> int:
@@ -259,7 +259,7 @@ def _bwd_space(spec: NSASpec, name: str) -> dict[str, list]:
     return {"BLOCK_T": space["BLOCK_T"], name: space[name],
             "DKV_" + name: [b for b in (16, 32, 64, 128)
                             if b * (spec.DK + spec.DV) <= MAX_TILE_ELEMS],
-            "DKV_BLOCK_T": space["BLOCK_T"], "DKV_WARPS": [4, 8],
+            "DKV_BLOCK_T": space["BLOCK_T"], "DKV_WARPS": [4, 8], "DKV_STAGES": [1, 2, 3],
             "num_warps": [4, 8], "num_stages": [1, 2, 3]}
 
 
@@ -271,7 +271,7 @@ def _bwd_default(spec: NSASpec, T: int, name: str, block_n: int, dkv_block_n: in
     fwd = _tile_default(spec, T, name, block_n, 2)
     return Config.make(num_warps=4, num_stages=2, BLOCK_T=fwd["BLOCK_T"], **{
         name: block_n, "DKV_" + name: dkv_block_n, "DKV_BLOCK_T": fwd["BLOCK_T"],
-        "DKV_WARPS": 4})
+        "DKV_WARPS": 4, "DKV_STAGES": 2})
 
 
 def _bwd_smem(spec: NSASpec, cfg: Config, name: str) -> int:
@@ -283,7 +283,8 @@ def _bwd_smem(spec: NSASpec, cfg: Config, name: str) -> int:
     rows, bn = cfg["BLOCK_T"] * gp, cfg[name]
     rows_kv, bn_kv = cfg["DKV_BLOCK_T"] * gp, cfg["DKV_" + name]
     dq = rows * dkv + stages * bn * dkv + rows * bn
-    dkv_ = bn_kv * dkv + stages * rows_kv * dkv + 2 * rows_kv * bn_kv
+    dkv_ = (bn_kv * dkv + max(1, cfg.get("DKV_STAGES", stages)) * rows_kv * dkv
+            + 2 * rows_kv * bn_kv)
     return el * max(dq, dkv_)
 
 

@@ -111,7 +111,7 @@ def test_compression_bwd_tiles(cfg, l, d, poison):  # noqa: E741
     # The smallest group that fills tl.dot's 16 rows in both kernels.
     G = max(1, 16 // min(cfg["BLOCK_T"], cfg["DKV_BLOCK_T"]))
     spec = make_spec(G, DK=32, DV=48, l=l, d=d)
-    config = Config.make(num_warps=4, num_stages=2, DKV_WARPS=4, **cfg)
+    config = Config.make(num_warps=4, num_stages=2, DKV_WARPS=4, DKV_STAGES=2, **cfg)
     if not cfg["DKV_SPLIT_T"]:
         assert kernel_def("compression_bwd").valid(spec, config)
     B, T = 1, 83

@@ -81,7 +81,7 @@ def test_window_bwd_tiles(cfg, w, poison):
     # The smallest group that fills tl.dot's 16 rows in both kernels.
     G = max(1, 16 // min(cfg["BLOCK_T"], cfg["DKV_BLOCK_T"]))
     spec = make_spec(G, DK=32, DV=48, w=w)
-    config = Config.make(num_warps=4, num_stages=2, DKV_WARPS=4, **cfg)
+    config = Config.make(num_warps=4, num_stages=2, DKV_WARPS=4, DKV_STAGES=2, **cfg)
     assert kernel_def("window_bwd").valid(spec, config)
     B, T = 1, 67
     q, k, v, do = rand_inputs(spec, B, T, torch.float32, seed=w)

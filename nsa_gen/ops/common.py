@@ -71,9 +71,11 @@ def launch_options(config) -> dict:
 
 
 def dkv_launch_options(config) -> dict:
-    """Launch options of a backward module's dk/dv kernel: its own DKV_WARPS where the
-    config has one (its tiles differ from the dq kernel's, and so does its best warp count)."""
-    return {"num_warps": config.get("DKV_WARPS", config.num_warps), "num_stages": config.num_stages}
+    """Launch options of a backward module's dk/dv kernel: its own DKV_WARPS and DKV_STAGES
+    where the config has them (its tiles differ from the dq kernel's, and so do its best warp
+    and stage counts)."""
+    return {"num_warps": config.get("DKV_WARPS", config.num_warps),
+            "num_stages": config.get("DKV_STAGES", config.num_stages)}
 
 
 def num_cmp_blocks(T: int, l: int, d: int) -> int:
