@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One device call: tune every kernel of each SPEC at SEQLENS into a copy of tuning_db/,
-# tune fla-compat's compression_fwd with 40 trials and exhaustively (its whole pruned space,
-# at T = 8k and 32k), then write the evidence tables (benchmarks/tune_evidence.py).
+# One device call: tune fla-compat's compression_fwd with 40 trials and exhaustively (its
+# whole pruned space, at EXH_SEQLENS, default T = 8k and 32k: bounded, so it runs first),
+# tune every kernel of each SPEC at SEQLENS into a copy of tuning_db/ with what is left of
+# the budget, then write the evidence tables (benchmarks/tune_evidence.py).
 #
 # Usage: [SEQLENS=1024,4096,16384,65536,131072] [TRIALS=12] [JOBS=8] [TIMEOUT=60]
 #        [STEPS="tune exhaustive evidence"] [BUDGET_S=560] [RESUME=DIR]
@@ -28,6 +29,7 @@ TRIALS=${TRIALS:-12}
 JOBS=${JOBS:-8}
 TIMEOUT=${TIMEOUT:-60}
 STEPS=${STEPS:-tune exhaustive evidence}
+EXH_SEQLENS=${EXH_SEQLENS:-8192,32768}
 BUDGET_S=${BUDGET_S:-560}
 PACK_S=30  # kept back from the budget for packing the results
 if [ $# -eq 0 ]; then
@@ -62,21 +64,21 @@ fi
 log "device: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)"
 log "specs: $*; seqlens $SEQLENS; trials $TRIALS; jobs $JOBS; steps: $STEPS"
 
-if has_step tune; then
-  for spec in "$@"; do
-    run python3 cli.py tune "$spec" --seqlens "$SEQLENS" --trials "$TRIALS" --db "$OUT/db" \
-      --storage sqlite:////tmp/tune.db --jobs "$JOBS" --timeout "$TIMEOUT" --no-progress
-  done
-fi
-
 if has_step exhaustive; then
   # Same studies twice: 40 trials, and more trials than the pruned space holds (the tuner
   # stops when every config was measured). The second reuses the first's compiled kernels.
   for what in "40 t40 db40" "100000 tall dball"; do
     read -r trials name db <<< "$what"
-    run python3 cli.py tune fla-compat --kernels compression_fwd --seqlens 8192,32768 \
+    run python3 cli.py tune fla-compat --kernels compression_fwd --seqlens "$EXH_SEQLENS" \
       --trials "$trials" --storage "sqlite:////tmp/$name.db" --db "/tmp/$db" --jobs "$JOBS" \
       --timeout "$TIMEOUT" --no-progress
+  done
+fi
+
+if has_step tune; then
+  for spec in "$@"; do
+    run python3 cli.py tune "$spec" --seqlens "$SEQLENS" --trials "$TRIALS" --db "$OUT/db" \
+      --storage sqlite:////tmp/tune.db --jobs "$JOBS" --timeout "$TIMEOUT" --no-progress
   done
 fi
 
