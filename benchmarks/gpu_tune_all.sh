@@ -76,9 +76,13 @@ if has_step exhaustive; then
 fi
 
 if has_step tune; then
-  for spec in "$@"; do
-    run python3 cli.py tune "$spec" --seqlens "$SEQLENS" --trials "$TRIALS" --db "$OUT/db" \
-      --storage sqlite:////tmp/tune.db --jobs "$JOBS" --timeout "$TIMEOUT" --no-progress
+  # Shape by shape in the order given, every spec at each: a budget cut then leaves whole
+  # shapes untuned (dispatched to their nearest tuned neighbour), not whole specs.
+  for T in ${SEQLENS//,/ }; do
+    for spec in "$@"; do
+      run python3 cli.py tune "$spec" --seqlens "$T" --trials "$TRIALS" --db "$OUT/db" \
+        --storage sqlite:////tmp/tune.db --jobs "$JOBS" --timeout "$TIMEOUT" --no-progress
+    done
   done
 fi
 
