@@ -21,4 +21,4 @@ cp -r tuning_db "$OUT/db"
 timeout 100 python3 cli.py tune deepseek-nsa --kernels topn compression_bwd selection_bwd --seqlens 65536 \
   --trials 6 --db "$OUT/db" --jobs 8 --timeout 60 --no-progress 2>&1 | quiet | tail -8
 tar -czf "$OUT/db.tar.gz" --exclude='.*.lock' -C "$OUT" db && rm -rf "$OUT/db"
-rm -f "$OUT"/bench/*.png 2>/dev/null; ls -R "$OUT"
+ls -R "$OUT"
