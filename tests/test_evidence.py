@@ -27,8 +27,8 @@ A10 = DeviceKey("sm86", 72, 22, "NVIDIA A10")
 STEM = "selection_fwd"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("tune_evidence", SCRIPT)
+def _load(path: Path = SCRIPT):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
@@ -250,3 +250,18 @@ def test_cli_help_runs_as_a_script():
                        cwd=ROOT, timeout=120)
     assert r.returncode == 0 and "--exhaustive-storage" in r.stdout and "--loo" in r.stdout
 
+
+
+def test_replay_runs_the_tuner_on_recorded_times():
+    """tune_replay answers each trial with its recorded time: the study's best is the best
+    recorded time among the configs it visited, and a space smaller than the trial count is
+    exhausted, so the exhaustive best is found."""
+    tune_replay = _load(ROOT / "benchmarks" / "tune_replay.py")
+    spec = load_spec("deepseek-nsa")
+    device = tune_replay.KNOWN_DEVICES[0]
+    keep, _ = pruned_space("selection_fwd", spec, device)
+    times = {c: 1.0 + 0.01 * i for i, c in enumerate(reversed(keep))}
+    best = tune_replay.replay(times, "selection_fwd", spec, 65536, len(keep) + 5, 0, device, jobs=4)
+    assert best == min(times.values())
+    few = tune_replay.replay(times, "selection_fwd", spec, 65536, 6, 0, device, jobs=4)
+    assert few in times.values() and few >= best

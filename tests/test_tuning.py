@@ -560,3 +560,44 @@ def test_end_to_end_on_the_interpreter(tmp_path, monkeypatch):
     assert r.failures == () and r.measured == 2 and r.entry is not None
     d = Dispatcher([tmp_path / "db"], read_env=False, shipped=False)
     assert d.get("window_fwd", spec, 48) == r.entry.config
+
+
+# ----------------------------------------------------------------------------- local search
+
+def test_neighbours_move_one_parameter_one_step():
+    from optuna.distributions import CategoricalDistribution
+    dists = {"BLOCK_N": CategoricalDistribution([16, 32, 64]),
+             "num_warps": CategoricalDistribution([2, 4, 8]),
+             "num_stages": CategoricalDistribution([1, 2])}
+    best = Config.make(BLOCK_N=32, num_warps=2, num_stages=2)
+    every = {Config.make(BLOCK_N=b, num_warps=w, num_stages=s)
+             for b in (16, 32, 64) for w in (2, 4, 8) for s in (1, 2)}
+    got = Tuner._neighbours(best, dists, every)
+    assert got == [Config.make(BLOCK_N=16, num_warps=2, num_stages=2),
+                   Config.make(BLOCK_N=32, num_warps=4, num_stages=2),
+                   Config.make(BLOCK_N=32, num_warps=2, num_stages=1),
+                   Config.make(BLOCK_N=64, num_warps=2, num_stages=2)]
+    # Measured ones are not offered again; when the best's neighbourhood is spent, the
+    # runner-up's is searched.
+    todo = every - set(got) - {best}
+    second = Config.make(BLOCK_N=64, num_warps=8, num_stages=1)
+    results = {best: 1.0, second: 1.5}
+    local = Tuner._local_round(results, dists, todo, 3)
+    assert local and all(sum(a != b for a, b in zip(c.as_dict().values(), second.as_dict().values())) == 1
+                         for c in local)
+
+
+def test_last_trials_search_the_best_neighbourhood(spec, tmp_path):
+    """The last LOCAL_FRACTION of the trials are neighbours of the best configs so far."""
+    from nsa_gen.tuning.tuner import LOCAL_FRACTION
+    runner = FakeRunner()
+    n = 20
+    with make_tuner(spec, tmp_path, runner, storage="memory") as t:
+        t.tune(STEM, 4096, n_trials=n)
+    n_local = round(n * LOCAL_FRACTION)
+    assert len(runner.calls) == n
+    tail = runner.calls[-n_local:]
+    measured_before = runner.calls[:-n_local]
+    for cfg in tail[:1]:
+        best = min(measured_before, key=cost)
+        assert sum(cfg.as_dict()[k] != v for k, v in best.as_dict().items()) == 1
