@@ -2,11 +2,8 @@
 # One device call: bf16 verification of every kernel and the composed op (forward and
 # backward), forward+backward benchmark, training check. Writes at most 8 files to $OUT.
 set -o pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl >/dev/null 2>&1 || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD TRITON_INTERPRET=0 NSA_GEN_CACHE_DIR=/tmp/nsa-cache PYTHONUNBUFFERED=1 NSA_GEN_LOG=ERROR
-OUT=${OUT:-out}
-mkdir -p "$OUT"
+source "$(dirname "$0")/device_env.sh"
+export NSA_GEN_LOG=ERROR
 quiet() { grep -v "UserWarning\|scaled_dot_product_attention\|return Variable\|warnings.warn"; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"

@@ -2,13 +2,10 @@
 # One device call (session 2): bf16 verification of every kernel and the composed op,
 # forward and forward+backward benchmark against the baselines, leave-one-shape-out check
 # of the shipped DB, then a short tuning of deepseek-nsa's slowest kernels at 64k with what
-# is left. Each step has its own limit; at most 6 files come back in $OUT.
+# is left. Each step has its own limit; 8 files come back in $OUT (the most the device returns).
 set -o pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl >/dev/null 2>&1 || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD TRITON_INTERPRET=0 NSA_GEN_CACHE_DIR=/tmp/nsa-cache PYTHONUNBUFFERED=1 NSA_GEN_LOG=ERROR
-OUT=${OUT:-out}
-mkdir -p "$OUT"
+source "$(dirname "$0")/device_env.sh"
+export NSA_GEN_LOG=ERROR
 quiet() { grep --line-buffered -v "UserWarning\|scaled_dot_product_attention\|return Variable\|warnings.warn"; }
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/gpu.txt"
@@ -18,7 +15,7 @@ timeout 280 python3 cli.py bench deepseek-nsa fla-compat small-group --seqlens 1
   --out "$OUT/bench" 2>&1 | quiet | tail -30
 timeout 50 python3 benchmarks/tune_evidence.py --db tuning_db --loo --out "$OUT/loo" 2>&1 | quiet | tail -5
 cp -r tuning_db "$OUT/db"
-timeout 100 python3 cli.py tune deepseek-nsa --kernels topn compression_bwd selection_bwd --seqlens 65536 \
+timeout 100 python3 cli.py tune deepseek-nsa --kernels topn,compression_bwd,selection_bwd --seqlens 65536 \
   --trials 6 --db "$OUT/db" --jobs 8 --timeout 60 --no-progress 2>&1 | quiet | tail -8
 tar -czf "$OUT/db.tar.gz" --exclude='.*.lock' -C "$OUT" db && rm -rf "$OUT/db"
 ls -R "$OUT"

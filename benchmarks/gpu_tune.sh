@@ -2,10 +2,7 @@
 # One device call: tune KERNELS of each SPEC at SEQLENS into $OUT/db, then benchmark with it.
 # Usage: bash benchmarks/gpu_tune.sh KERNELS SEQLENS TRIALS BENCH_SEQLENS SPEC...
 set -o pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl >/dev/null 2>&1 || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD TRITON_INTERPRET=0 NSA_GEN_CACHE_DIR=/tmp/nsa-cache PYTHONUNBUFFERED=1
-OUT=${OUT:-out}
+source "$(dirname "$0")/device_env.sh"
 kernels=$1 seqlens=$2 trials=$3 bench=$4; shift 4
 cp -r tuning_db "$OUT/db"
 for spec in "$@"; do

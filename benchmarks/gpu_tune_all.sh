@@ -20,10 +20,7 @@
 # tables), db.tar.gz (the tuning DB: tuning_db/ plus this run's winners) and data.tar.gz
 # (evidence.json, the Optuna studies tune.db, t40.db, tall.db and the DBs db40/, dball/).
 set -o pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl >/dev/null 2>&1 || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD TRITON_INTERPRET=0 NSA_GEN_CACHE_DIR=/tmp/nsa-cache PYTHONUNBUFFERED=1
-OUT=${OUT:-out}
+source "$(dirname "$0")/device_env.sh"
 SEQLENS=${SEQLENS:-1024,4096,16384,65536,131072}
 TRIALS=${TRIALS:-12}
 JOBS=${JOBS:-8}
