@@ -54,7 +54,7 @@ class Case:
         return tolerance(self.dtype, self.device)
 
     def run(self, config: Config | None = None) -> tuple:
-        if config is None and self.stem != OP:
+        if config is None and self.stem not in (OP, OP_VARLEN):
             config = kernel_def(self.stem).default(self.spec, self.T)
         return self._launch(config)
 
@@ -177,19 +177,38 @@ def make_case(stem: str, spec: NSASpec, T: int, *, B: int = 1, dtype: torch.dtyp
     if stem.endswith("_bwd"):
         return _bwd_case(stem, spec, B, T, dtype, device, gen, q, k, v)
 
-    if stem == OP:
-        return _op_case(spec, B, T, dtype, device, gen, q, k, v)
+    if stem in (OP, OP_VARLEN):
+        return _op_case(spec, B, T, dtype, device, gen, q, k, v, varlen=stem == OP_VARLEN)
 
     raise KeyError(f"no test case for kernel '{stem}'")
 
 
 OP = "nsa"  # the composed op (all branches, gated), forward and backward
+OP_VARLEN = "nsa_varlen"  # the same over packed sequences (cu_seqlens, B = 1)
 
 
-def _op_case(spec, B, T, dtype, device, gen, q, k, v) -> Case:
+def varlen_offsets(T: int) -> list[int]:
+    """cu_seqlens of three packed sequences filling T tokens, of uneven lengths (about 5/8,
+    1/16 and the rest of T), so that blocks and windows meet sequence ends at odd places;
+    one sequence when T < 3."""
+    if T < 3:
+        return [0, T]
+    a = min(max(1, 5 * T // 8 + 3), T - 2)
+    b = min(T - 1, a + max(1, T // 16))
+    return [0, a, b, T]
+
+
+def _op_case(spec, B, T, dtype, device, gen, q, k, v, varlen: bool = False) -> Case:
     """nsa() end to end: output and the gradients of q, k, v and the gates, against autograd
-    through naive_nsa. The configs come from the dispatcher (`run` ignores its argument)."""
+    through naive_nsa. The configs come from the dispatcher (`run` ignores its argument).
+    varlen: the B = 1 row holds the packed sequences of `varlen_offsets(T)`."""
     from .api import nsa
+
+    cu = None
+    if varlen:
+        if B != 1:
+            raise ValueError(f"{OP_VARLEN} packs sequences into B = 1, got B = {B}")
+        cu = torch.tensor(varlen_offsets(T), dtype=torch.int32, device=device)
 
     gates = [torch.rand(B, T, spec.HQ, generator=gen, device=device).to(dtype=dtype)
              if spec.has(b) else None for b in ("cmp", "slc", "swa")]
@@ -203,9 +222,10 @@ def _op_case(spec, B, T, dtype, device, gen, q, k, v) -> Case:
         out = fn(*leaves[:3], *gl)
         return (out.detach(), *torch.autograd.grad(out, leaves, cast(do)))
 
-    return Case(OP, spec, B, T, dtype, device, dict(q=q, k=k, v=v),
-                lambda c: both(lambda *a: nsa(*a, spec=spec), lambda x: x),
-                lambda: both(lambda *a: naive.naive_nsa(spec, *a), lambda x: x.float()),
+    return Case(OP_VARLEN if varlen else OP, spec, B, T, dtype, device, dict(q=q, k=k, v=v),
+                lambda c: both(lambda *a: nsa(*a, spec=spec, cu_seqlens=cu), lambda x: x),
+                lambda: both(lambda *a: naive.naive_nsa(spec, *a, cu_seqlens=cu),
+                             lambda x: x.float()),
                 lambda o, r: max(rel_error(a, b) for a, b in zip(o, r)))
 
 

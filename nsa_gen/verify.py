@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .harness import OP, make_case
+from .harness import OP, OP_VARLEN, make_case
 from .kernels import KERNELS
 from .spec import NSASpec
 
@@ -29,8 +29,9 @@ def applicable_kernels(spec: NSASpec) -> list[str]:
 
 
 def verify_targets(spec: NSASpec) -> list[str]:
-    """Every kernel the spec uses, then the composed op (forward and backward)."""
-    return applicable_kernels(spec) + [OP]
+    """Every kernel the spec uses, then the composed op (forward and backward), on one
+    sequence and on packed sequences (cu_seqlens)."""
+    return applicable_kernels(spec) + [OP, OP_VARLEN]
 
 
 def verify_spec(spec: NSASpec, *, T: int, B: int = 1, dtypes: list[torch.dtype],
@@ -40,6 +41,8 @@ def verify_spec(spec: NSASpec, *, T: int, B: int = 1, dtypes: list[torch.dtype],
     results = []
     wanted = verify_targets(spec)
     for stem in [s for s in (kernels or wanted) if s in wanted]:
+        if stem == OP_VARLEN and B != 1:
+            continue  # packed sequences are one row
         for dtype in dtypes:
             shape = f"B={B} T={T} HQ={spec.HQ} H={spec.H} DK={spec.DK} DV={spec.DV}"
             name = str(dtype).replace("torch.", "")

@@ -137,3 +137,18 @@ def test_bad_calls():
         nsa(q, k, v, *gates, spec=spec.replace(window=0, branches=["cmp", "slc"]))
     with pytest.raises(TypeError, match="dtype"):
         nsa(q, k.half(), v, *gates, spec=spec)
+
+
+def test_varlen_op_case_matches_reference(poison):
+    """The verify target nsa_varlen: the composed op over packed sequences of uneven
+    lengths (one shorter than a compression block) against naive_nsa with cu_seqlens."""
+    from nsa_gen.harness import OP_VARLEN, make_case, varlen_offsets
+    spec = shrink("small-group", heads={"q": 4, "kv": 2}, head_dim={"k": 32, "v": 16},
+                  compression={"block": 16, "stride": 8},
+                  selection={"block": 16, "top_n": 3}, window=16)
+    cu = varlen_offsets(60)
+    assert len(cu) == 4 and min(b - a for a, b in zip(cu, cu[1:])) < spec.l
+    case = make_case(OP_VARLEN, spec, 60, dtype=torch.float32, seed=2)
+    assert case.rel_error(case.run()) < 1e-4
+    with pytest.raises(ValueError, match="B = 1"):
+        make_case(OP_VARLEN, spec, 60, B=2, dtype=torch.float32)
