@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -144,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
             args.seqlen = 4096 if device == "cuda" else 100
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:
+        # The reader went away (`nsa-gen db show | head`): not an error. Point stdout at
+        # /dev/null so that the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except SpecError as e:
         print(f"nsa-gen: error: {e}", file=sys.stderr)
         return 2

@@ -191,3 +191,32 @@ def test_compression_bwd_default_config_valid():
         spec = load_spec(name)
         for T in (1, 7, 100, 4096, 65536):
             assert kd.valid(spec, kd.default(spec, T)), (name, T)
+
+
+def test_dkv_splits_cap_keeps_partials_linear():
+    from nsa_gen.ops.compression import MAX_DKV_SPLITS, dkv_splits
+    assert dkv_splits(65536, 4096, 4) == (4096, 16)
+    assert dkv_splits(10000, 4096, 4) == (4096, 3)
+    split_t, n = dkv_splits(131072, 4096, 4)
+    assert n == MAX_DKV_SPLITS and split_t == 8192
+    split_t, n = dkv_splits(1 << 20, 4096, 8)
+    assert n <= MAX_DKV_SPLITS and split_t % 8 == 0 and split_t * n >= 1 << 20
+
+
+def test_capped_splits_match_reference(monkeypatch, poison):
+    """With the cap forcing wider splits than DKV_SPLIT_T (split_t = 44 for 16), gradients
+    still match the reference."""
+    import nsa_gen.ops.compression as cmp_ops
+    monkeypatch.setattr(cmp_ops, "MAX_DKV_SPLITS", 2)
+    assert cmp_ops.dkv_splits(83, 16, 4) == (44, 2)
+    G = 4
+    spec = make_spec(G, DK=32, DV=48, l=8, d=4)
+    config = Config.make(num_warps=4, num_stages=2, DKV_WARPS=4, DKV_STAGES=2, BLOCK_T=4,
+                         BLOCK_C=16, DKV_BLOCK_C=16, DKV_BLOCK_T=4, DKV_SPLIT_T=16)
+    q, k, v, do = rand_inputs(spec, 1, 83, torch.float32, seed=5)
+    ref = ref_grads(spec, q, k, v, do)
+    k_cmp, v_cmp = naive_compress(k, 8, 4), naive_compress(v, 8, 4)
+    dq, dk_cmp, dv_cmp = compression_bwd(q, k_cmp, v_cmp, ref[0], ref_lse(spec, q, k_cmp), do,
+                                         spec, config)
+    for name, x, r in (("dq", dq, ref[1]), ("dk_cmp", dk_cmp, ref[4]), ("dv_cmp", dv_cmp, ref[5])):
+        assert rel_err(x, r) < TOL[torch.float32], name

@@ -64,6 +64,22 @@ def compress_mean(x: torch.Tensor, l: int, d: int,  # noqa: E741 - the paper's n
     return x_cmp.to(x.dtype)[None], cu_cmp
 
 
+# The dk/dv partials of a token split take n_split * NC * H * (DK + DV) fp32 words: NC grows
+# with T, so the number of splits is capped to keep that linear in T (16 splits of 4096
+# tokens is 64k; at 128k the splits grow to 8192 tokens instead of doubling in number).
+MAX_DKV_SPLITS = 16
+
+
+def dkv_splits(T: int, split: int, block_t: int) -> tuple[int, int]:
+    """(tokens per split, number of splits) of the dk/dv pass: `split` tokens (DKV_SPLIT_T)
+    unless that needs more than MAX_DKV_SPLITS splits, then ceil(T / MAX_DKV_SPLITS) rounded
+    up to a multiple of block_t (DKV_BLOCK_T: no token tile may straddle two splits)."""
+    if -(-T // split) > MAX_DKV_SPLITS:
+        split = -(-T // MAX_DKV_SPLITS)
+        split = -(-split // block_t) * block_t
+    return split, -(-T // split)
+
+
 def _check_cmp_inputs(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, spec: NSASpec,
                       cu_seqlens: torch.Tensor | None, cu_seqlens_cmp: torch.Tensor | None) -> int:
     """Shape checks shared by the forward and backward launchers; returns NC (packed)."""
@@ -158,17 +174,17 @@ def compression_bwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, o
     split = config.get("DKV_SPLIT_T", 0)
     if not split:
         mod.nsa_compression_bwd_dkv_kernel[(cmp_tiles.shape[0], spec.H, 1)](
-            q, k_cmp, v_cmp, do, lse, delta, dk_cmp, dv_cmp, cmp_tiles, B * NC,
+            q, k_cmp, v_cmp, do, lse, delta, dk_cmp, dv_cmp, cmp_tiles, B * NC, 0,
             DOT_PRECISION=prec, **opts)
         return dq, dk_cmp, dv_cmp
     # Token-range splits write fp32 partials, summed in split order: deterministic. A
-    # sequence has at most T tokens, so ceil(T / split) splits cover it; a split past its
+    # sequence has at most T tokens, so ceil(T / split_t) splits cover it; a split past its
     # sequence's end writes zeros (its loops are empty).
-    n_split = -(-T // split)
+    split_t, n_split = dkv_splits(T, split, config["DKV_BLOCK_T"])
     dk_part = torch.empty((n_split, *k_cmp.shape), device=q.device, dtype=torch.float32)
     dv_part = torch.empty((n_split, *v_cmp.shape), device=q.device, dtype=torch.float32)
     mod.nsa_compression_bwd_dkv_kernel[(cmp_tiles.shape[0], spec.H, n_split)](
-        q, k_cmp, v_cmp, do, lse, delta, dk_part, dv_part, cmp_tiles, B * NC,
+        q, k_cmp, v_cmp, do, lse, delta, dk_part, dv_part, cmp_tiles, B * NC, split_t,
         DOT_PRECISION=prec, **opts)
     dk_cmp.copy_(dk_part.sum(0))
     dv_cmp.copy_(dv_part.sum(0))
