@@ -5,7 +5,7 @@
 # the budget, then write the evidence tables (benchmarks/tune_evidence.py).
 #
 # Usage: [SEQLENS=1024,4096,16384,65536,131072] [TRIALS=12] [JOBS=8] [TIMEOUT=60]
-#        [STEPS="tune exhaustive evidence"] [BUDGET_S=560] [RESUME=DIR]
+#        [STEPS="tune exhaustive evidence"] [BUDGET_S=560] [RESUME=DIR] [EXH_DATA=DIR]
 #        bash benchmarks/gpu_tune_all.sh [SPEC...]        (default SPECs: every built-in)
 #
 # SEQLENS is a comma list as `nsa-gen tune --seqlens` takes it ('k' = 1024 allowed).
@@ -84,6 +84,11 @@ if has_step tune; then
 fi
 
 if has_step evidence; then
+  # Without this run's exhaustive step, table b uses recorded studies if EXH_DATA names a
+  # folder holding t40.db and tall.db (e.g. benchmarks/results/session2).
+  if ! has_step exhaustive && [ -n "$EXH_DATA" ] && [ ! -f /tmp/tall.db ]; then
+    cp "$EXH_DATA/t40.db" "$EXH_DATA/tall.db" /tmp/ || log "no recorded studies in $EXH_DATA"
+  fi
   args=(--out "$OUT/evidence")
   [ -f /tmp/tune.db ] && args+=(--storage sqlite:////tmp/tune.db)
   [ -f /tmp/t40.db ] && [ -f /tmp/tall.db ] &&
