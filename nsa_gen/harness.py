@@ -32,6 +32,11 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (out - ref).norm().item() / (den if den > 0 else 1.0)
 
 
+def worst_error(outs: tuple, refs: tuple) -> float:
+    """The largest `rel_error` over paired outputs (e.g. dq, dk, dv)."""
+    return max(rel_error(o, r) for o, r in zip(outs, refs))
+
+
 @dataclass
 class Case:
     """One kernel on one shape: `run(config)` launches it, `rel_error(outputs)` compares
@@ -226,7 +231,7 @@ def _op_case(spec, B, T, dtype, device, gen, q, k, v, varlen: bool = False) -> C
                 lambda c: both(lambda *a: nsa(*a, spec=spec, cu_seqlens=cu), lambda x: x),
                 lambda: both(lambda *a: naive.naive_nsa(spec, *a, cu_seqlens=cu),
                              lambda x: x.float()),
-                lambda o, r: max(rel_error(a, b) for a, b in zip(o, r)))
+                worst_error)
 
 
 def _grads(fn, inputs: list[torch.Tensor], do: torch.Tensor) -> tuple:
@@ -244,16 +249,13 @@ def _bwd_case(stem, spec, B, T, dtype, device, gen, q, k, v) -> Case:
     scale = spec.softmax_scale
     do = torch.randn(B, T, spec.HQ, spec.DV, generator=gen, device=device).to(dtype=dtype)
 
-    def cmp(outs, refs):
-        return max(rel_error(o, r) for o, r in zip(outs, refs))
-
     if stem == "selection_bwd":
         idx = _random_indices(spec, B, T, device, gen)
         o, lse = selection.selection_fwd(q, k, v, idx, spec)
         return Case(stem, spec, B, T, dtype, device, dict(q=q, k=k, v=v, block_indices=idx, do=do),
                     lambda c: selection.selection_bwd(q, k, v, o, lse, do, idx, spec, c),
                     lambda: _grads(lambda a, b, c: naive.naive_selection(a, b, c, idx.long(), spec.BS, scale),
-                                   [q, k, v], do), cmp)
+                                   [q, k, v], do), worst_error)
 
     if stem == "compression_bwd":
         k_cmp = naive.naive_compress(k.float(), spec.l, spec.d).to(dtype)
@@ -262,13 +264,13 @@ def _bwd_case(stem, spec, B, T, dtype, device, gen, q, k, v) -> Case:
         return Case(stem, spec, B, T, dtype, device, dict(q=q, k_cmp=k_cmp, v_cmp=v_cmp, do=do),
                     lambda c: compression.compression_bwd(q, k_cmp, v_cmp, o, lse, do, spec, c),
                     lambda: _grads(lambda a, b, c: naive.naive_compressed_attention(
-                        a, b, c, spec.l, spec.d, scale)[0], [q, k_cmp, v_cmp], do), cmp)
+                        a, b, c, spec.l, spec.d, scale)[0], [q, k_cmp, v_cmp], do), worst_error)
 
     if stem == "window_bwd":
         o, lse = window.window_fwd(q, k, v, spec)
         return Case(stem, spec, B, T, dtype, device, dict(q=q, k=k, v=v, do=do),
                     lambda c: window.window_bwd(q, k, v, o, lse, do, spec, c),
                     lambda: _grads(lambda a, b, c: naive.naive_window(a, b, c, spec.w, scale),
-                                   [q, k, v], do), cmp)
+                                   [q, k, v], do), worst_error)
 
     raise KeyError(f"no test case for kernel '{stem}'")

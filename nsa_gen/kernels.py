@@ -21,6 +21,11 @@ def next_pow2(x: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, x))))
 
 
+def num_cmp_blocks(T: int, l: int, d: int) -> int:  # noqa: E741 - the paper's names
+    """Compressed blocks of a T-token sequence: block i covers [i*d, i*d + l)."""
+    return (T - l) // d + 1 if T >= l else 0
+
+
 def group_pad(spec: NSASpec) -> int:
     """Rows of a group tile: tl.dot needs M >= 16."""
     return max(16, next_pow2(spec.G))
@@ -249,8 +254,8 @@ def _swa_fwd_smem(spec: NSASpec, cfg: Config) -> int:
 # Two kernels per module, one config: the dq kernel tiles like the forward (BLOCK_T tokens x
 # G_PAD heads, BLOCK_C / BLOCK_N key tiles); the dk/dv kernel owns DKV_BLOCK_C compressed
 # blocks / DKV_BLOCK_N keys, keeps their dk and dv in fp32 registers, and streams the query
-# tokens that see them, DKV_BLOCK_T tokens x G_PAD heads at a time. Defaults are unmeasured
-# (FlashAttention-2's shapes, register counts estimated by hand); tune on the GPU.
+# tokens that see them, DKV_BLOCK_T tokens x G_PAD heads at a time, with its own DKV_WARPS and
+# DKV_STAGES. Defaults come from H200 sweeps at T = 64k (see each default's docstring).
 
 def _bwd_space(spec: NSASpec, name: str) -> dict[str, list]:
     """The forward's token tiles for dq, plus the dk/dv tiles. The dk and dv accumulators
@@ -312,7 +317,7 @@ def _cmp_bwd_default(spec: NSASpec, T: int) -> Config:
     it the first tiles' programs walk all T tokens while the grid's tail idles. Fewer
     compressed blocks than a tile: a smaller tile wastes less."""
     wide = spec.DK + spec.DV > 256
-    nc = (T - spec.l) // spec.d + 1 if T >= spec.l else 1
+    nc = num_cmp_blocks(T, spec.l, spec.d)
     cfg = _bwd_default(spec, T, "BLOCK_C", 64, max(16, min(32 if wide else 64, next_pow2(nc))))
     split = 4096 if wide else 8192
     return Config.make(num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -78,10 +78,6 @@ def dkv_launch_options(config) -> dict:
             "num_stages": config.get("DKV_STAGES", config.num_stages)}
 
 
-def num_cmp_blocks(T: int, l: int, d: int) -> int:
-    return (T - l) // d + 1 if T >= l else 0
-
-
 _TABLES: dict[tuple, torch.Tensor] = {}
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 import torch
 
 from ..config import Config
-from ..kernels import kernel_def, kernel_fn, kernel_module
+from ..kernels import kernel_def, kernel_fn, kernel_module, num_cmp_blocks
 from ..spec import NSASpec
 from .common import (check, check_seqlens, check_tensor, cmp_seqlens, cmp_tile_table,
-                     dkv_launch_options, dot_precision, launch_options, num_cmp_blocks,
-                     outputs, tile_table)
+                     dkv_launch_options, dot_precision, launch_options, outputs,
+                     tile_table)
 
 
 def compress_mean(x: torch.Tensor, l: int, d: int,  # noqa: E741 - the paper's names
@@ -165,7 +165,7 @@ def compression_bwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, o
     o = o.contiguous()
     delta = torch.empty(lse.shape, device=q.device, dtype=torch.float32)
     mod = kernel_module("compression_bwd", spec, config)
-    opts, prec = dkv_launch_options(config), dot_precision(q)
+    dkv_opts, prec = dkv_launch_options(config), dot_precision(q)
     tiles = tile_table(cu_seqlens, B, T, config["BLOCK_T"], spec.l, spec.d, q.device)
     mod.nsa_compression_bwd_kernel[(tiles.shape[0], spec.H)](
         q, k_cmp, v_cmp, o, do, lse, delta, dq, tiles, DOT_PRECISION=prec,
@@ -175,7 +175,7 @@ def compression_bwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, o
     if not split:
         mod.nsa_compression_bwd_dkv_kernel[(cmp_tiles.shape[0], spec.H, 1)](
             q, k_cmp, v_cmp, do, lse, delta, dk_cmp, dv_cmp, cmp_tiles, B * NC, 0,
-            DOT_PRECISION=prec, **opts)
+            DOT_PRECISION=prec, **dkv_opts)
         return dq, dk_cmp, dv_cmp
     # Token-range splits write fp32 partials, summed in split order: deterministic. A
     # sequence has at most T tokens, so ceil(T / split_t) splits cover it; a split past its
@@ -185,7 +185,7 @@ def compression_bwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, o
     dv_part = torch.empty((n_split, *v_cmp.shape), device=q.device, dtype=torch.float32)
     mod.nsa_compression_bwd_dkv_kernel[(cmp_tiles.shape[0], spec.H, n_split)](
         q, k_cmp, v_cmp, do, lse, delta, dk_part, dv_part, cmp_tiles, B * NC, split_t,
-        DOT_PRECISION=prec, **opts)
+        DOT_PRECISION=prec, **dkv_opts)
     dk_cmp.copy_(dk_part.sum(0))
     dv_cmp.copy_(dv_part.sum(0))
     return dq, dk_cmp, dv_cmp
