@@ -28,12 +28,8 @@ def _warm_one(req: TrialRequest) -> str | None:
         import torch
         case = _CASES.get(req.case_key)
         if case is None:
-            from ..harness import make_case
             _CASES.clear()
-            case = make_case(req.stem, req.spec, req.T, B=req.B,
-                             dtype=getattr(torch, req.dtype or req.spec.dtype),
-                             device=req.device, seed=req.seed)
-            _CASES[req.case_key] = case
+            case = _CASES[req.case_key] = req.build_case()
         case.run(req.config)
         if req.device.startswith("cuda"):
             torch.cuda.synchronize()

@@ -51,6 +51,16 @@ class TrialRequest:
     def case_key(self) -> tuple:
         return (self.stem, self.spec, self.T, self.B, self.device, self.seed, self.dtype)
 
+    def build_case(self, T: int | None = None, make_case: CaseFactory | None = None) -> Any:
+        """The case (inputs, launcher, reference) of this request's kernel and inputs, at
+        T tokens (default: the request's); `make_case` defaults to the harness's."""
+        import torch
+        if make_case is None:
+            from ..harness import make_case
+        return make_case(self.stem, self.spec, self.T if T is None else T, B=self.B,
+                         dtype=getattr(torch, self.dtype or self.spec.dtype), device=self.device,
+                         seed=self.seed)
+
 
 @dataclass(frozen=True)
 class TrialResult:
@@ -162,17 +172,10 @@ class TrialExecutor:
             return None
         self._case_key, self._case = None, None
         try:
-            make = self.make_case
-            if make is None:
-                from ..harness import make_case as make
-            import torch
-            dtype = getattr(torch, req.dtype or req.spec.dtype)
-            case = make(req.stem, req.spec, req.T, B=req.B, dtype=dtype, device=req.device,
-                        seed=req.seed)
+            case = req.build_case(make_case=self.make_case)
             # The reference is quadratic in T: configs are checked at CHECK_T tokens (a config
             # is shape-independent code) and timed at the real shape.
-            check = case if req.T <= CHECK_T else make(req.stem, req.spec, CHECK_T, B=req.B,
-                                                       dtype=dtype, device=req.device, seed=req.seed)
+            check = case if req.T <= CHECK_T else req.build_case(CHECK_T, self.make_case)
             # The fp32 reference is the slow part; build it here, under the setup time limit.
             reference = getattr(check, "reference", None)
             if callable(reference):
