@@ -105,3 +105,14 @@ def test_generate_cli(tmp_path):
     assert "selection_fwd.py" in names and "topn.py" in names
     for p in tmp_path.glob("*.py"):
         compile(p.read_text(), str(p), "exec")
+
+
+@pytest.mark.parametrize("stem", list(KERNELS))
+def test_default_config_valid(stem):
+    """Every kernel's heuristic default is in its config space for every built-in spec and
+    any T."""
+    kd = KERNELS[stem]
+    for name in ("deepseek-nsa", "mqa", "small-group", "fla-compat"):
+        spec = load_spec(name)
+        for T in (1, 7, 100, 4096, 65536):
+            assert kd.valid(spec, kd.default(spec, T)), (name, T)

@@ -18,7 +18,6 @@ from nsa_gen.ops.compression import compress_mean, compression_fwd
 from nsa_gen.spec import load_spec
 
 
-
 def make_spec(G: int, DK: int = 48, DV: int = 32, l: int = 8, d: int = 4, H: int = 1):  # noqa: E741
     """The paper's spec scaled down; DK = 48 is cut into 32 + 16 tiles, DK != DV."""
     return load_spec("deepseek-nsa").replace(
@@ -55,8 +54,6 @@ def ref_cmp(q, k_cmp, v_cmp, l: int, d: int, scale: float):  # noqa: E741
     i = torch.arange(k_cmp.shape[1], device=q.device)[None, :]
     lse = logits.masked_fill(~(i * d + l - 1 <= t), float("-inf")).logsumexp(-1)
     return o, lse.transpose(1, 2)
-
-
 
 
 def check(o, lse, ref_o, ref_lse, dtype, T_blind):
@@ -190,15 +187,6 @@ def test_compression_fwd_no_blocks():
     out = poisoned(spec, 2, spec.l - 1, torch.float32)
     o, lse = compression_fwd(q, k_cmp, v_cmp, spec, out=out)
     assert (o == 0).all() and (lse == float("-inf")).all()
-
-
-def test_compression_fwd_default_config_valid():
-    """The heuristic default is in the config space for every built-in spec and any T."""
-    kd = kernel_def("compression_fwd")
-    for name in ("deepseek-nsa", "mqa", "small-group", "fla-compat"):
-        spec = load_spec(name)
-        for T in (1, 7, 100, 4096, 65536):
-            assert kd.valid(spec, kd.default(spec, T)), (name, T)
 
 
 def test_compression_fwd_rejects_bad_shapes():
