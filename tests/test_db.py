@@ -16,7 +16,6 @@ from nsa_gen.config import Config
 from nsa_gen.db import (CPU_DEVICE, SCHEMA, SCHEMA_VERSION, DeviceKey, Entry, TuneKey, TuningDB,
                         current_device_key, kernel_source_hash, shipped_db_dir, spec_fields,
                         spec_from_fields, triton_version)
-from nsa_gen.db import store
 from nsa_gen.spec import load_spec
 from nsa_gen.tuning import commands
 

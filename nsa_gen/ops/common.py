@@ -42,6 +42,16 @@ def check_qkv(spec: NSASpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return B, T
 
 
+def check_grad_inputs(spec: NSASpec, q: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                      do: torch.Tensor) -> None:
+    """A backward launcher's forward outputs and upstream gradient: o and do [B, T, HQ, DV]
+    like q, lse [B, T, HQ] fp32."""
+    B, T = q.shape[:2]
+    check_tensor("o", o, (B, T, spec.HQ, spec.DV), like=q)
+    check_tensor("do", do, (B, T, spec.HQ, spec.DV), like=q)
+    check_tensor("lse", lse, (B, T, spec.HQ), dtypes=(torch.float32,))
+
+
 def check_seqlens(cu_seqlens: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor | None:
     """Validate packed-sequence offsets (int32/int64 [N+1], 0 .. T, non-decreasing, B = 1);
     returns them as int64 on `device`, or None for a plain batch."""

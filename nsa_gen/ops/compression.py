@@ -6,8 +6,8 @@ import torch
 from ..config import Config
 from ..kernels import kernel_def, kernel_fn, kernel_module, num_cmp_blocks
 from ..spec import NSASpec
-from .common import (check, check_seqlens, check_tensor, cmp_seqlens, cmp_tile_table,
-                     dkv_launch_options, dot_precision, launch_options, outputs,
+from .common import (check, check_grad_inputs, check_seqlens, check_tensor, cmp_seqlens,
+                     cmp_tile_table, dkv_launch_options, dot_precision, launch_options, outputs,
                      tile_table)
 
 
@@ -149,9 +149,7 @@ def compression_bwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, o
     """
     NC = _check_cmp_inputs(q, k_cmp, v_cmp, spec, cu_seqlens, cu_seqlens_cmp)
     B, T = q.shape[:2]
-    check_tensor("o", o, (B, T, spec.HQ, spec.DV), like=q)
-    check_tensor("do", do, (B, T, spec.HQ, spec.DV), like=q)
-    check_tensor("lse", lse, (B, T, spec.HQ), dtypes=(torch.float32,))
+    check_grad_inputs(spec, q, o, lse, do)
     config = config or kernel_def("compression_bwd").default(spec, T)
     q, k_cmp, v_cmp, do, lse = (x.contiguous() for x in (q, k_cmp, v_cmp, do, lse))
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)

@@ -6,8 +6,8 @@ import torch
 from ..config import Config
 from ..kernels import kernel_def, kernel_fn, kernel_module, next_pow2
 from ..spec import NSASpec
-from .common import (check_qkv, check_seqlens, check_tensor, launch_options, seq_start,
-                     tile_table)
+from .common import (check_grad_inputs, check_qkv, check_seqlens, check_tensor, launch_options,
+                     seq_start, tile_table)
 
 
 def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
@@ -120,9 +120,7 @@ def selection_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Te
     atomics; dk/dv come from per-block token lists (see templates/selection_bwd.py.j2).
     """
     B, T = check_qkv(spec, q, k, v)
-    check_tensor("o", o, (B, T, spec.HQ, spec.DV), like=q)
-    check_tensor("do", do, (B, T, spec.HQ, spec.DV), like=q)
-    check_tensor("lse", lse, (B, T, spec.HQ), dtypes=(torch.float32,))
+    check_grad_inputs(spec, q, o, lse, do)
     config = config or kernel_def("selection_bwd").default(spec, T)
     q, k, v, do, block_indices = (x.contiguous() for x in (q, k, v, do, block_indices))
     lse, o = lse.contiguous(), o.contiguous()

@@ -6,8 +6,8 @@ import torch
 from ..config import Config
 from ..kernels import kernel_def, kernel_fn, kernel_module
 from ..spec import NSASpec
-from .common import (check_qkv, check_seqlens, check_tensor, dkv_launch_options, dot_precision,
-                     launch_options, outputs, tile_table)
+from .common import (check_grad_inputs, check_qkv, check_seqlens, dkv_launch_options,
+                     dot_precision, launch_options, outputs, tile_table)
 
 
 def window_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: NSASpec,
@@ -47,9 +47,7 @@ def window_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tenso
     queries whose window holds it (see templates/window_bwd.py.j2).
     """
     B, T = check_qkv(spec, q, k, v)
-    check_tensor("o", o, (B, T, spec.HQ, spec.DV), like=q)
-    check_tensor("do", do, (B, T, spec.HQ, spec.DV), like=q)
-    check_tensor("lse", lse, (B, T, spec.HQ), dtypes=(torch.float32,))
+    check_grad_inputs(spec, q, o, lse, do)
     config = config or kernel_def("window_bwd").default(spec, T)
     q, k, v, do, lse = (x.contiguous() for x in (q, k, v, do, lse))
     check_seqlens(cu_seqlens, B, T, q.device)
