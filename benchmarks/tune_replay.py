@@ -22,31 +22,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from nsa_gen.db import DeviceKey, TuningDB  # noqa: E402
+from nsa_gen.tuning.trial import ERROR, OK, TrialResult  # noqa: E402
+from nsa_gen.tuning.tuner import Tuner  # noqa: E402
 
-def _known_devices():
-    from nsa_gen.db import DeviceKey
-    return (DeviceKey("sm90", 132, 140, "NVIDIA H200"),)
-
-
-KNOWN_DEVICES = _known_devices()
+# Devices whose studies can be replayed: a study's configs passed its device's pruning.
+KNOWN_DEVICES = (DeviceKey("sm90", 132, 140, "NVIDIA H200"),)
 
 
 def replay(times: dict, stem: str, spec, T: int, trials: int, seed: int, device,
            jobs: int = 1) -> float:
     """Best measured time a `trials`-trial study finds, replaying `times` (config -> ms)."""
-    from nsa_gen.db import TuningDB
-    from nsa_gen.tuning.trial import OK, TrialResult
-    from nsa_gen.tuning.tuner import Tuner
-
     def runner(req):
         ms = times.get(req.config)
-        return TrialResult(OK, ms=ms) if ms is not None else TrialResult("error", message="not measured")
+        return TrialResult(OK, ms=ms) if ms is not None else TrialResult(ERROR, message="not measured")
 
     with tempfile.TemporaryDirectory() as tmp:
         with Tuner(spec, db=TuningDB(Path(tmp) / "db"), device=device, runner=runner,
                    storage="memory", torch_device="cuda", seed=seed, progress=False, jobs=jobs,
-                   prewarm=lambda reqs: {},
-                   seed_dbs=()) as tuner:
+                   prewarm=lambda reqs: {}) as tuner:
             tuner.seed_dbs = [tuner.db]  # no shipped winners: the search alone
             res = tuner.tune(stem, T, 1, trials)
     return res.entry.ms
