@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: tune fla-compat's compression_fwd with 40 trials and exhaustively (its
-# whole pruned space, at EXH_SEQLENS, default T = 8k and 32k: bounded, so it runs first),
+# whole pruned space, at EXH_SEQLENS, default T = 8k and 32k: bounded, so it runs first;
+# step "sampled" runs only the 40-trial studies, to compare with recorded EXH_DATA),
 # tune every kernel of each SPEC at SEQLENS into a copy of tuning_db/ with what is left of
 # the budget, then write the evidence tables (benchmarks/tune_evidence.py).
 #
@@ -9,7 +10,7 @@
 #        bash benchmarks/gpu_tune_all.sh [SPEC...]        (default SPECs: every built-in)
 #
 # SEQLENS is a comma list as `nsa-gen tune --seqlens` takes it ('k' = 1024 allowed).
-# STEPS picks the parts to run. BUDGET_S bounds the whole call: the device stops a command
+# STEPS picks the parts to run: tune, exhaustive, sampled, evidence. BUDGET_S bounds the whole call: the device stops a command
 # at 10 minutes, so each tuning command gets only what is left of the budget and is then
 # interrupted (SIGINT: its studies record the cut trials as interrupted and resume cleanly),
 # leaving time to pack the results. RESUME=DIR continues an earlier call: DIR holds that
@@ -61,10 +62,12 @@ fi
 log "device: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)"
 log "specs: $*; seqlens $SEQLENS; trials $TRIALS; jobs $JOBS; steps: $STEPS"
 
-if has_step exhaustive; then
+if has_step exhaustive || has_step sampled; then
   # Same studies twice: 40 trials, and more trials than the pruned space holds (the tuner
   # stops when every config was measured). The second reuses the first's compiled kernels.
-  for what in "40 t40 db40" "100000 tall dball"; do
+  runs=("40 t40 db40")
+  has_step exhaustive && runs+=("100000 tall dball")
+  for what in "${runs[@]}"; do
     read -r trials name db <<< "$what"
     run python3 cli.py tune fla-compat --kernels compression_fwd --seqlens "$EXH_SEQLENS" \
       --trials "$trials" --storage "sqlite:////tmp/$name.db" --db "/tmp/$db" --jobs "$JOBS" \
@@ -87,7 +90,8 @@ if has_step evidence; then
   # Without this run's exhaustive step, table b uses recorded studies if EXH_DATA names a
   # folder holding t40.db and tall.db (e.g. benchmarks/results/session2).
   if ! has_step exhaustive && [ -n "$EXH_DATA" ] && [ ! -f /tmp/tall.db ]; then
-    cp "$EXH_DATA/t40.db" "$EXH_DATA/tall.db" /tmp/ || log "no recorded studies in $EXH_DATA"
+    cp "$EXH_DATA/tall.db" /tmp/ || log "no recorded studies in $EXH_DATA"
+    [ -f /tmp/t40.db ] || cp "$EXH_DATA/t40.db" /tmp/
   fi
   args=(--out "$OUT/evidence")
   [ -f /tmp/tune.db ] && args+=(--storage sqlite:////tmp/tune.db)
