@@ -8,6 +8,11 @@ which the window cannot do and the compressed and selected branches must.
 
     python benchmarks/train_check.py --out out/train            # GPU, bf16 autocast
     python benchmarks/train_check.py --device cpu --steps 2 --T 64 --batch 2   # smoke test
+    python benchmarks/train_check.py --device cpu --runs reference,reference-bf16io  # control
+
+--runs picks the runs (first against second): "nsa-gen", "reference" (fp32 attention), and
+"reference-bf16io", the fp32 reference with its inputs and output rounded to bf16, the least
+rounding a bf16 kernel does: a control for how far rounding alone moves the curve.
 """
 from __future__ import annotations
 
@@ -69,6 +74,41 @@ class TinyLM(nn.Module):
         return self.head(self.norm(x))
 
 
+def reference_bf16io(q, k, v, *gates, **kwargs):
+    """reference_nsa on inputs rounded to bf16, its output rounded to bf16 (then back to the
+    caller's dtype): the rounding a bf16 kernel cannot avoid, without a kernel."""
+    def rnd(x):
+        return None if x is None else x.to(torch.bfloat16).to(x.dtype)
+    o = reference_nsa(rnd(q), rnd(k), rnd(v), *map(rnd, gates), **kwargs)
+    return rnd(o)
+
+
+RUNS = {"nsa-gen": None, "reference": reference_nsa, "reference-bf16io": reference_bf16io}
+
+
+def best_lag(a: list[float], b: list[float], last: int, max_lag: int = 10) -> dict | None:
+    """The shift s (a[t] against b[t - s], |s| <= max_lag) that best aligns two curves over a
+    window of `last` steps ending max_lag steps before the end (least mean |difference|), and
+    the mean difference a - b there with and without it: a curve that is the other one
+    delayed has a small difference once shifted. None for curves too short."""
+    n = min(len(a), len(b))
+    max_lag = min(max_lag, (n - 1) // 3)
+    last = min(last, n - 2 * max_lag)
+    if last <= 0:
+        return None
+    window = range(n - max_lag - last, n - max_lag)
+
+    def stats(s):
+        d = [a[t] - b[t - s] for t in window]
+        return sum(d) / len(d), sum(abs(x) for x in d) / len(d), sum(x > 0 for x in d)
+    lag = min(range(-max_lag, max_lag + 1), key=lambda s: (stats(s)[1], abs(s)))
+    m0, _, p0 = stats(0)
+    m1, a1, p1 = stats(lag)
+    return {"window": [window.start, window.stop], "lag": lag, "mean_diff_lag0": m0,
+            "a_higher_lag0": p0, "mean_diff_at_lag": m1, "mean_abs_diff_at_lag": a1,
+            "a_higher_at_lag": p1}
+
+
 def batches(steps: int, B: int, T: int, vocab: int, seed: int, device):
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -107,17 +147,23 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="out/train")
+    p.add_argument("--runs", default="nsa-gen,reference",
+                   help="two of " + ", ".join(RUNS) + ", comma-separated")
     args = p.parse_args()
+    runs = args.runs.split(",")
+    if len(runs) != 2 or not set(runs) <= set(RUNS):
+        p.error(f"--runs takes two of {', '.join(RUNS)}")
     device = torch.device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     curves, secs = {}, {}
-    for name, attn in (("nsa-gen", None), ("reference", reference_nsa)):
+    for name in runs:
+        attn = RUNS[name]
         print(f"{name}:", flush=True)
         t0 = time.time()
         curves[name] = train(attn, args, device)
         secs[name] = time.time() - t0
-    a, b = curves["nsa-gen"], curves["reference"]
+    a, b = curves[runs[0]], curves[runs[1]]
     tail = max(1, len(a) // 10)
     diff = [abs(x - y) for x, y in zip(a, b)]
     summary = {
@@ -126,10 +172,12 @@ def main() -> int:
         "torch": torch.__version__, "first_loss": [a[0], b[0]],
         f"mean_last_{tail}": [sum(a[-tail:]) / tail, sum(b[-tail:]) / tail],
         "max_abs_diff": max(diff), "mean_abs_diff": sum(diff) / len(diff), "seconds": secs,
-        "uniform_loss": math.log(254),
+        "uniform_loss": math.log(254), "runs": runs,
+        "lag_last_70": best_lag(a, b, 70),
     }
     print(json.dumps(summary, indent=1))
-    (out / "train_check.json").write_text(json.dumps({"summary": summary, "curves": curves}))
+    stem = "train_check" if runs == ["nsa-gen", "reference"] else "_vs_".join(runs)
+    (out / f"{stem}.json").write_text(json.dumps({"summary": summary, "curves": curves}))
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -142,7 +190,7 @@ def main() -> int:
         ax.set_title(f"TinyLM, copy task, T={args.T}, B={args.batch}")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "train_check.png", dpi=110)
+        fig.savefig(out / f"{stem}.png", dpi=110)
     except ImportError:
         pass
     return 0

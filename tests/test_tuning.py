@@ -193,6 +193,19 @@ def test_seeded_with_default_and_neighbour_winners(spec, tmp_path):
     assert runner.calls[:3] == [default, near, far]  # the 8192 winner is the default
 
 
+def test_existing_entry_of_the_shape_is_seeded(spec, tmp_path):
+    # A retune must measure the entry it may replace: otherwise a short study that misses
+    # it overwrites a faster config with a slower one.
+    db = TuningDB(tmp_path / "db")
+    shipped = min(search_space(STEM, spec).configs(), key=cost)
+    assert shipped != KD.default(spec, 4096)
+    db.put(TuneKey.make(H200, STEM, spec, 4096), Entry(shipped, 1.0, None, 1, "2026-01-01"))
+    runner = FakeRunner()
+    r = make_tuner(spec, tmp_path, runner).tune(STEM, 4096, n_trials=3)
+    assert runner.calls[:2] == [KD.default(spec, 4096), shipped]
+    assert r.entry.config == shipped
+
+
 def test_resume_after_interruption(spec, tmp_path):
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     first = FakeRunner(interrupt_at=6)

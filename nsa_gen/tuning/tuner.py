@@ -219,8 +219,10 @@ class Tuner:
     # -- seeds
 
     def seeds(self, stem: str, T: int, B: int, keep: list[Config]) -> list[Config]:
-        """Configs to try first: the (fitting) heuristic default, then winners of the nearest
-        tuned shapes of the same kernel source, spec and device."""
+        """Configs to try first: the (fitting) heuristic default, the configs the DBs already
+        hold for this very shape (so a new study measures the entry it may replace, and
+        never swaps it for one it did not beat), then winners of the nearest tuned shapes
+        of the same kernel source, spec and device."""
         kd = kernel_def(stem)
         valid = set(keep)
         out: list[Config] = []
@@ -228,11 +230,17 @@ class Tuner:
             if cfg in valid and cfg not in out:
                 out.append(cfg)
         me = TuneKey.make(self.device, stem, self.spec, T, B)
+        same: list[Config] = []
         near: list[tuple[float, Config]] = []
         for db in self.seed_dbs:
             for k, e in db.load(stem, self.device).items():
-                if k.group == me.group and k.shape != me.shape:
+                if k.group != me.group:
+                    continue
+                if k.shape == me.shape:
+                    same.append(e.config)
+                else:
                     near.append((shape_distance(me.shape, k.shape), e.config))
+        out += [c for i, c in enumerate(same) if c in valid and c not in out and c not in same[:i]]
         near.sort(key=lambda x: x[0])
         added = 0
         for _, cfg in near:
