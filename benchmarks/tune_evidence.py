@@ -11,12 +11,14 @@ b. Optuna's best after a few trials against an exhaustive sweep (--exhaustive-st
 c. leave-one-shape-out (--db DIR --loo, needs the GPU): every DB entry that has another tuned
    shape of the same kernel, spec and device, timed at its own shape with its own winner and
    with the winner of the nearest other shape (log2 distance, as dispatch picks it), back to
-   back in this process: their ratio, and whether the neighbour costs at most 10%.
+   back in this process: their ratio, and whether the neighbour costs at most 10%;
+d. the same from the studies of --storage, with no GPU: each study's best against its own
+   measurement of the nearest other study's winner (the tuner seeds studies with them).
 
     python benchmarks/tune_evidence.py --storage sqlite:////tmp/tune.db \\
         [--sampled-storage URL] [--exhaustive-storage URL] [--db DIR --loo] --out PREFIX
 
-Tables a and b only read Optuna storage and run anywhere; c times kernels on CUDA.
+Tables a, b and d only read Optuna storage and run anywhere; c times kernels on CUDA.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from typing import Any, Callable, Iterable, Mapping
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nsa_gen.config import Config  # noqa: E402
-from nsa_gen.db import Entry, TuneKey, shape_distance  # noqa: E402
+from nsa_gen.db import Entry, TuneKey, TuningDB, shape_distance  # noqa: E402
 from nsa_gen.kernels import kernel_def  # noqa: E402
 from nsa_gen.spec import NSASpec  # noqa: E402
 from nsa_gen.tuning.tuner import StudyId, parse_study_name, study_measurements  # noqa: E402
@@ -170,13 +172,15 @@ def sampled_vs_exhaustive(sampled: Iterable[StudyOutcome], exhaustive: Iterable[
 
 # ----------------------------------------------------------------------------- leave one shape out
 
-def nearest_other(key: TuneKey, others: Iterable[TuneKey]) -> TuneKey | None:
-    """The key of `others` nearest to `key`'s shape in log2 space; at equal distance the
-    larger shape, as the dispatcher ranks them."""
-    cands = [o for o in others if o.shape != key.shape]
+def nearest_other(key: Any, others: Iterable[Any]) -> Any | None:
+    """The item of `others` (anything with T and B: DB keys, study ids) nearest to `key`'s
+    shape in log2 space, its own shape excluded; at equal distance the larger shape, as the
+    dispatcher ranks them."""
+    me = (key.T, key.B)
+    cands = [o for o in others if (o.T, o.B) != me]
     if not cands:
         return None
-    return min(cands, key=lambda o: (shape_distance(key.shape, o.shape), -o.T, -o.B))
+    return min(cands, key=lambda o: (shape_distance(me, (o.T, o.B)), -o.T, -o.B))
 
 
 def leave_one_out(entries: Mapping[TuneKey, Entry], time_fn: TimeFn, rounds: int = 2,
@@ -220,6 +224,56 @@ def leave_one_out(entries: Mapping[TuneKey, Entry], time_fn: TimeFn, rounds: int
         row["within"] = row["ratio"] <= limit
         rows.append(row)
     return rows
+
+
+def leave_one_out_from_studies(outcomes: Iterable[StudyOutcome],
+                               entries: Mapping[TuneKey, Entry] | None = None,
+                               limit: float = LOO_LIMIT) -> list[dict[str, Any]]:
+    """Table d, with no GPU: for each study with a result, the config dispatch would pick had
+    the study's shape not been tuned, looked up among the study's own measurements. With
+    `entries` (a DB) that is the entry of the nearest other tuned shape of the same kernel
+    source, spec, device and triton; without, the winner of the nearest other such study.
+    The tuner seeds a study with the winners of the nearest shapes tuned before it, so both
+    times come from the same study (same process, inputs and timer). A neighbour's config
+    the study did not measure gives a row with no ratio."""
+    outcomes = [o for o in outcomes if o.best is not None]
+    if entries is None:
+        def candidates(o):
+            return [(x.id, x.best[0]) for x in outcomes if _same_group(o.id, x.id)]
+    else:
+        from nsa_gen.db import spec_fields
+
+        def candidates(o):
+            if o.spec is None:
+                return []
+            fields = spec_fields(o.spec)
+            return [(k, e.config) for k, e in entries.items()
+                    if (k.device.id, k.kernel, k.source_hash, k.triton, k.spec)
+                    == (o.id.device_id, o.id.kernel, o.id.source_hash, o.id.triton, fields)]
+    rows = []
+    for o in sorted(outcomes, key=StudyOutcome.sort_key):
+        cands = dict(candidates(o))
+        nb = nearest_other(o.id, list(cands))
+        if nb is None:
+            continue
+        (own, own_ms), other = o.best, cands[nb]
+        nb_ms = o.results.get(other)
+        ratio = nb_ms / own_ms if nb_ms is not None and own_ms > 0 else None
+        rows.append({
+            "kernel": o.id.kernel, "spec": o.spec_label, "T": o.id.T, "B": o.id.B,
+            "device": o.id.device_id, "neighbour_T": nb.T, "neighbour_B": nb.B,
+            "own_config": own, "neighbour_config": other, "same_config": own == other,
+            "own_ms": own_ms, "neighbour_ms": nb_ms, "ratio": ratio,
+            "within": ratio <= limit if ratio is not None else None,
+            "error": None if nb_ms is not None else "not measured in this study",
+            "study": o.name,
+        })
+    return rows
+
+
+def _same_group(a: StudyId, b: StudyId) -> bool:
+    return (a.device_id, a.kernel, a.spec_hash, a.source_hash, a.triton) == \
+        (b.device_id, b.kernel, b.spec_hash, b.source_hash, b.triton)
 
 
 class CaseTimer:
@@ -296,9 +350,10 @@ def summarize(table: str, rows: list[dict[str, Any]]) -> str:
     within = sum(bool(r["within"]) for r in timed)
     worst = max((r["ratio"] for r in timed), default=None)
     errors = len(rows) - len(timed)
+    what = "failed to time" if table == "c" else "without the neighbour's config measured"
     return (f"{within} of {len(timed)} entries within {LOO_LIMIT - 1:.0%} of their own tuned "
             f"config; worst ratio {_fmt(worst, 'ratio')}; same config as the neighbour in "
-            f"{sum(r['same_config'] for r in timed)}" + (f"; {errors} failed to time." if errors
+            f"{sum(r['same_config'] for r in timed)}" + (f"; {errors} {what}." if errors
                                                          else "."))
 
 
@@ -322,6 +377,7 @@ COLUMNS = {
           ("within 10%", "within", ""), ("own config", "own_config", ""),
           ("neighbour config", "neighbour_config", ""), ("error", "error", "")],
 }
+COLUMNS["d"] = COLUMNS["c"]
 TITLES = {
     "a": ("Tuned against the heuristic default",
           "Each study's measured time of the kernel's heuristic default config (every study "
@@ -334,15 +390,21 @@ TITLES = {
           "Each tuned shape timed with its own winner and with the winner of its nearest "
           "other tuned shape (log2 distance, as dispatch picks it), back to back in one "
           "process; ratio = neighbour's / own."),
+    "d": ("Leave one shape out, from the studies",
+          "Each study's best against its own measurement of the config of the nearest other "
+          "tuned shape (log2 distance, as dispatch picks it; from --db where given, else "
+          "from the other studies); the tuner seeds a study with the winners of the nearest "
+          "shapes tuned before it. ratio = neighbour's / own."),
 }
-JSON_KEYS = {"a": "tuned_vs_default", "b": "sampled_vs_exhaustive", "c": "leave_one_out"}
+JSON_KEYS = {"a": "tuned_vs_default", "b": "sampled_vs_exhaustive", "c": "leave_one_out",
+             "d": "leave_one_out_from_studies"}
 
 
 def render_markdown(tables: Mapping[str, list[dict[str, Any]]], meta: Mapping[str, Any]) -> str:
-    """The markdown of `tables` ({"a"|"b"|"c": rows}) under a line of `meta`."""
+    """The markdown of `tables` ({"a"|"b"|"c"|"d": rows}) under a line of `meta`."""
     lines = [f"## Tuning evidence, {meta.get('date', '')}",
              "", ", ".join(f"{k}: {v}" for k, v in meta.items() if k != "date" and v), ""]
-    for t in ("a", "b", "c"):
+    for t in ("a", "b", "c", "d"):
         if t not in tables:
             continue
         title, about = TITLES[t]
@@ -395,14 +457,16 @@ def _loo_entries(db_dir: Path) -> dict[TuneKey, Entry]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description="Tables for benchmarks/RESULTS.md: tuned vs default (a), sampled vs "
-                    "exhaustive tuning (b), leave-one-shape-out dispatch (c).")
+                    "exhaustive tuning (b), leave-one-shape-out dispatch (c: timed on the GPU; "
+                    "d: from the studies).")
     ap.add_argument("--storage", default=None,
                     help="Optuna storage URL of a tuning run (table a)")
     ap.add_argument("--sampled-storage", default=None,
                     help="storage of the few-trial run for table b (default: --storage)")
     ap.add_argument("--exhaustive-storage", default=None,
                     help="storage of the run with --trials past the space size (table b)")
-    ap.add_argument("--db", type=Path, default=None, help="tuning DB directory (table c)")
+    ap.add_argument("--db", type=Path, default=None,
+                    help="tuning DB directory (table c; table d's neighbour configs)")
     ap.add_argument("--loo", action="store_true",
                     help="table c: time each --db entry against its nearest neighbour (GPU)")
     ap.add_argument("--dtype", default=None, help="input dtype for table c (default: the spec's)")
@@ -430,7 +494,10 @@ def main(argv: list[str] | None = None) -> int:
         return md
 
     if args.storage:
-        tables["a"] = tuned_vs_default(read_studies(args.storage))
+        studies = read_studies(args.storage)
+        tables["a"] = tuned_vs_default(studies)
+        tables["d"] = leave_one_out_from_studies(
+            studies, TuningDB(args.db).load() if args.db else None)
         write()
     if args.exhaustive_storage:
         tables["b"] = sampled_vs_exhaustive(read_studies(sampled),

@@ -87,6 +87,15 @@ def test_concurrent_renders(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_atomic_write_gives_the_usual_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        codegen.atomic_write(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~codegen._UMASK
+
+
 def test_atomic_write_failure_leaves_old_file(tmp_path):
     p = tmp_path / "f.txt"
     codegen.atomic_write(p, "old")

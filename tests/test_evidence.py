@@ -197,6 +197,30 @@ def test_leave_one_out(spec):
         {"ratio": None}]
 
 
+def test_leave_one_out_from_studies(spec):
+    a, b, c = cfg(64, 4, 2), cfg(32, 8, 3), cfg(16, 2, 1)
+    studies = [outcome(spec, 1024, {a: 1.0, b: 1.3}), outcome(spec, 4096, {b: 2.0, a: 2.1}),
+               outcome(spec, 16384, {c: 4.0}),  # never measured its neighbour's winner
+               outcome(spec.replace(name="other", window=256), 2048, {a: 1.0})]  # alone
+    rows = {r["T"]: r for r in ev.leave_one_out_from_studies(studies)}
+    assert sorted(rows) == [1024, 4096, 16384]
+    assert rows[1024]["neighbour_T"] == 4096 and rows[1024]["neighbour_config"] == b
+    assert rows[1024]["ratio"] == pytest.approx(1.3) and rows[1024]["within"] is False
+    assert rows[4096]["neighbour_T"] == 16384 and rows[4096]["ratio"] is None  # tie: larger
+    assert rows[4096]["error"] == "not measured in this study"
+    assert rows[16384]["neighbour_T"] == 4096 and rows[16384]["ratio"] is None
+    # With a DB, the neighbour is the DB's entry (what dispatch would really pick).
+    put = lambda T, config: (TuneKey.make(H200, STEM, spec, T),  # noqa: E731
+                             Entry(config, 1.0, None, 10, "2026-01-01"))
+    rows = ev.leave_one_out_from_studies(studies, dict([put(4096, a), put(1024, a)]))
+    got = {r["T"]: r for r in rows}
+    assert got[1024]["neighbour_config"] == a and got[1024]["ratio"] == pytest.approx(1.0)
+    assert got[4096]["neighbour_T"] == 1024 and got[4096]["ratio"] == pytest.approx(2.1 / 2.0)
+    assert got[16384]["neighbour_T"] == 4096 and got[16384]["neighbour_config"] == a
+    text = ev.summarize("d", rows)
+    assert "2 of 2 entries within 10%" in text and "1 without the neighbour's config measured" in text
+
+
 def test_case_timer_builds_each_shape_once(spec, monkeypatch):
     """CaseTimer on the CPU with a fake case and timer: one case per key, spec rebuilt from
     the key's fields."""

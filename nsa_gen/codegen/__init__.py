@@ -95,11 +95,19 @@ def source_hash(source: str) -> str:
     return hashlib.sha256(source.encode()).hexdigest()[:20]
 
 
+# Read once: os.umask can only be read by setting it, which is not thread-safe.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def atomic_write(path: Path, text: str) -> None:
-    """Write `text` so that readers see either nothing or the whole file, never a part."""
+    """Write `text` so that readers see either nothing or the whole file, never a part. The
+    file gets the mode a plain open() would give it (mkstemp's is 0600), so that a DB or
+    kernel cache written by one user stays readable by the others."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
