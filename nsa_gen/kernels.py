@@ -281,14 +281,17 @@ def _bwd_default(spec: NSASpec, T: int, name: str, block_n: int, dkv_block_n: in
 
 def _bwd_smem(spec: NSASpec, cfg: Config, name: str) -> int:
     """The larger of the two kernels. dq: query and do tiles, num_stages K/V tiles, ds
-    re-laid out for the dS.K dot. dk/dv: K/V tiles, num_stages query and do tiles, p and ds
-    re-laid out for the transposed dots."""
+    re-laid out for the dS.K dot. dk/dv: K/V tiles, DKV_STAGES query and do tiles plus one
+    more copy of each (each feeds two dots, one of them transposed), p and ds re-laid out
+    for the transposed dots. The extra copy is measured: on the H200 two compression_bwd
+    configs with DKV_STAGES = 1 asked for exactly 2 * (DKV tile + 2 query/do tiles) bytes
+    plus 1 KiB (271360 and 279552 B), which the model without it put at 156 and 180 KB."""
     el = 4 if spec.dtype == "float32" else 2
     gp, dkv, stages = token_group_pad(spec), spec.DK + spec.DV, max(1, cfg.num_stages)
     rows, bn = cfg["BLOCK_T"] * gp, cfg[name]
     rows_kv, bn_kv = cfg["DKV_BLOCK_T"] * gp, cfg["DKV_" + name]
     dq = rows * dkv + stages * bn * dkv + rows * bn
-    dkv_ = (bn_kv * dkv + max(1, cfg.get("DKV_STAGES", stages)) * rows_kv * dkv
+    dkv_ = (bn_kv * dkv + (max(1, cfg.get("DKV_STAGES", stages)) + 1) * rows_kv * dkv
             + 2 * rows_kv * bn_kv)
     return el * max(dq, dkv_)
 
