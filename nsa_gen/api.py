@@ -117,9 +117,10 @@ class NativeSparseAttention(torch.nn.Module):
     Linear, or a two-layer MLP with `gate_hidden`); phi's MLPs when spec.phi == "mlp";
     with `per_branch_kv`, each branch gets its own k/v projections (the paper's design).
     Positional encoding is the caller's: pass `rope`, a function (q [B, T, HQ, DK],
-    k [B, T, H, DK], cu_seqlens) -> (q, k), e.g. rotary embeddings applied per position
+    k [B, T, heads, DK], cu_seqlens) -> (q, k), e.g. rotary embeddings applied per position
     (restart positions at each sequence start when cu_seqlens packs sequences). It is
-    applied to every branch's keys before compression, as position is part of a key.
+    called once per forward, on the keys of every branch (heads = H, or H per branch with
+    per_branch_kv), before compression, as position is part of a key.
     """
 
     def __init__(self, spec: NSASpec | str, hidden_size: int, *, per_branch_kv: bool = False,
@@ -156,11 +157,12 @@ class NativeSparseAttention(torch.nn.Module):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, spec.HQ, spec.DK)
         n_kv = len(spec.branches) if self.per_branch_kv else 1
-        ks = self.k_proj(x).view(B, T, n_kv, spec.H, spec.DK).unbind(2)
-        vs = self.v_proj(x).view(B, T, n_kv, spec.H, spec.DV).unbind(2)
+        # Every branch's keys in one [B, T, n_kv * H, DK] tensor: one rope call rotates q once.
+        k = self.k_proj(x).view(B, T, n_kv * spec.H, spec.DK)
         if rope is not None:
-            rotated = [rope(q, kk, cu_seqlens) for kk in ks]
-            q, ks = rotated[0][0], [r[1] for r in rotated]
+            q, k = rope(q, k, cu_seqlens)
+        ks = k.view(B, T, n_kv, spec.H, spec.DK).unbind(2)
+        vs = self.v_proj(x).view(B, T, n_kv, spec.H, spec.DV).unbind(2)
         g = torch.sigmoid(self.gate(x)).view(B, T, len(spec.branches), spec.HQ).unbind(2)
         gates = dict(zip(spec.branches, g))
         kv = {}

@@ -126,6 +126,37 @@ def test_module_matches_reference(poison):
     assert all(rel(a, p.grad) < 1e-4 for a, p in zip(gp, m.parameters()))
 
 
+def test_module_rope_hook_runs_once_on_every_branch(poison):
+    spec = SPECS[4]
+    torch.manual_seed(0)
+    m = NativeSparseAttention(spec, 32, per_branch_kv=True)
+    calls, seen = [], {}
+
+    def rope(q, k, cu_seqlens):  # a position-dependent rotation of pairs of dims
+        calls.append(k.shape)
+        ang = torch.arange(q.shape[1], dtype=q.dtype)[None, :, None, None] * 0.1
+
+        def rot(x):
+            a, b = x[..., 0::2], x[..., 1::2]
+            return torch.stack([a * ang.cos() - b * ang.sin(), a * ang.sin() + b * ang.cos()],
+                               -1).flatten(-2)
+        return rot(q), rot(k)
+
+    def capture(q, k, v, *gates, **kw):
+        seen.update(q=q, **{n: kw[n][0] for n in ("kv_cmp", "kv_slc", "kv_swa")})
+        return reference_nsa(q, k, v, *gates, **kw)
+
+    x = torch.randn(1, 24, 32)
+    m(x, rope=rope, attention=capture)
+    assert calls == [(1, 24, 3 * spec.H, spec.DK)]  # once, with the keys of all three branches
+    q = m.q_proj(x).view(1, 24, spec.HQ, spec.DK)
+    ks = m.k_proj(x).view(1, 24, 3, spec.H, spec.DK).unbind(2)
+    for i, name in enumerate(("kv_cmp", "kv_slc", "kv_swa")):
+        rq, rk = rope(q, ks[i], None)
+        assert torch.allclose(seen[name], rk, atol=1e-6)
+    assert torch.allclose(seen["q"], rq, atol=1e-6)
+
+
 def test_bad_calls():
     spec = SPECS[4]
     q, k, v, gates, _ = inputs(spec, 1, 20, seed=1)
