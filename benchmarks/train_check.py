@@ -92,7 +92,7 @@ def best_lag(a: list[float], b: list[float], last: int, max_lag: int = 10) -> di
     the mean difference a - b there with and without it: a curve that is the other one
     delayed has a small difference once shifted. None for curves too short."""
     n = min(len(a), len(b))
-    max_lag = min(max_lag, (n - 1) // 3)
+    max_lag = max(0, min(max_lag, (n - 1) // 3))
     last = min(last, n - 2 * max_lag)
     if last <= 0:
         return None

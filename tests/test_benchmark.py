@@ -38,3 +38,22 @@ def test_flop_model():
     total = sum(benchmark.flops(s, 65536, b) for b in ("cmp", "topn", "slc", "swa"))
     assert 1.2e13 < total < 1.4e13  # NSA.md: about 1.3e13 at 64k
     assert benchmark.flops(s, 100, "slc") == benchmark.flops(s, 100, "full")  # all keys selected
+
+
+def test_train_check_best_lag():
+    """benchmarks/train_check.py's curve alignment: a curve that is another one delayed by
+    3 steps is found to lag by 3, with no difference left once shifted."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_check.py"
+    spec = importlib.util.spec_from_file_location("train_check", path)
+    tc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tc)
+    base = [5.5 - 2.0 / (1.0 + 2.0 ** (-(t - 60) / 4)) for t in range(120)]  # a sharp drop
+    late = [base[max(0, t - 3)] for t in range(120)]
+    r = tc.best_lag(late, base, 40)
+    assert r["lag"] == 3 and abs(r["mean_diff_at_lag"]) < 1e-9
+    assert r["mean_diff_lag0"] > 0 and r["a_higher_lag0"] > 30
+    assert tc.best_lag(base, base, 40)["lag"] == 0
+    assert tc.best_lag(base[:3], base[:3], 40)["lag"] == 0  # too short to shift
+    assert tc.best_lag([], [], 40) is None
