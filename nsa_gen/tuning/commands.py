@@ -117,6 +117,15 @@ def _default_db() -> Path | None:
     return env.db_overlay() or shipped_db_dir()
 
 
+def _db_or_err(given: Path | None, command: str, what: str) -> Path | None:
+    """`given`, else the default DB; None (after an error naming `what` is missing) if
+    there is neither."""
+    root = given or _default_db()
+    if root is None:
+        _err(f"nsa-gen db {command}: no {what}")
+    return root
+
+
 # ----------------------------------------------------------------------------- tune
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -249,9 +258,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from ..db import TuningDB
-    into = args.into or _default_db()
+    into = _db_or_err(args.into, "merge", "target (pass --into DIR)")
     if into is None:
-        _err("nsa-gen db merge: no target (pass --into DIR)")
         return 2
     for src in args.sources:
         if not src.is_dir():
@@ -264,9 +272,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from ..db import TuningDB
-    src = args.db or _default_db()
+    src = _db_or_err(args.db, "export", "DB to read (pass --db DIR)")
     if src is None:
-        _err("nsa-gen db export: no DB to read (pass --db DIR)")
         return 2
     n = TuningDB(src).export(args.out, kernel=args.kernel, device_id=args.device,
                              fresh_only=not args.include_stale)
@@ -276,9 +283,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from ..db import TuningDB
-    root = args.db or _default_db()
+    root = _db_or_err(args.db, "prune", "DB directory (pass --db DIR)")
     if root is None:
-        _err("nsa-gen db prune: no DB directory (pass --db DIR)")
         return 2
     if args.all:
         stale, other = False, False
