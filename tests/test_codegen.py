@@ -125,3 +125,26 @@ def test_default_config_valid(stem):
         spec = load_spec(name)
         for T in (1, 7, 100, 4096, 65536):
             assert kd.valid(spec, kd.default(spec, T)), (name, T)
+
+
+def test_template_sources_follow_imports(tmp_path, monkeypatch):
+    """What a kernel's DB source hash covers: its template and, once each, every template
+    it imports, so that editing shared template code makes the old entries stale."""
+    (tmp_path / "a.py.j2").write_text('{% import "m.j2" as m with context %}{{ m.x() }}\n')
+    (tmp_path / "m.j2").write_text('{% include "n.j2" %}{% macro x() %}1{% endmacro %}')
+    (tmp_path / "n.j2").write_text('{% import "m.j2" as again %}')  # a cycle is read once
+    monkeypatch.setattr(codegen, "template_dir", lambda: tmp_path)
+    monkeypatch.setattr(codegen, "_ENV", None)
+    got = codegen.template_sources("a.py.j2")
+    assert got == [(tmp_path / n).read_bytes() for n in ("a.py.j2", "m.j2", "n.j2")]
+
+
+def test_shared_backward_macros_are_hashed():
+    from nsa_gen.db.store import kernel_source_hash
+    shared = (codegen.template_dir() / "bwd_common.j2").read_bytes()
+    for stem in ("compression_bwd", "window_bwd"):
+        assert codegen.template_sources(f"{stem}.py.j2")[1:] == [shared]
+    # A template that imports nothing hashes as before shared templates existed.
+    import hashlib
+    text = (codegen.template_dir() / "topn.py.j2").read_bytes()
+    assert kernel_source_hash("topn") == hashlib.sha256(text).hexdigest()[:16]

@@ -80,6 +80,26 @@ def _versions() -> str:
     return f"nsa-gen {__version__}, triton {triton.__version__}, jinja2 {jinja2.__version__}"
 
 
+def template_sources(template: str) -> list[bytes]:
+    """The text of `template` and then of every template it imports or includes, directly or
+    not, each once, in a fixed order: what the generated code of `template` depends on."""
+    from jinja2 import meta
+    env, root = environment(), template_dir()
+    out: list[bytes] = []
+    seen: set[str] = set()
+    todo = [template]
+    while todo:
+        name = todo.pop(0)
+        if name in seen:
+            continue
+        seen.add(name)
+        text = (root / name).read_bytes()
+        out.append(text)
+        refs = meta.find_referenced_templates(env.parse(text.decode()))
+        todo += sorted(r for r in refs if r is not None)
+    return out
+
+
 def render(template: str, context: Mapping[str, Any], spec_hash: str) -> str:
     """Render `templates/<template>` with a checked context; returns the module source."""
     for k, v in context.items():

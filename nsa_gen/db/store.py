@@ -130,10 +130,13 @@ def _cuda_key(index: int) -> DeviceKey:
 
 @functools.lru_cache(maxsize=None)
 def kernel_source_hash(stem: str) -> str:
-    """Hash of kernel `stem`'s template text: a tuned config is only trusted for the source
-    it was measured on."""
-    text = (codegen.template_dir() / kernel_def(stem).template).read_bytes()
-    return hashlib.sha256(text).hexdigest()[:16]
+    """Hash of kernel `stem`'s template text and of the templates it imports: a tuned config
+    is only trusted for the source it was measured on. A template that imports none hashes
+    as its text alone (so its entries stay valid when another template starts sharing code)."""
+    h = hashlib.sha256()
+    for i, text in enumerate(codegen.template_sources(kernel_def(stem).template)):
+        h.update(text if i == 0 else b"\0" + text)
+    return h.hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=None)
