@@ -150,9 +150,11 @@ def _topn_default(spec: NSASpec, T: int) -> Config:
 
 
 def _topn_smem(spec: NSASpec, cfg: Config) -> int:
+    # The kernel loads q and k_cmp in the exact pieces of dim_chunks(DK), so DK, not its
+    # power-of-two padding, sets the tile bytes.
     rows, bc = cfg["BLOCK_T"] * token_group_pad(spec), cfg["BJ"] * spec.BS // spec.d
-    bk = next_pow2(spec.DK)
-    return 2 * (rows * bk + max(1, cfg.num_stages) * bc * bk) + 4 * (rows * bc + bc * cfg["BJ"])
+    dk = spec.DK
+    return 2 * (rows * dk + max(1, cfg.num_stages) * bc * dk) + 4 * (rows * bc + bc * cfg["BJ"])
 
 
 # ------------------------------------------------------------------- compression_fwd, window_fwd
