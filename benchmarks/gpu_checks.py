@@ -78,10 +78,7 @@ def split_cap(spec, T, dtype, device, seed=0) -> dict:
     v_cmp = naive_compress(v.float(), spec.l, spec.d).to(dtype)
     o, lse = compression_fwd(q, k_cmp, v_cmp, spec)
     split_cfg = KERNELS["compression_bwd"].default(spec, T)
-    params = dict(split_cfg.params)
-    params["DKV_SPLIT_T"] = 0
-    whole_cfg = type(split_cfg).make(num_warps=split_cfg.num_warps,
-                                     num_stages=split_cfg.num_stages, **params)
+    whole_cfg = split_cfg.replace(DKV_SPLIT_T=0)
     out = {}
     for name, cfg in (("split", split_cfg), ("whole", whole_cfg)):
         grads = compression_bwd(q, k_cmp, v_cmp, o, lse, do, spec, cfg)

@@ -34,6 +34,10 @@ class Config:
         except KeyError:
             return default
 
+    def replace(self, **changes: Any) -> "Config":
+        """This config with some values changed (params, num_warps or num_stages)."""
+        return Config.from_dict({**self.as_dict(), **changes})
+
     def as_dict(self) -> dict[str, Any]:
         return {**dict(self.params), "num_warps": self.num_warps, "num_stages": self.num_stages}
 

@@ -40,6 +40,9 @@ class KernelDef:
     space: Callable[[NSASpec], dict[str, list]]
     smem_bytes: Callable[[NSASpec, Config], int]
     applies: Callable[[NSASpec], bool]
+    # Params that pick an algorithm rather than a tile size: the tuner tries the default
+    # with each of their other values before sampling (a short study may not sample them).
+    structural: tuple[str, ...] = ()
 
     @property
     def template(self) -> str:
@@ -357,7 +360,7 @@ KERNELS: dict[str, KernelDef] = {
     "selection_fwd": KernelDef("selection_fwd", "slc", _slc_fwd_context, _slc_fwd_default,
                                _slc_fwd_space, _slc_fwd_smem, lambda s: s.has("slc")),
     "topn": KernelDef("topn", "slc", _topn_context, _topn_default, _topn_space, _topn_smem,
-                      lambda s: s.has("slc")),
+                      lambda s: s.has("slc"), structural=("MERGE",)),
     "selection_bwd": KernelDef("selection_bwd", "slc", _slc_bwd_context, _slc_bwd_default,
                                _slc_bwd_space, _slc_bwd_smem, lambda s: s.has("slc")),
     "compression_fwd": KernelDef("compression_fwd", "cmp", _cmp_fwd_context, _cmp_fwd_default,
@@ -369,7 +372,7 @@ KERNELS: dict[str, KernelDef] = {
     "compression_bwd": KernelDef("compression_bwd", "cmp", _cmp_bwd_context, _cmp_bwd_default,
                                  _cmp_bwd_space, _cmp_bwd_smem,
                                  # the selection branch's top-n is not differentiated
-                                 lambda s: s.has("cmp")),
+                                 lambda s: s.has("cmp"), structural=("DKV_SPLIT_T",)),
     "window_bwd": KernelDef("window_bwd", "swa", _swa_bwd_context, _swa_bwd_default,
                             _swa_bwd_space, _swa_bwd_smem, lambda s: s.has("swa")),
 }

@@ -206,6 +206,26 @@ def test_existing_entry_of_the_shape_is_seeded(spec, tmp_path):
     assert r.entry.config == shipped
 
 
+def test_structural_variants_of_the_default_are_seeded(spec, tmp_path, monkeypatch):
+    # Each other value of a structural param, on the default's tiles, comes right after the
+    # neighbours' winners: a 4-trial study at 128k had never tried the unsplit dk/dv pass.
+    monkeypatch.setattr(tuner_mod, "shipped_db_dir", lambda: None)  # no neighbours
+    t = make_tuner(spec, tmp_path, FakeRunner())
+    stem = "compression_bwd"
+    kd = kernel_def(stem)
+    keep, _ = pruned_space(stem, spec, H200)
+    default = kd.default(spec, 131072)
+    seeds = t.seeds(stem, 131072, 1, keep)
+    assert seeds[0] == default and kd.structural == ("DKV_SPLIT_T",)
+    splits = [c["DKV_SPLIT_T"] for c in seeds[1:]]
+    assert sorted(splits + [default["DKV_SPLIT_T"]]) == sorted(kd.space(spec)["DKV_SPLIT_T"])
+    assert all(c.replace(DKV_SPLIT_T=default["DKV_SPLIT_T"]) == default for c in seeds[1:])
+    topn = t.seeds("topn", 4096, 1, pruned_space("topn", spec, H200)[0])
+    assert [c["MERGE"] for c in topn] == ["bitonic", "sort"]
+    assert t.seeds(STEM, 4096, 1, pruned_space(STEM, spec, H200)[0]) == [KD.default(spec, 4096)]
+    assert KD.structural == ()
+
+
 def test_resume_after_interruption(spec, tmp_path):
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     first = FakeRunner(interrupt_at=6)

@@ -221,8 +221,8 @@ class Tuner:
     def seeds(self, stem: str, T: int, B: int, keep: list[Config]) -> list[Config]:
         """Configs to try first: the (fitting) heuristic default, the configs the DBs already
         hold for this very shape (so a new study measures the entry it may replace, and
-        never swaps it for one it did not beat), then winners of the nearest tuned shapes
-        of the same kernel source, spec and device."""
+        never swaps it for one it did not beat), winners of the nearest tuned shapes of the
+        same kernel source, spec and device, then the default's structural variants."""
         kd = kernel_def(stem)
         valid = set(keep)
         out: list[Config] = []
@@ -249,6 +249,17 @@ class Tuner:
             if cfg in valid and cfg not in out:
                 out.append(cfg)
                 added += 1
+        # The default with each other value of each structural param (the split of the
+        # compressed dk/dv pass, top-n's merge): few, and each a different algorithm, so
+        # even a short study measures them (at 128k the unsplit dk/dv pass beat the
+        # default's split by 10%, in a value a 4-trial study never sampled).
+        base = out[0] if out else kd.default(self.spec, T)
+        space = kd.space(self.spec)
+        for name in kd.structural:
+            for value in space[name]:
+                cfg = base.replace(**{name: value})
+                if cfg in valid and cfg not in out:
+                    out.append(cfg)
         return out
 
     # -- one study
