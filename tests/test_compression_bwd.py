@@ -211,3 +211,27 @@ def test_capped_splits_match_reference(monkeypatch, poison):
                                          spec, config)
     for name, x, r in (("dq", dq, ref[1]), ("dk_cmp", dk_cmp, ref[4]), ("dv_cmp", dv_cmp, ref[5])):
         assert rel_err(x, r) < TOL[torch.float32], name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_one_split_stores_directly(dtype, monkeypatch, poison):
+    """A split config at T <= DKV_SPLIT_T (e.g. a 16k winner dispatched at 1k) runs one
+    split: it writes dk/dv straight out, with no fp32 partials, and gives the unsplit
+    config's gradients bit for bit."""
+    import nsa_gen.ops.compression as cmp_ops
+    spec = make_spec(4, DK=32, DV=48, l=8, d=4)
+    tiles = dict(BLOCK_T=4, BLOCK_C=16, DKV_BLOCK_C=16, DKV_BLOCK_T=4)
+    one = Config.make(num_warps=4, num_stages=2, DKV_WARPS=4, DKV_STAGES=2, DKV_SPLIT_T=128, **tiles)
+    whole = one.replace(DKV_SPLIT_T=0)
+    q, k, v, do = rand_inputs(spec, 1, 83, torch.float32, seed=3)
+    ref = ref_grads(spec, q, k, v, do)
+    k_cmp, v_cmp = naive_compress(k, 8, 4), naive_compress(v, 8, 4)
+    args = [x.to(dtype) for x in (q, k_cmp, v_cmp, ref[0])] + [ref_lse(spec, q, k_cmp), do.to(dtype)]
+
+    def no_partials(*a):
+        raise AssertionError("one split allocated fp32 partials")
+    monkeypatch.setattr(cmp_ops, "_dkv_partials", no_partials)
+    got = compression_bwd(*args, spec, one)
+    want = compression_bwd(*args, spec, whole)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert rel_err(got[1].float(), ref[4]) < TOL[dtype]

@@ -179,14 +179,27 @@ def compression_bwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, o
     # sequence has at most T tokens, so ceil(T / split_t) splits cover it; a split past its
     # sequence's end writes zeros (its loops are empty).
     split_t, n_split = dkv_splits(T, split, config["DKV_BLOCK_T"])
-    dk_part = torch.empty((n_split, *k_cmp.shape), device=q.device, dtype=torch.float32)
-    dv_part = torch.empty((n_split, *v_cmp.shape), device=q.device, dtype=torch.float32)
+    if n_split == 1:
+        # One split covers every sequence (split_t >= T): the program's range is the whole
+        # token loop, as unsplit, and it can store its sums straight into dk_cmp / dv_cmp
+        # (same rounding: fp32 -> dtype once), with no fp32 partials to allocate and sum.
+        mod.nsa_compression_bwd_dkv_kernel[(cmp_tiles.shape[0], spec.H, 1)](
+            q, k_cmp, v_cmp, do, lse, delta, dk_cmp, dv_cmp, cmp_tiles, B * NC, split_t,
+            DOT_PRECISION=prec, **dkv_opts)
+        return dq, dk_cmp, dv_cmp
+    dk_part, dv_part = _dkv_partials(n_split, k_cmp, v_cmp)
     mod.nsa_compression_bwd_dkv_kernel[(cmp_tiles.shape[0], spec.H, n_split)](
         q, k_cmp, v_cmp, do, lse, delta, dk_part, dv_part, cmp_tiles, B * NC, split_t,
         DOT_PRECISION=prec, **dkv_opts)
     dk_cmp.copy_(dk_part.sum(0))
     dv_cmp.copy_(dv_part.sum(0))
     return dq, dk_cmp, dv_cmp
+
+
+def _dkv_partials(n_split: int, k_cmp: torch.Tensor, v_cmp: torch.Tensor) -> tuple:
+    """fp32 per-split partial sums of dk_cmp and dv_cmp: [n_split, *k_cmp.shape], ..."""
+    return (torch.empty((n_split, *k_cmp.shape), device=k_cmp.device, dtype=torch.float32),
+            torch.empty((n_split, *v_cmp.shape), device=v_cmp.device, dtype=torch.float32))
 
 
 class CompressionFunction(torch.autograd.Function):
