@@ -169,20 +169,16 @@ def compression_bwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, o
         q, k_cmp, v_cmp, o, do, lse, delta, dq, tiles, DOT_PRECISION=prec,
         **launch_options(config))
     cmp_tiles = cmp_tile_table(cu_seqlens, B, T, config["DKV_BLOCK_C"], spec.l, spec.d, q.device)
-    split = config.get("DKV_SPLIT_T", 0)
-    if not split:
-        mod.nsa_compression_bwd_dkv_kernel[(cmp_tiles.shape[0], spec.H, 1)](
-            q, k_cmp, v_cmp, do, lse, delta, dk_cmp, dv_cmp, cmp_tiles, B * NC, 0,
-            DOT_PRECISION=prec, **dkv_opts)
-        return dq, dk_cmp, dv_cmp
     # Token-range splits write fp32 partials, summed in split order: deterministic. A
     # sequence has at most T tokens, so ceil(T / split_t) splits cover it; a split past its
     # sequence's end writes zeros (its loops are empty).
-    split_t, n_split = dkv_splits(T, split, config["DKV_BLOCK_T"])
+    split = config.get("DKV_SPLIT_T", 0)
+    split_t, n_split = dkv_splits(T, split, config["DKV_BLOCK_T"]) if split else (0, 1)
     if n_split == 1:
-        # One split covers every sequence (split_t >= T): the program's range is the whole
-        # token loop, as unsplit, and it can store its sums straight into dk_cmp / dv_cmp
-        # (same rounding: fp32 -> dtype once), with no fp32 partials to allocate and sum.
+        # Unsplit, or one split covering every sequence (split_t >= T, e.g. a long-sequence
+        # config at short T): the whole token loop in one program, storing its sums straight
+        # into dk_cmp / dv_cmp (fp32 -> dtype once, as the partials' sum would), with no
+        # fp32 partials to allocate and sum.
         mod.nsa_compression_bwd_dkv_kernel[(cmp_tiles.shape[0], spec.H, 1)](
             q, k_cmp, v_cmp, do, lse, delta, dk_cmp, dv_cmp, cmp_tiles, B * NC, split_t,
             DOT_PRECISION=prec, **dkv_opts)
