@@ -226,29 +226,25 @@ class Tuner:
         kd = kernel_def(stem)
         valid = set(keep)
         out: list[Config] = []
+
+        def add(cfg: Config) -> bool:
+            if cfg in valid and cfg not in out:
+                out.append(cfg)
+                return True
+            return False
+
         for cfg in (kd.default(self.spec, T), fitting_default(kd, self.spec, T, self.device)):
-            if cfg in valid and cfg not in out:
-                out.append(cfg)
+            add(cfg)
         me = TuneKey.make(self.device, stem, self.spec, T, B)
-        same: list[Config] = []
-        near: list[tuple[float, Config]] = []
-        for db in self.seed_dbs:
-            for k, e in db.load(stem, self.device).items():
-                if k.group != me.group:
-                    continue
-                if k.shape == me.shape:
-                    same.append(e.config)
-                else:
-                    near.append((shape_distance(me.shape, k.shape), e.config))
-        out += [c for i, c in enumerate(same) if c in valid and c not in out and c not in same[:i]]
-        near.sort(key=lambda x: x[0])
+        found = sorted(((shape_distance(me.shape, k.shape), e.config) for db in self.seed_dbs
+                        for k, e in db.load(stem, self.device).items() if k.group == me.group),
+                       key=lambda x: x[0])
         added = 0
-        for _, cfg in near:
-            if added >= self.neighbours:
-                break
-            if cfg in valid and cfg not in out:
-                out.append(cfg)
-                added += 1
+        for dist, cfg in found:  # this very shape's entries (distance 0) first, all of them
+            if dist == 0:
+                add(cfg)
+            elif added < self.neighbours:
+                added += add(cfg)
         # The default with each other value of each structural param (the split of the
         # compressed dk/dv pass, top-n's merge): few, and each a different algorithm, so
         # even a short study measures them (at 128k the unsplit dk/dv pass beat the
@@ -257,9 +253,7 @@ class Tuner:
         space = kd.space(self.spec)
         for name in kd.structural:
             for value in space[name]:
-                cfg = base.replace(**{name: value})
-                if cfg in valid and cfg not in out:
-                    out.append(cfg)
+                add(base.replace(**{name: value}))
         return out
 
     # -- one study
@@ -466,7 +460,7 @@ class Tuner:
         for name, dist in dists.items():
             choices = list(dist.choices)
             i = choices.index(base[name])
-            steps.append([Config.from_dict(dict(base, **{name: choices[j]}))
+            steps.append([best.replace(**{name: choices[j]})
                           for j in (i - 1, i + 1) if 0 <= j < len(choices)])
         out: list[Config] = []
         for tier in range(2):  # first one side of every parameter, then the other
