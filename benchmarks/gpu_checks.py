@@ -21,42 +21,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nsa_gen.api import nsa  # noqa: E402
-from nsa_gen.harness import rel_error, varlen_offsets  # noqa: E402
+from nsa_gen.harness import OP, OP_VARLEN, make_case, rel_error  # noqa: E402
 from nsa_gen.kernels import KERNELS, num_cmp_blocks  # noqa: E402
-from nsa_gen.naive import naive_compress  # noqa: E402
-from nsa_gen.ops.compression import compression_bwd, compression_fwd, dkv_splits  # noqa: E402
+from nsa_gen.ops.compression import dkv_splits  # noqa: E402
 from nsa_gen.spec import load_spec  # noqa: E402
 
 
-def _inputs(spec, T, dtype, device, seed):
-    gen = torch.Generator(device=device).manual_seed(seed)
-
-    def rnd(*shape, uniform=False):
-        f = torch.rand if uniform else torch.randn
-        return f(*shape, generator=gen, device=device).to(dtype)
-
-    q, k, v = rnd(1, T, spec.HQ, spec.DK), rnd(1, T, spec.H, spec.DK), rnd(1, T, spec.H, spec.DV)
-    gates = [rnd(1, T, spec.HQ, uniform=True) if spec.has(b) else None
-             for b in ("cmp", "slc", "swa")]
-    do = rnd(1, T, spec.HQ, spec.DV)
-    return q, k, v, gates, do
-
-
 def determinism(spec, T, dtype, device, varlen, seed=0) -> dict:
-    """Two runs of nsa() forward + backward: are the output and all gradients bitwise equal?"""
-    q, k, v, gates, do = _inputs(spec, T, dtype, device, seed)
-    cu = torch.tensor(varlen_offsets(T), dtype=torch.int32, device=device) if varlen else None
-
-    def run():
-        leaves = [x.detach().requires_grad_(True) for x in [q, k, v] + [g for g in gates if g is not None]]
-        it = iter(leaves[3:])
-        gl = [next(it) if g is not None else None for g in gates]
-        o = nsa(*leaves[:3], *gl, spec=spec, cu_seqlens=cu)
-        return [o.detach(), *torch.autograd.grad(o, leaves, do)]
-
-    a, b = run(), run()
-    names = ["o", "dq", "dk", "dv"] + [f"dg_{n}" for n, g in zip(("cmp", "slc", "swa"), gates) if g is not None]
+    """Two runs of nsa() forward + backward (the harness's op case, on one sequence or on
+    packed ones): are the output and all gradients bitwise equal?"""
+    case = make_case(OP_VARLEN if varlen else OP, spec, T, dtype=dtype, device=device, seed=seed)
+    a, b = case.run(), case.run()
+    names = ["o", "dq", "dk", "dv"] + [f"dg_{n}" for n in ("cmp", "slc", "swa") if spec.has(n)]
     equal = {n: bool(torch.equal(x, y)) for n, x, y in zip(names, a, b)}
     return dict(spec=spec.name, T=T, varlen=varlen, dtype=str(dtype).replace("torch.", ""),
                 bitwise_equal=all(equal.values()), per_tensor=equal)
@@ -64,26 +40,21 @@ def determinism(spec, T, dtype, device, varlen, seed=0) -> dict:
 
 def _time_ms(fn, device) -> float:
     if device == "cuda":
-        import triton.testing
-        return float(triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median"))
+        from nsa_gen.benchmark import _bench
+        return _bench(fn, warmup=50, rep=300)
     t = time.perf_counter()
     fn()
     return (time.perf_counter() - t) * 1e3
 
 
 def split_cap(spec, T, dtype, device, seed=0) -> dict:
-    """compression_bwd's default (split) config against the same config unsplit."""
-    q, k, v, _, do = _inputs(spec, T, dtype, device, seed)
-    k_cmp = naive_compress(k.float(), spec.l, spec.d).to(dtype)
-    v_cmp = naive_compress(v.float(), spec.l, spec.d).to(dtype)
-    o, lse = compression_fwd(q, k_cmp, v_cmp, spec)
+    """compression_bwd's default (split) config against the same config unsplit, on the
+    harness's inputs."""
+    case = make_case("compression_bwd", spec, T, dtype=dtype, device=device, seed=seed)
     split_cfg = KERNELS["compression_bwd"].default(spec, T)
     whole_cfg = split_cfg.replace(DKV_SPLIT_T=0)
-    out = {}
-    for name, cfg in (("split", split_cfg), ("whole", whole_cfg)):
-        grads = compression_bwd(q, k_cmp, v_cmp, o, lse, do, spec, cfg)
-        ms = _time_ms(lambda: compression_bwd(q, k_cmp, v_cmp, o, lse, do, spec, cfg), device)
-        out[name] = (grads, ms)
+    out = {name: (case.run(cfg), _time_ms(lambda: case.run(cfg), device))
+           for name, cfg in (("split", split_cfg), ("whole", whole_cfg))}
     errs = {n: rel_error(a, b) for n, a, b in zip(("dq", "dk", "dv"), out["split"][0], out["whole"][0])}
     split = split_cfg.get("DKV_SPLIT_T", 0)
     n_split = dkv_splits(T, split, split_cfg["DKV_BLOCK_T"])[1] if split else 1
