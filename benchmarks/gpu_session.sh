@@ -3,7 +3,8 @@
 # (one sequence and packed), benchmarks/gpu_checks.py (determinism of the gradients, the
 # compressed dk/dv split cap at 128k), then benchmarks/gpu_tune_all.sh with what is left of
 # BUDGET_S (its environment variables pass through: SEQLENS, TRIALS, STEPS, RESUME, ...).
-# Usage: [VERIFY=0] [CHECKS=0] [BUDGET_S=560] bash benchmarks/gpu_session.sh [SPEC...]
+# Usage: [VERIFY=0] [VERIFY_ARGS="-T 2048 --kernels ..."] [CHECKS=0] [BUDGET_S=560]
+#        bash benchmarks/gpu_session.sh [SPEC...]
 set -o pipefail
 source "$(dirname "$0")/device_env.sh"
 BUDGET_S=${BUDGET_S:-560}
@@ -11,7 +12,7 @@ quiet() { grep --line-buffered -v "UserWarning\|warnings.warn\|no tuned config";
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/gpu.txt"
 if [ "${VERIFY:-1}" != 0 ]; then
-  timeout 200 python3 cli.py verify deepseek-nsa fla-compat small-group mqa -T 2048 2>&1 | quiet > "$OUT/verify.txt"
+  timeout 240 python3 cli.py verify deepseek-nsa fla-compat small-group mqa ${VERIFY_ARGS:--T 2048} 2>&1 | quiet > "$OUT/verify.txt"
   echo "verify: exit ${PIPESTATUS[0]} after ${SECONDS}s"; grep -c "| pass" "$OUT/verify.txt"; grep "FAIL" "$OUT/verify.txt"
 fi
 if [ "${CHECKS:-1}" != 0 ]; then

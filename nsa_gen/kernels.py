@@ -52,6 +52,13 @@ class KernelDef:
     def kernel_name(self) -> str:
         return f"nsa_{self.stem}_kernel"
 
+    def variants(self, spec: NSASpec, base: Config) -> list[Config]:
+        """`base` with each other value of each structural param: one config per algorithm
+        the template offers besides base's."""
+        space = self.space(spec)
+        return [base.replace(**{name: value}) for name in self.structural
+                for value in space[name] if value != base[name]]
+
     def valid(self, spec: NSASpec, config: Config) -> bool:
         """Static checks of a config against the spec (divisibility, known params)."""
         space = self.space(spec)
@@ -69,22 +76,35 @@ def _common(spec: NSASpec) -> dict:
 # ----------------------------------------------------------------------------- selection_fwd
 
 def _slc_fwd_context(spec: NSASpec, cfg: Config) -> dict:
-    return dict(_common(spec), BLOCK_N=cfg["BLOCK_N"])
+    gt = token_group_pad(spec)
+    return dict(_common(spec), BLOCK_N=cfg["BLOCK_N"], BLOCK_Q=cfg["BLOCK_Q"], GT=gt,
+                ROWS=cfg["BLOCK_Q"] * gt, HQ_PAD=next_pow2(spec.HQ), S_PAD=next_pow2(spec.S))
 
 
 def _slc_fwd_space(spec: NSASpec) -> dict[str, list]:
+    """BLOCK_Q: 0 is the group-centric kernel (one token a program); n > 0 the query-batched
+    one (one selected block and n of the tokens that chose it a program), with 16 to 128
+    query rows."""
+    gt, dmax = token_group_pad(spec), max(next_pow2(spec.DK), next_pow2(spec.DV))
     return {"BLOCK_N": [b for b in (16, 32, 64, 128) if spec.BS % b == 0],
+            "BLOCK_Q": [0] + [t for t in (1, 2, 4, 8, 16, 32, 64, 128)
+                              if 16 <= t * gt <= 128 and t * gt * dmax <= MAX_TILE_ELEMS],
             "num_warps": [2, 4, 8], "num_stages": [1, 2, 3, 4]}
 
 
 def _slc_fwd_default(spec: NSASpec, T: int) -> Config:
-    return Config.make(BLOCK_N=min(64, spec.BS), num_warps=4, num_stages=2)
+    return Config.make(BLOCK_N=min(64, spec.BS), BLOCK_Q=0, num_warps=4, num_stages=2)
+
+
+def slc_fwd_rows(spec: NSASpec, cfg: Config) -> int:
+    """Query rows of a selection_fwd program."""
+    return cfg["BLOCK_Q"] * token_group_pad(spec) if cfg["BLOCK_Q"] else group_pad(spec)
 
 
 def _slc_fwd_smem(spec: NSASpec, cfg: Config) -> int:
     bn, stages = cfg["BLOCK_N"], max(1, cfg.num_stages)
     bk, bv = next_pow2(spec.DK), next_pow2(spec.DV)
-    return 2 * (group_pad(spec) * bk + stages * bn * (bk + bv))
+    return 2 * (slc_fwd_rows(spec, cfg) * bk + stages * bn * (bk + bv))
 
 
 # ----------------------------------------------------------------------------- selection_bwd
@@ -358,7 +378,8 @@ def _swa_bwd_smem(spec: NSASpec, cfg: Config) -> int:
 
 KERNELS: dict[str, KernelDef] = {
     "selection_fwd": KernelDef("selection_fwd", "slc", _slc_fwd_context, _slc_fwd_default,
-                               _slc_fwd_space, _slc_fwd_smem, lambda s: s.has("slc")),
+                               _slc_fwd_space, _slc_fwd_smem, lambda s: s.has("slc"),
+                               structural=("BLOCK_Q",)),
     "topn": KernelDef("topn", "slc", _topn_context, _topn_default, _topn_space, _topn_smem,
                       lambda s: s.has("slc"), structural=("MERGE",)),
     "selection_bwd": KernelDef("selection_bwd", "slc", _slc_bwd_context, _slc_bwd_default,

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .harness import OP, OP_VARLEN, make_case
+from .config import Config
 from .kernels import KERNELS
 from .spec import NSASpec
 
@@ -36,23 +37,34 @@ def verify_targets(spec: NSASpec) -> list[str]:
 
 def verify_spec(spec: NSASpec, *, T: int, B: int = 1, dtypes: list[torch.dtype],
                 device: str, kernels: list[str] | None = None, seed: int = 0) -> list[VerifyResult]:
-    """Run each kernel (default config) on fresh random inputs and compare with naive.py.
-    Kernels the spec does not use are skipped, also when named in `kernels`."""
+    """Run each kernel on fresh random inputs and compare with naive.py: its default config
+    and, in rows of their own, the default with each other structural variant (each a
+    different algorithm the tuner may pick). Kernels the spec does not use are skipped,
+    also when named in `kernels`."""
     results = []
     wanted = verify_targets(spec)
+    shape = f"B={B} T={T} HQ={spec.HQ} H={spec.H} DK={spec.DK} DV={spec.DV}"
     for stem in [s for s in (kernels or wanted) if s in wanted]:
         if stem == OP_VARLEN and B != 1:
             continue  # packed sequences are one row
+        runs: list[tuple[str, Config | None]] = [(stem, None)]
+        if stem in KERNELS:
+            kd = KERNELS[stem]
+            default = kd.default(spec, T)
+            runs += [(f"{stem} " + " ".join(f"{n}={cfg[n]}" for n in kd.structural
+                                            if cfg[n] != default[n]), cfg)
+                     for cfg in kd.variants(spec, default)]
         for dtype in dtypes:
-            shape = f"B={B} T={T} HQ={spec.HQ} H={spec.H} DK={spec.DK} DV={spec.DV}"
             name = str(dtype).replace("torch.", "")
-            try:
-                case = make_case(stem, spec, T, B=B, dtype=dtype, device=device, seed=seed)
-                err = case.rel_error(case.run())
-                results.append(VerifyResult(stem, shape, name, err, case.tolerance))
-            except Exception as e:  # a failing kernel is a row of the table, not a crash
-                results.append(VerifyResult(stem, shape, name, float("nan"), 0.0,
-                                            f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"))
+            case = None
+            for label, cfg in runs:
+                try:
+                    case = case or make_case(stem, spec, T, B=B, dtype=dtype, device=device, seed=seed)
+                    err = case.rel_error(case.run(cfg))
+                    results.append(VerifyResult(label, shape, name, err, case.tolerance))
+                except Exception as e:  # a failing kernel is a row of the table, not a crash
+                    results.append(VerifyResult(label, shape, name, float("nan"), 0.0,
+                                                f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"))
     return results
 
 

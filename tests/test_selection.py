@@ -7,7 +7,7 @@ from nsa_gen import naive
 from nsa_gen.config import Config
 from nsa_gen.harness import make_case
 from nsa_gen.kernels import kernel_def
-from nsa_gen.ops.selection import selection_fwd, topn
+from nsa_gen.ops.selection import selection_bwd, selection_fwd, topn
 
 # G in {1, 4, 16}, DK != DV, ragged T (not a multiple of l, d or l').
 SPECS = {
@@ -27,25 +27,78 @@ def make_spec(key, **extra):
     return shrink(d.pop("name"), **d)
 
 
+def variant(spec, block_q: int, block_n: int = 16) -> Config:
+    """BLOCK_Q 0: the group-centric kernel; n > 0: query-batched, n tokens a program."""
+    assert block_q in kernel_def("selection_fwd").space(spec)["BLOCK_Q"]
+    return Config.make(BLOCK_N=block_n, BLOCK_Q=block_q, num_warps=4, num_stages=1)
+
+
+# The group-centric kernel and the query-batched one at its fewest (16 rows) and most tokens.
+VARIANTS = {"G1": [0, 16, 128], "G4": [0, 4, 32], "G16": [0, 1, 8]}
+
+
 @pytest.mark.parametrize("key", ["G1", "G4", "G16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_selection_fwd(key, dtype, poison):
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_selection_fwd(key, dtype, which, poison):
     spec = make_spec(key)
     case = make_case("selection_fwd", spec, 77, B=2, dtype=dtype, seed=hash(key) % 1000)
     assert (case.inputs["block_indices"] == -1).any(), "test must cover empty slots"
-    err = case.rel_error(case.run())
+    err = case.rel_error(case.run(variant(spec, VARIANTS[key][which])))
     assert err < case.tolerance, err
 
 
-@pytest.mark.parametrize("block_n", [16, 32])
-def test_selection_fwd_tiles(block_n, poison):
+@pytest.mark.parametrize("block_n,block_q", [(16, 0), (32, 0), (16, 4), (32, 8)])
+def test_selection_fwd_tiles(block_n, block_q, poison):
     spec = make_spec("G4")
     case = make_case("selection_fwd", spec, 50, dtype=torch.float32, seed=3)
-    cfg = Config.make(BLOCK_N=block_n, num_warps=4, num_stages=1)
-    assert case.rel_error(case.run(cfg)) < 1e-4
+    assert case.rel_error(case.run(variant(spec, block_q, block_n))) < 1e-4
 
 
-def test_selection_fwd_lse_and_empty_rows(poison):
+def test_selection_fwd_query_chunks(monkeypatch, poison):
+    """Row chunks of the query-batched forward (partials kept within a byte budget) give the
+    same result as one chunk: here 64-row chunks over 2 x 150 rows, the last one short."""
+    from nsa_gen.ops import selection as sel
+    spec = make_spec("G4")
+    case = make_case("selection_fwd", spec, 150, B=2, dtype=torch.float32, seed=8)
+    whole = case.run(variant(spec, 8))[0]
+    monkeypatch.setattr(sel, "QUERY_PART_BYTES", 1)
+    assert sel.query_chunk_rows(spec, 4) == 64
+    chunked = case.run(variant(spec, 8))[0]
+    assert case.rel_error((chunked,)) < 1e-4
+    assert torch.equal(chunked, whole)
+
+
+def test_selection_fwd_query_future_and_repeated_blocks(poison):
+    """Indices given by hand may name a block after the token or past the sequence (nothing
+    visible: it adds nothing) or the same block twice (the list is a set): both variants
+    agree with the reference, forward and backward."""
+    spec = make_spec("G4")
+    g = torch.Generator().manual_seed(6)
+    B, T = 1, 70
+    q, k, v = (torch.randn(B, T, h, d, generator=g) for h, d in
+               ((spec.HQ, spec.DK), (spec.H, spec.DK), (spec.H, spec.DV)))
+    idx = torch.full((B, T, spec.H, spec.S), -1, dtype=torch.int32)
+    idx[..., 0] = 0
+    idx[..., 1] = 1  # after tokens 0 .. 31
+    idx[..., 2] = 0
+    ref_idx = idx.long()
+    ref = naive.naive_selection(q, k, v, ref_idx, spec.BS, spec.softmax_scale)
+    idx[..., 3] = 1000  # past the end: the reference refuses it, the kernels ignore it
+    for bq in (0, 4):
+        o, _ = selection_fwd(q, k, v, idx, spec, variant(spec, bq))
+        assert (o - ref).norm() / ref.norm() < 1e-5, bq
+    do = torch.randn_like(ref)
+    qkv = [x.clone().requires_grad_() for x in (q, k, v)]
+    naive.naive_selection(*qkv, ref_idx, spec.BS, spec.softmax_scale).backward(do)
+    o, lse = selection_fwd(q, k, v, idx, spec)
+    got = selection_bwd(q, k, v, o, lse, do, idx, spec)
+    for name, g, x in zip("qkv", got, qkv):
+        assert (g - x.grad).norm() / x.grad.norm() < 1e-5, name
+
+
+@pytest.mark.parametrize("block_q", [0, 4])
+def test_selection_fwd_lse_and_empty_rows(block_q, poison):
     """lse is the log-sum-exp of the visible logits; a token with only -1 slots gets 0, -inf."""
     spec = make_spec("G4")
     g = torch.Generator().manual_seed(5)
@@ -56,7 +109,7 @@ def test_selection_fwd_lse_and_empty_rows(poison):
     idx = torch.full((B, T, spec.H, spec.S), -1, dtype=torch.int32)
     idx[:, :, :, 0] = 0
     idx[:, 7] = -1  # token 7: nothing to attend to
-    o, lse = selection_fwd(q, k, v, idx, spec)
+    o, lse = selection_fwd(q, k, v, idx, spec, variant(spec, block_q))
     assert torch.all(o[:, 7] == 0) and torch.all(lse[:, 7] == float("-inf"))
     t = 20
     kk = k[0, : t + 1].repeat_interleave(spec.G, 1)  # [t+1, HQ, DK]
@@ -64,7 +117,8 @@ def test_selection_fwd_lse_and_empty_rows(poison):
     torch.testing.assert_close(lse[0, t], torch.logsumexp(logits, -1), rtol=1e-5, atol=1e-5)
 
 
-def test_selection_fwd_varlen(poison):
+@pytest.mark.parametrize("block_q", [0, 4])
+def test_selection_fwd_varlen(block_q, poison):
     spec = make_spec("G4")
     g = torch.Generator().manual_seed(9)
     lens = [37, 5, 50]
@@ -81,7 +135,7 @@ def test_selection_fwd_varlen(poison):
         idxs.append(ix)
         parts.append(naive.naive_selection(q[:, a:b], k[:, a:b], v[:, a:b], ix.long(), spec.BS))
     idx = torch.cat(idxs, 1).to(torch.int32)
-    o, _ = selection_fwd(q, k, v, idx, spec, cu_seqlens=cu)
+    o, _ = selection_fwd(q, k, v, idx, spec, variant(spec, block_q), cu_seqlens=cu)
     ref = torch.cat(parts, 1)
     assert (o - ref).norm() / ref.norm() < 1e-5
 

@@ -5,6 +5,7 @@ hang), and the `tune` subcommand's CPU guard."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import time
@@ -14,7 +15,7 @@ import pytest
 
 from nsa_gen.config import Config
 from nsa_gen.db import CPU_DEVICE, DeviceKey, Entry, TuneKey, TuningDB
-from nsa_gen.kernels import kernel_def
+from nsa_gen.kernels import KERNELS, kernel_def
 from nsa_gen.spec import load_spec
 from nsa_gen.tuning import commands, space, tuner as tuner_mod
 from nsa_gen.tuning.space import pruned_space, register_estimate, search_space
@@ -26,7 +27,15 @@ from nsa_gen.tuning.tuner import Tuner, study_name
 H200 = DeviceKey("sm90", 132, 140, "NVIDIA H200")
 A10 = DeviceKey("sm86", 72, 22, "NVIDIA A10")
 STEM = "selection_fwd"
-KD = kernel_def(STEM)
+FULL_KD = kernel_def(STEM)
+# The fake cost below is over tiles, warps and stages: these tests tune selection_fwd's
+# group-centric kernel alone (BLOCK_Q = 0), a space of 36 configs.
+KD = dataclasses.replace(FULL_KD, space=lambda s: dict(FULL_KD.space(s), BLOCK_Q=[0]))
+
+
+@pytest.fixture(autouse=True)
+def _group_centric_selection(monkeypatch):
+    monkeypatch.setitem(KERNELS, STEM, KD)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +44,7 @@ def spec():
 
 
 def cfg(block_n=64, warps=4, stages=2):
-    return Config.make(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    return Config.make(BLOCK_N=block_n, BLOCK_Q=0, num_warps=warps, num_stages=stages)
 
 
 # ----------------------------------------------------------------------------- space
@@ -223,7 +232,12 @@ def test_structural_variants_of_the_default_are_seeded(spec, tmp_path, monkeypat
     topn = t.seeds("topn", 4096, 1, pruned_space("topn", spec, H200)[0])
     assert [c["MERGE"] for c in topn] == ["bitonic", "sort"]
     assert t.seeds(STEM, 4096, 1, pruned_space(STEM, spec, H200)[0]) == [KD.default(spec, 4096)]
-    assert KD.structural == ()
+    KERNELS[STEM] = FULL_KD  # (the fixture restores the pinned one)
+    keep = pruned_space(STEM, spec, H200)[0]
+    slc = t.seeds(STEM, 4096, 1, keep)
+    default = FULL_KD.default(spec, 4096)
+    want = [q for q in FULL_KD.space(spec)["BLOCK_Q"] if default.replace(BLOCK_Q=q) in keep]
+    assert [c["BLOCK_Q"] for c in slc] == want and len(want) > 2
 
 
 def test_resume_after_interruption(spec, tmp_path):

@@ -17,7 +17,7 @@ def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indic
 
     q [B, T, HQ, DK], k [B, T, H, DK], v [B, T, H, DV]; block_indices [B, T, H, S] int32,
     block j covering tokens [j*BS, (j+1)*BS) of the token's sequence, -1 = empty slot.
-    Keys after the query are masked. cu_seqlens (int32 [N+1], B = 1) packs sequences.
+    Keys after the query are masked; a block listed twice counts once. cu_seqlens (int32 [N+1], B = 1) packs sequences.
     config: defaults to the kernel's heuristic. Returns o [B, T, HQ, DV] (q's dtype) and
     lse [B, T, HQ] (fp32, natural log; -inf where no key was visible).
     """
@@ -25,16 +25,76 @@ def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indic
     check_tensor("block_indices", block_indices, (B, T, spec.H, spec.S),
                  dtypes=(torch.int32,))
     config = config or kernel_def("selection_fwd").default(spec, T)
-    q, k, v, block_indices = (x.contiguous() for x in (q, k, v, block_indices))
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     starts = seq_start(cu_seqlens, B, T, q.device)
+    block_indices = visible_blocks(block_indices, spec, starts)
     o = torch.empty(B, T, spec.HQ, spec.DV, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, T, spec.HQ, device=q.device, dtype=torch.float32)
     if B * T == 0:
+        return o, lse
+    if config["BLOCK_Q"]:
+        _selection_fwd_query(q, k, v, block_indices, spec, config, cu_seqlens, starts, o, lse)
         return o, lse
     fn = kernel_fn("selection_fwd", spec, config)
     fn[(T, B * spec.H)](q, k, v, block_indices, o, lse, starts if starts is not None else q, T,
                         IS_VARLEN=starts is not None, **launch_options(config))
     return o, lse
+
+
+def visible_blocks(block_indices: torch.Tensor, spec: NSASpec,
+                   starts: torch.Tensor | None) -> torch.Tensor:
+    """block_indices [B, T, H, S] as the kernels take them: each block at most once per token
+    and kv head (naive_selection reads the list as a set) and only blocks with a key at or
+    before the token (the block holding it or an earlier one); every other slot becomes -1.
+    Slots come out ascending, -1 first. starts: seq_start's rows for packed sequences."""
+    T = block_indices.shape[1]
+    pos = torch.arange(T, device=block_indices.device, dtype=torch.int32)
+    if starts is not None:
+        pos = pos - starts
+    own = (pos // spec.BS)[None, :, None, None]
+    idx = torch.where((block_indices < 0) | (block_indices > own), -1, block_indices)
+    idx = idx.sort(-1).values
+    repeat = torch.zeros_like(idx, dtype=torch.bool)
+    repeat[..., 1:] = idx[..., 1:] == idx[..., :-1]
+    return torch.where(repeat, -1, idx).contiguous()
+
+
+# Most bytes of (token, slot) partials the query-batched forward keeps at once; longer inputs
+# are done in row chunks. 1 GiB: 4096 tokens of deepseek-nsa (64 heads of 128 dims, 16 slots).
+QUERY_PART_BYTES = 1 << 30
+
+
+def query_chunk_rows(spec: NSASpec, element_size: int) -> int:
+    """Rows (tokens) per chunk of the query-batched forward: partials within QUERY_PART_BYTES."""
+    per_row = spec.HQ * spec.S * (spec.DV * element_size + 4)
+    # A multiple of 64, so every chunk's first row has the same divisibility for Triton's
+    # integer specialisation: one compile.
+    return max(64, QUERY_PART_BYTES // per_row // 64 * 64)
+
+
+def _selection_fwd_query(q, k, v, block_indices, spec, config, cu_seqlens, starts, o, lse):
+    """The query-batched forward (config BLOCK_Q > 0), one chunk of rows at a time: invert the
+    chunk's selection, compute one partial per (token, slot), combine each token's slots."""
+    B, T = q.shape[:2]
+    ends = None
+    if cu_seqlens is not None:
+        cu = cu_seqlens.to(device=q.device, dtype=torch.int64)
+        ends = torch.repeat_interleave(cu[1:], cu[1:] - cu[:-1], output_size=T)
+    mod = kernel_module("selection_fwd", spec, config)
+    chunk = query_chunk_rows(spec, q.element_size())
+    n_part = min(chunk, B * T) * spec.H * spec.S
+    o_part = torch.empty(n_part, spec.G, spec.DV, device=q.device, dtype=q.dtype)
+    lse_part = torch.empty(n_part, spec.G, device=q.device, dtype=torch.float32)
+    for r0 in range(0, B * T, chunk):
+        r1 = min(B * T, r0 + chunk)
+        entries, segments, _, _ = _inverse_selection(block_indices, spec, T, starts, ends,
+                                                     config["BLOCK_Q"], rows=(r0, r1))
+        if segments.shape[0]:
+            mod.nsa_selection_fwd_kernel[(segments.shape[0],)](
+                q, k, v, entries.to(torch.int32), segments, o_part, lse_part, r0,
+                **launch_options(config))
+        mod.nsa_selection_fwd_combine_kernel[(r1 - r0,)](
+            block_indices, o_part, lse_part, o, lse, r0, num_warps=4, num_stages=1)
 
 
 def topn(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, spec: NSASpec,
@@ -63,25 +123,30 @@ def topn(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, spec: NSAS
 
 
 def _inverse_selection(block_indices: torch.Tensor, spec: NSASpec, T: int,
-                       starts: torch.Tensor | None, ends: torch.Tensor | None, seg: int):
-    """Invert [B, T, H, S] block indices into per-block token lists, cut into segments.
+                       starts: torch.Tensor | None, ends: torch.Tensor | None, seg: int,
+                       rows: tuple[int, int] | None = None):
+    """Invert [B, T, H, S] block indices into per-block lists of (token, slot), cut into
+    segments of at most `seg` tokens. `rows` = (r0, r1) takes only rows r0 .. r1 - 1 of the
+    B * T (default all).
 
-    Returns (tokens int32 [E], segments int32 [n, 6], reduces int32 [m, 5], n_slots): see
-    nsa_selection_bwd_dkv_kernel. A block is named by its kv head and its first key row
-    (b * T + the sequence's first row + j * BS), so packed sequences never share one.
+    Returns (entries int64 [E], segments int32 [n, 6], reduces int32 [m, 5], n_slots):
+    entries are flat indices (row - r0) * H * S + h * S + slot, grouped by block and
+    ascending within it; segments and reduces as nsa_selection_bwd_dkv_kernel reads them.
+    A block is named by its kv head and its first key row (b * T + the sequence's first row
+    + j * BS), so packed sequences never share one.
     """
     B, _, H, S = block_indices.shape
     dev = block_indices.device
     BT = B * T
-    rows = torch.arange(BT, device=dev, dtype=torch.int64)
-    row0 = starts.long() if starts is not None else rows - rows % T
-    row_end = ends.long() if ends is not None else row0 + T
-    idx = block_indices.reshape(BT, H, S).long()
+    r0, r1 = rows if rows is not None else (0, BT)
+    row = torch.arange(r0, r1, device=dev, dtype=torch.int64)
+    row0 = starts[r0:r1].long() if starts is not None else row - row % T
+    row_end = ends.long() if ends is not None else None
+    idx = block_indices.reshape(BT, H, S)[r0:r1].long()
     heads = torch.arange(H, device=dev, dtype=torch.int64)[None, :, None]
     key = heads * BT + row0[:, None, None] + idx * spec.BS
     key = torch.where(idx >= 0, key, H * BT).flatten()  # empty slots sort last
     sorted_key, order = torch.sort(key, stable=True)  # stable: tokens stay ascending
-    tokens = torch.div(order, H * S, rounding_mode="floor").to(torch.int32)
     counts = torch.bincount(sorted_key, minlength=H * BT + 1)[: H * BT]
     first = torch.cumsum(counts, 0) - counts
     n_seg = torch.div(counts + seg - 1, seg, rounding_mode="floor")
@@ -99,15 +164,17 @@ def _inverse_selection(block_indices: torch.Tensor, spec: NSASpec, T: int,
     slot = torch.where(slot >= 0, slot + kth, -1)
     h = torch.div(blk, BT, rounding_mode="floor")
     row_kv = blk - h * BT
-    seq_end = row_end[row_kv]
+    seq_end = row_end[row_kv] if row_end is not None else row_kv - row_kv % T + T
     segments = torch.stack([h, row_kv, first[blk] + kth * seg,
                             torch.minimum(counts[blk] - kth * seg, torch.full_like(kth, seg)),
                             slot, seq_end], 1).to(torch.int32).contiguous()
     mb = blocks[multi]
     hm = torch.div(mb, BT, rounding_mode="floor")
-    reduces = torch.stack([hm, mb - hm * BT, slot_first[multi], n_seg_b[multi], row_end[mb - hm * BT]],
+    row_m = mb - hm * BT
+    end_m = row_end[row_m] if row_end is not None else row_m - row_m % T + T
+    reduces = torch.stack([hm, row_m, slot_first[multi], n_seg_b[multi], end_m],
                           1).to(torch.int32).contiguous()
-    return tokens, segments, reduces, int(slots_per.sum())
+    return order, segments, reduces, int(slots_per.sum())
 
 
 def selection_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
@@ -122,10 +189,11 @@ def selection_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Te
     B, T = check_qkv(spec, q, k, v)
     check_grad_inputs(spec, q, o, lse, do)
     config = config or kernel_def("selection_bwd").default(spec, T)
-    q, k, v, do, block_indices = (x.contiguous() for x in (q, k, v, do, block_indices))
+    q, k, v, do = (x.contiguous() for x in (q, k, v, do))
     lse, o = lse.contiguous(), o.contiguous()
     delta = torch.empty(lse.shape, device=q.device, dtype=torch.float32)  # the dq kernel fills it
     starts = seq_start(cu_seqlens, B, T, q.device)
+    block_indices = visible_blocks(block_indices, spec, starts)
     ends = None
     if cu_seqlens is not None:
         cu = cu_seqlens.to(device=q.device, dtype=torch.int64)
@@ -140,8 +208,9 @@ def selection_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Te
     mod.nsa_selection_bwd_kernel[(T, B * spec.H)](
         q, k, v, o, do, lse, delta, block_indices, dq, starts if starts is not None else q, T,
         IS_VARLEN=starts is not None, **opts)
-    tokens, segments, reduces, n_slots = _inverse_selection(block_indices, spec, T, starts, ends,
-                                                            config["SEG"])
+    entries, segments, reduces, n_slots = _inverse_selection(block_indices, spec, T, starts, ends,
+                                                             config["SEG"])
+    tokens = torch.div(entries, spec.H * spec.S, rounding_mode="floor").to(torch.int32)
     bk, bv = next_pow2(spec.DK), next_pow2(spec.DV)
     dk_part = q.new_empty(max(1, n_slots) * spec.BS, bk, dtype=torch.float32)
     dv_part = q.new_empty(max(1, n_slots) * spec.BS, bv, dtype=torch.float32)

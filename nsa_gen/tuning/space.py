@@ -14,7 +14,7 @@ from typing import Any, Callable
 from ..config import Config
 from ..db import DeviceKey, config_problem
 from ..db.store import MAX_REGS_PER_THREAD
-from ..kernels import group_pad, kernel_def, next_pow2
+from ..kernels import kernel_def, next_pow2, slc_fwd_rows
 from ..spec import NSASpec
 
 # Registers a thread needs besides its tiles: pointers, offsets, loop state, masks.
@@ -26,7 +26,7 @@ def _slc_fwd_tiles(spec: NSASpec, cfg: Config) -> float:
     scores, the 16-bit probabilities and query tile (two values a word). K and V tiles are
     left out: the pipeline streams them through shared memory, so counting them would
     prune configs that run fine. The estimate is meant as a lower bound."""
-    g, bk, bv, bn = group_pad(spec), next_pow2(spec.DK), next_pow2(spec.DV), cfg["BLOCK_N"]
+    g, bk, bv, bn = slc_fwd_rows(spec, cfg), next_pow2(spec.DK), next_pow2(spec.DV), cfg["BLOCK_N"]
     return g * bv + g * bn + (g * bn + g * bk) / 2
 
 

@@ -249,11 +249,8 @@ class Tuner:
         # compressed dk/dv pass, top-n's merge): few, and each a different algorithm, so
         # even a short study measures them (at 128k the unsplit dk/dv pass beat the
         # default's split by 10%, in a value a 4-trial study never sampled).
-        base = out[0] if out else kd.default(self.spec, T)
-        space = kd.space(self.spec)
-        for name in kd.structural:
-            for value in space[name]:
-                add(base.replace(**{name: value}))
+        for cfg in kd.variants(self.spec, out[0] if out else kd.default(self.spec, T)):
+            add(cfg)
         return out
 
     # -- one study
