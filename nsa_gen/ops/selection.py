@@ -1,6 +1,8 @@
 """Selected attention (the `slc` branch): launchers and autograd wrapper."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..config import Config
@@ -60,8 +62,9 @@ def visible_blocks(block_indices: torch.Tensor, spec: NSASpec,
 
 
 # Most bytes of (token, slot) partials the query-batched forward keeps at once; longer inputs
-# are done in row chunks. 1 GiB: 4096 tokens of deepseek-nsa (64 heads of 128 dims, 16 slots).
-QUERY_PART_BYTES = 1 << 30
+# are done in row chunks. 2 GiB: 8192 tokens of deepseek-nsa (64 heads of 128 dims, 16 slots);
+# at small-group, 64k, 1 GiB cost 15.0 ms against 13.8 at 4 GiB (per-chunk steps).
+QUERY_PART_BYTES = 2 << 30
 
 
 def query_chunk_rows(spec: NSASpec, element_size: int) -> int:
@@ -74,12 +77,11 @@ def query_chunk_rows(spec: NSASpec, element_size: int) -> int:
 
 def _selection_fwd_query(q, k, v, block_indices, spec, config, cu_seqlens, starts, o, lse):
     """The query-batched forward (config BLOCK_Q > 0), one chunk of rows at a time: invert the
-    chunk's selection, compute one partial per (token, slot), combine each token's slots."""
+    chunk's selection, compute one partial per (token, slot), combine each token's slots.
+    Nothing here waits for the GPU: the segment grid is an upper bound, spare programs idle."""
     B, T = q.shape[:2]
-    ends = None
-    if cu_seqlens is not None:
-        cu = cu_seqlens.to(device=q.device, dtype=torch.int64)
-        ends = torch.repeat_interleave(cu[1:], cu[1:] - cu[:-1], output_size=T)
+    ends = seq_end(cu_seqlens, T, q.device)
+    n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
     mod = kernel_module("selection_fwd", spec, config)
     chunk = query_chunk_rows(spec, q.element_size())
     n_part = min(chunk, B * T) * spec.H * spec.S
@@ -87,14 +89,75 @@ def _selection_fwd_query(q, k, v, block_indices, spec, config, cu_seqlens, start
     lse_part = torch.empty(n_part, spec.G, device=q.device, dtype=torch.float32)
     for r0 in range(0, B * T, chunk):
         r1 = min(B * T, r0 + chunk)
-        entries, segments, _, _ = _inverse_selection(block_indices, spec, T, starts, ends,
-                                                     config["BLOCK_Q"], rows=(r0, r1))
-        if segments.shape[0]:
-            mod.nsa_selection_fwd_kernel[(segments.shape[0],)](
-                q, k, v, entries.to(torch.int32), segments, o_part, lse_part, r0,
-                **launch_options(config))
+        lists = _block_lists(block_indices, spec, T, starts, (r0, r1))
+        segments = _query_segments(lists, spec, B * T, T, ends, n_seq, config["BLOCK_Q"])
+        mod.nsa_selection_fwd_kernel[(segments.shape[0],)](
+            q, k, v, lists.entries, segments, o_part, lse_part, r0, **launch_options(config))
         mod.nsa_selection_fwd_combine_kernel[(r1 - r0,)](
             block_indices, o_part, lse_part, o, lse, r0, num_warps=4, num_stages=1)
+
+
+def seq_end(cu_seqlens: torch.Tensor | None, T: int, device) -> torch.Tensor | None:
+    """For packed batches: int64 [T], the end row of each token's sequence."""
+    if cu_seqlens is None:
+        return None
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    return torch.repeat_interleave(cu[1:], cu[1:] - cu[:-1], output_size=T)
+
+
+@dataclass(frozen=True)
+class BlockLists:
+    """The (token, slot) pairs of a row range r0 .. r1 - 1 grouped by the block they chose.
+    A block is bin h * B*T + its first key row (b * T + the sequence's first row + j * BS),
+    so packed sequences never share one. entries int32 [E]: (row - r0) * H * S + h * S +
+    slot, by bin, ascending within one; counts int64 [H * B*T]: pairs per bin; first: the
+    offset of each bin's pairs in entries."""
+    entries: torch.Tensor
+    counts: torch.Tensor
+    first: torch.Tensor
+
+
+def _block_lists(block_indices: torch.Tensor, spec: NSASpec, T: int,
+                 starts: torch.Tensor | None, rows: tuple[int, int]) -> BlockLists:
+    """Invert rows r0 .. r1 - 1 of visible_blocks' [B, T, H, S] indices by a stable sort."""
+    B, _, H, S = block_indices.shape
+    BT, (r0, r1) = B * T, rows
+    dev = block_indices.device
+    # int32 keys sort in half the radix passes of int64.
+    kt = torch.int32 if (H + 1) * BT < 2 ** 31 else torch.int64
+    row = torch.arange(r0, r1, device=dev, dtype=kt)
+    row0 = starts[r0:r1].to(kt) if starts is not None else row - row % T
+    idx = block_indices.reshape(BT, H, S)[r0:r1].to(kt)
+    heads = torch.arange(H, device=dev, dtype=kt)[None, :, None] * BT
+    key = torch.where(idx >= 0, heads + row0[:, None, None] + idx * spec.BS, H * BT).flatten()
+    sorted_key, order = torch.sort(key, stable=True)  # stable: tokens stay ascending
+    counts = torch.zeros(H * BT + 1, device=dev, dtype=torch.int64)
+    counts.index_add_(0, sorted_key.long(), torch.ones_like(sorted_key, dtype=torch.int64))
+    counts = counts[: H * BT]  # the last bin held the empty slots
+    return BlockLists(order.to(torch.int32), counts, torch.cumsum(counts, 0) - counts)
+
+
+def _query_segments(lists: BlockLists, spec: NSASpec, BT: int, T: int,
+                    ends: torch.Tensor | None, n_seq: int, seg: int) -> torch.Tensor:
+    """Segments of at most `seg` pairs of one bin, int32 [n, 6] as the query-batched kernel
+    reads them (kv head, first key row, offset in entries, count, 0, end row of the
+    sequence). n is a bound known without reading the GPU: rows past the real number have
+    count 0."""
+    n_seg = torch.div(lists.counts + seg - 1, seg, rounding_mode="floor")
+    seg_end = torch.cumsum(n_seg, 0)
+    # Segments <= pairs / seg + one per non-empty bin; a sequence of n rows has ceil(n / BS)
+    # blocks per kv head.
+    n_pairs = lists.entries.numel()
+    bound = n_pairs // seg + 1 + min(n_pairs, spec.H * (BT // spec.BS + n_seq))
+    i = torch.arange(bound, device=n_seg.device)
+    b = torch.searchsorted(seg_end, i, right=True).clamp_max(n_seg.numel() - 1)
+    kth = i - (seg_end[b] - n_seg[b])
+    n_tok = torch.where(i < seg_end[-1], torch.clamp(lists.counts[b] - kth * seg, max=seg), 0)
+    h = torch.div(b, BT, rounding_mode="floor")
+    row_kv = b - h * BT
+    row_end = ends[row_kv] if ends is not None else row_kv - row_kv % T + T
+    return torch.stack([h, row_kv, lists.first[b] + kth * seg, n_tok, torch.zeros_like(h),
+                        row_end], 1).to(torch.int32).contiguous()
 
 
 def topn(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, spec: NSASpec,
@@ -123,32 +186,18 @@ def topn(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, spec: NSAS
 
 
 def _inverse_selection(block_indices: torch.Tensor, spec: NSASpec, T: int,
-                       starts: torch.Tensor | None, ends: torch.Tensor | None, seg: int,
-                       rows: tuple[int, int] | None = None):
-    """Invert [B, T, H, S] block indices into per-block lists of (token, slot), cut into
-    segments of at most `seg` tokens. `rows` = (r0, r1) takes only rows r0 .. r1 - 1 of the
-    B * T (default all).
+                       starts: torch.Tensor | None, ends: torch.Tensor | None, seg: int):
+    """Invert visible_blocks' [B, T, H, S] indices into per-block token lists for the
+    backward's dk/dv kernel, cut into segments of at most `seg` tokens.
 
-    Returns (entries int64 [E], segments int32 [n, 6], reduces int32 [m, 5], n_slots):
-    entries are flat indices (row - r0) * H * S + h * S + slot, grouped by block and
-    ascending within it; segments and reduces as nsa_selection_bwd_dkv_kernel reads them.
-    A block is named by its kv head and its first key row (b * T + the sequence's first row
-    + j * BS), so packed sequences never share one.
+    Returns (tokens int32 [E], segments int32 [n, 6], reduces int32 [m, 5], n_slots): see
+    nsa_selection_bwd_dkv_kernel.
     """
     B, _, H, S = block_indices.shape
-    dev = block_indices.device
     BT = B * T
-    r0, r1 = rows if rows is not None else (0, BT)
-    row = torch.arange(r0, r1, device=dev, dtype=torch.int64)
-    row0 = starts[r0:r1].long() if starts is not None else row - row % T
-    row_end = ends.long() if ends is not None else None
-    idx = block_indices.reshape(BT, H, S)[r0:r1].long()
-    heads = torch.arange(H, device=dev, dtype=torch.int64)[None, :, None]
-    key = heads * BT + row0[:, None, None] + idx * spec.BS
-    key = torch.where(idx >= 0, key, H * BT).flatten()  # empty slots sort last
-    sorted_key, order = torch.sort(key, stable=True)  # stable: tokens stay ascending
-    counts = torch.bincount(sorted_key, minlength=H * BT + 1)[: H * BT]
-    first = torch.cumsum(counts, 0) - counts
+    lists = _block_lists(block_indices, spec, T, starts, (0, BT))
+    dev = block_indices.device
+    counts, first = lists.counts, lists.first
     n_seg = torch.div(counts + seg - 1, seg, rounding_mode="floor")
     blocks = torch.nonzero(n_seg).squeeze(1)
     n_seg_b = n_seg[blocks]
@@ -164,17 +213,18 @@ def _inverse_selection(block_indices: torch.Tensor, spec: NSASpec, T: int,
     slot = torch.where(slot >= 0, slot + kth, -1)
     h = torch.div(blk, BT, rounding_mode="floor")
     row_kv = blk - h * BT
-    seq_end = row_end[row_kv] if row_end is not None else row_kv - row_kv % T + T
+    seq_end_kv = ends[row_kv] if ends is not None else row_kv - row_kv % T + T
     segments = torch.stack([h, row_kv, first[blk] + kth * seg,
                             torch.minimum(counts[blk] - kth * seg, torch.full_like(kth, seg)),
-                            slot, seq_end], 1).to(torch.int32).contiguous()
+                            slot, seq_end_kv], 1).to(torch.int32).contiguous()
     mb = blocks[multi]
     hm = torch.div(mb, BT, rounding_mode="floor")
     row_m = mb - hm * BT
-    end_m = row_end[row_m] if row_end is not None else row_m - row_m % T + T
+    end_m = ends[row_m] if ends is not None else row_m - row_m % T + T
     reduces = torch.stack([hm, row_m, slot_first[multi], n_seg_b[multi], end_m],
                           1).to(torch.int32).contiguous()
-    return order, segments, reduces, int(slots_per.sum())
+    tokens = torch.div(lists.entries, H * S, rounding_mode="floor")
+    return tokens, segments, reduces, int(slots_per.sum())
 
 
 def selection_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
@@ -194,10 +244,7 @@ def selection_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Te
     delta = torch.empty(lse.shape, device=q.device, dtype=torch.float32)  # the dq kernel fills it
     starts = seq_start(cu_seqlens, B, T, q.device)
     block_indices = visible_blocks(block_indices, spec, starts)
-    ends = None
-    if cu_seqlens is not None:
-        cu = cu_seqlens.to(device=q.device, dtype=torch.int64)
-        ends = torch.repeat_interleave(cu[1:], cu[1:] - cu[:-1], output_size=T)
+    ends = seq_end(cu_seqlens, T, q.device)
     mod = kernel_module("selection_bwd", spec, config)
     opts = launch_options(config)
     dq = torch.empty_like(q)
@@ -208,9 +255,8 @@ def selection_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Te
     mod.nsa_selection_bwd_kernel[(T, B * spec.H)](
         q, k, v, o, do, lse, delta, block_indices, dq, starts if starts is not None else q, T,
         IS_VARLEN=starts is not None, **opts)
-    entries, segments, reduces, n_slots = _inverse_selection(block_indices, spec, T, starts, ends,
-                                                             config["SEG"])
-    tokens = torch.div(entries, spec.H * spec.S, rounding_mode="floor").to(torch.int32)
+    tokens, segments, reduces, n_slots = _inverse_selection(block_indices, spec, T, starts, ends,
+                                                            config["SEG"])
     bk, bv = next_pow2(spec.DK), next_pow2(spec.DV)
     dk_part = q.new_empty(max(1, n_slots) * spec.BS, bk, dtype=torch.float32)
     dv_part = q.new_empty(max(1, n_slots) * spec.BS, bv, dtype=torch.float32)

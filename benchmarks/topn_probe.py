@@ -1,0 +1,86 @@
+"""Ablation of the top-n kernel on the GPU: what each part of its loop costs.
+
+Renders `topn` for a spec and its default (or given) config, removes parts of the chunk loop
+from the rendered source, and times each version on the same inputs (do_bench median):
+  full      the kernel as generated;
+  nomerge   the merge replaced by an elementwise max (no sort, no half-cleaners);
+  nosort    the chunk's sort dropped, the half-cleaners kept;
+  noexp     nomerge, and the probabilities without exp2.
+The ablated kernels compute wrong indices: this is a timing probe, never a kernel to use.
+
+Usage: python benchmarks/topn_probe.py [--seqlen 65536] [--out DIR] SPEC[:BLOCK_T] ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from nsa_gen import codegen  # noqa: E402
+from nsa_gen.benchmark import _bench  # noqa: E402
+from nsa_gen.harness import make_case  # noqa: E402
+from nsa_gen.kernels import kernel_def, kernel_source  # noqa: E402
+from nsa_gen.ops.common import launch_options, tile_table  # noqa: E402
+from nsa_gen.spec import load_spec  # noqa: E402
+
+SORT = "b_top = tl.maximum(b_top, tl.sort(b_key, 1))"
+
+
+def ablate(src: str, what: str) -> str:
+    if what == "full":
+        return src
+    if what == "nosort":
+        return src.replace(SORT, "b_top = tl.maximum(b_top, b_key)")
+    # Drop the half-cleaner lines (b_m / b_a, b_b / reshape back) and the sort.
+    lines = [ln for ln in src.splitlines()
+             if not re.match(r"\s+(b_m = |b_a, b_b = |b_top = tl.reshape\(b_m)", ln)]
+    out = "\n".join(lines).replace(SORT, "b_top = tl.maximum(b_top, b_key)")
+    if what == "noexp":
+        out = out.replace("tl.exp2(b_s - b_lse[:, None])", "(b_s - b_lse[:, None])")
+    return out
+
+
+def probe(name: str, block_t: int | None, T: int) -> dict:
+    spec = load_spec(name)
+    kd = kernel_def("topn")
+    cfg = kd.default(spec, T)
+    if block_t:
+        cfg = cfg.replace(BLOCK_T=block_t)
+    case = make_case("topn", spec, T, dtype=torch.bfloat16, device="cuda", seed=0)
+    q, k_cmp, lse = (case.inputs[n] for n in ("q", "k_cmp", "lse"))
+    idx = torch.empty(1, T, spec.H, spec.S, device="cuda", dtype=torch.int32)
+    tiles = tile_table(None, 1, T, cfg["BLOCK_T"], spec.l, spec.d, q.device)
+    row = {"spec": name, "T": T, "config": str(cfg)}
+    src = kernel_source("topn", spec, cfg)
+    for what in ("full", "nosort", "nomerge", "noexp"):
+        mod = codegen.load_module(f"topn_probe_{what}", ablate(src, what))
+        fn = mod.nsa_topn_kernel
+        row[what] = _bench(lambda: fn[(tiles.shape[0], spec.H)](q, k_cmp, lse, idx, tiles,
+                                                               **launch_options(cfg)))
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("runs", nargs="+", help="SPEC or SPEC:BLOCK_T")
+    ap.add_argument("--seqlen", type=int, default=65536)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    rows = []
+    for r in args.runs:
+        name, _, bt = r.partition(":")
+        rows.append(probe(name, int(bt) if bt else None, args.seqlen))
+        print(json.dumps(rows[-1]), flush=True)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "topn_probe.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
