@@ -183,6 +183,17 @@ def nearest_other(key: Any, others: Iterable[Any]) -> Any | None:
     return min(cands, key=lambda o: (shape_distance(me, (o.T, o.B)), -o.T, -o.B))
 
 
+def moved(kernel: str, spec: NSASpec | None, config: Config, T_from: int, T_to: int) -> Config:
+    """A neighbour's config as dispatch hands it to another shape (KernelDef.at_shape: a split
+    length scales with T). Unknown spec: unchanged."""
+    return config if spec is None else kernel_def(kernel).at_shape(spec, config, T_from, T_to)
+
+
+def _builtin(name: str) -> NSASpec | None:
+    from nsa_gen.spec import builtin_specs, load_spec
+    return load_spec(name) if name in builtin_specs() else None
+
+
 def leave_one_out(entries: Mapping[TuneKey, Entry], time_fn: TimeFn, rounds: int = 2,
                   limit: float = LOO_LIMIT) -> list[dict[str, Any]]:
     """Table c: for each entry with another tuned shape of its kernel source, spec, device
@@ -256,7 +267,7 @@ def leave_one_out_from_studies(outcomes: Iterable[StudyOutcome],
         nb = nearest_other(o.id, list(cands))
         if nb is None:
             continue
-        (own, own_ms), other = o.best, cands[nb]
+        (own, own_ms), other = o.best, moved(o.id.kernel, o.spec, cands[nb], nb.T, o.id.T)
         nb_ms = o.results.get(other)
         ratio = nb_ms / own_ms if nb_ms is not None and own_ms > 0 else None
         rows.append({

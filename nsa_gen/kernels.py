@@ -43,6 +43,9 @@ class KernelDef:
     # Params that pick an algorithm rather than a tile size: the tuner tries the default
     # with each of their other values before sampling (a short study may not sample them).
     structural: tuple[str, ...] = ()
+    # Params that are a number of tokens of the sequence (a split length): a config moved to
+    # another T scales them with it, so it keeps its number of splits.
+    per_token: tuple[str, ...] = ()
 
     @property
     def template(self) -> str:
@@ -58,6 +61,19 @@ class KernelDef:
         space = self.space(spec)
         return [base.replace(**{name: value}) for name in self.structural
                 for value in space[name] if value != base[name]]
+
+    def at_shape(self, spec: NSASpec, config: Config, T_from: int, T_to: int) -> Config:
+        """`config`, tuned at T_from tokens, for T_to: each per-token param scaled by
+        T_to / T_from to the nearest value of the space in log2 (the smaller on a tie);
+        0 (no split) stays 0."""
+        changes = {}
+        for name in self.per_token:
+            value = config[name]
+            if value > 0 and T_from != T_to:
+                want = value * max(1, T_to) / max(1, T_from)
+                changes[name] = min((c for c in self.space(spec)[name] if c > 0),
+                                    key=lambda c: (abs(math.log2(c / want)), c))
+        return config.replace(**changes) if changes else config
 
     def valid(self, spec: NSASpec, config: Config) -> bool:
         """Static checks of a config against the spec (divisibility, known params)."""
@@ -393,7 +409,8 @@ KERNELS: dict[str, KernelDef] = {
     "compression_bwd": KernelDef("compression_bwd", "cmp", _cmp_bwd_context, _cmp_bwd_default,
                                  _cmp_bwd_space, _cmp_bwd_smem,
                                  # the selection branch's top-n is not differentiated
-                                 lambda s: s.has("cmp"), structural=("DKV_SPLIT_T",)),
+                                 lambda s: s.has("cmp"), structural=("DKV_SPLIT_T",),
+                                 per_token=("DKV_SPLIT_T",)),
     "window_bwd": KernelDef("window_bwd", "swa", _swa_bwd_context, _swa_bwd_default,
                             _swa_bwd_space, _swa_bwd_smem, lambda s: s.has("swa")),
 }

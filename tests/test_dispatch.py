@@ -214,3 +214,28 @@ def test_warm_get_costs_under_5us(tmp_path, spec):
             get(STEM, spec, 4096)
         samples.append((time.perf_counter() - t0) / per_batch)
     assert statistics.median(samples) < 5e-6, f"warm get() took {statistics.median(samples) * 1e6:.2f} us"
+
+
+def test_split_length_moves_with_the_shape(tmp_path, spec):
+    """A neighbour's split of the compressed dk/dv pass is a token count: dispatch scales it
+    to the shape, so the config keeps its number of splits (2 at 16k with 8192 -> 2048 at
+    4k); no split stays none. The tuner seeds the same moved config."""
+    stem = "compression_bwd"
+    kd = kernel_def(stem)
+    base = kd.default(spec, 16384).replace(DKV_SPLIT_T=8192)
+    TuningDB(tmp_path).put(TuneKey.make(H200, stem, spec, 16384), Entry(base, 1.0, 0.1, 5, "2026-01-01"))
+    d = dispatcher(shipped=tmp_path)
+    assert d.get(stem, spec, 16384) == base
+    assert d.get(stem, spec, 4096) == base.replace(DKV_SPLIT_T=2048)
+    assert d.get(stem, spec, 65536)["DKV_SPLIT_T"] == 16384  # the largest in the space
+    assert d.get(stem, spec, 3000)["DKV_SPLIT_T"] == 2048  # 1500: the smallest split there is
+    assert kd.at_shape(spec, base.replace(DKV_SPLIT_T=0), 16384, 4096)["DKV_SPLIT_T"] == 0
+    assert kd.at_shape(spec, base, 16384, 6144)["DKV_SPLIT_T"] == 4096  # 3072: nearer in log2
+    assert kd.at_shape(spec, base, 16384, 5790)["DKV_SPLIT_T"] == 2048  # 2895 < 2048 * 2**0.5
+    assert KD.at_shape(spec, cfg(), 4096, 65536) == cfg()  # nothing per token in selection_fwd
+    from nsa_gen.tuning.space import pruned_space
+    from nsa_gen.tuning.tuner import Tuner
+    t = Tuner(spec, db=TuningDB(tmp_path), device=H200, runner=lambda r: None, storage="memory",
+              torch_device="cpu", progress=False)
+    seeds = t.seeds(stem, 4096, 1, pruned_space(stem, spec, H200)[0])
+    assert base.replace(DKV_SPLIT_T=2048) in seeds and base not in seeds[:2]

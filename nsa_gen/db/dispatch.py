@@ -2,7 +2,8 @@
 
 Lookup order: overlays (paths given in code, then NSA_GEN_DB), then the DB shipped with
 the package, then the kernel's heuristic default. Among DB entries for the same kernel
-source and spec, an exact shape beats the nearest one in log2(T, B) space, the exact device
+source and spec, an exact shape beats the nearest one in log2(T, B) space (whose token-count
+params, a split length, are scaled to the shape: `KernelDef.at_shape`), the exact device
 beats another board of the same architecture, and an earlier source beats a later one at
 equal distance. Every candidate is checked against the device's limits before use.
 
@@ -149,13 +150,14 @@ class Dispatcher:
                     abs(k.device.sm_count - dev.sm_count), -k.T, -k.B)
 
         for src, k, e in sorted(cands, key=rank):
-            problem = config_problem(kd, spec, e.config, dev)
+            cfg = kd.at_shape(spec, e.config, k.T, want[0])
+            problem = config_problem(kd, spec, cfg, dev)
             if problem is None:
                 if k.shape != want or k.device != dev:
-                    log.debug("%s T=%d B=%d on %s uses the entry tuned for %s",
-                              stem, T, B, dev.id, k.describe())
-                return e.config
-            self._warn_once(("misfit", k, e.config),
+                    log.debug("%s T=%d B=%d on %s uses the entry tuned for %s as %s",
+                              stem, T, B, dev.id, k.describe(), cfg)
+                return cfg
+            self._warn_once(("misfit", k, cfg),
                             "ignoring tuned config for %s from %s: %s",
                             k.describe(), self._sources[src].root, problem)
         self._warn_once(("default", stem, dev, spec),

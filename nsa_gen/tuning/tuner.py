@@ -236,7 +236,8 @@ class Tuner:
         for cfg in (kd.default(self.spec, T), fitting_default(kd, self.spec, T, self.device)):
             add(cfg)
         me = TuneKey.make(self.device, stem, self.spec, T, B)
-        found = sorted(((shape_distance(me.shape, k.shape), e.config) for db in self.seed_dbs
+        found = sorted(((shape_distance(me.shape, k.shape), kd.at_shape(self.spec, e.config, k.T, T))
+                        for db in self.seed_dbs
                         for k, e in db.load(stem, self.device).items() if k.group == me.group),
                        key=lambda x: x[0])
         added = 0
