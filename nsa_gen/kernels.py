@@ -109,7 +109,13 @@ def _slc_fwd_space(spec: NSASpec) -> dict[str, list]:
 
 
 def _slc_fwd_default(spec: NSASpec, T: int) -> Config:
-    return Config.make(BLOCK_N=min(64, spec.BS), BLOCK_Q=0, num_warps=4, num_stages=2)
+    """Query-batched (64 query rows) for groups of at most 4 heads from 4096 tokens on, where
+    the H200 studies had it 1.4-8.7x faster than the group-centric kernel (small-group and mqa,
+    4k to 128k; 0.55 against 1.0 ms the other way at small-group, 1k); group-centric
+    otherwise (1.7-2.5x faster at G = 16, 64k)."""
+    gt = token_group_pad(spec)
+    block_q = 64 // gt if gt <= 4 and T >= 4096 else 0
+    return Config.make(BLOCK_N=min(64, spec.BS), BLOCK_Q=block_q, num_warps=4, num_stages=2)
 
 
 def slc_fwd_rows(spec: NSASpec, cfg: Config) -> int:
@@ -356,14 +362,16 @@ def _cmp_bwd_space(spec: NSASpec) -> dict[str, list]:
 
 def _cmp_bwd_default(spec: NSASpec, T: int) -> Config:
     """dk/dv: 64 compressed blocks a program at DK + DV <= 256, 32 beyond (4 warps: 6.6 vs
-    10.8 ms at fla-compat, 48.6 vs 67.9 ms at deepseek-nsa, T = 64k), and the token range
-    split every 8192 (4096 beyond 256 dims) tokens, which cut the pass 1.3-6x there: without
-    it the first tiles' programs walk all T tokens while the grid's tail idles. Fewer
-    compressed blocks than a tile: a smaller tile wastes less."""
+    10.8 ms at fla-compat, 48.6 vs 67.9 ms at deepseek-nsa, T = 64k). The token range is
+    split, without which the first tiles' programs walk all T tokens while the grid's tail
+    idles: every 2048 tokens up to T = 16k (the best split of all four built-in specs at 4k
+    and 8k, and of three at 16k, 1.3-3x faster than none there), every 8192 beyond (4096
+    beyond 256 dims: deepseek-nsa), the best at 64k (H200 studies, RESULTS.md session 4).
+    Fewer compressed blocks than a tile: a smaller tile wastes less."""
     wide = spec.DK + spec.DV > 256
     nc = num_cmp_blocks(T, spec.l, spec.d)
     cfg = _bwd_default(spec, T, "BLOCK_C", 64, max(16, min(32 if wide else 64, next_pow2(nc))))
-    split = 4096 if wide else 8192
+    split = 2048 if T <= 16384 else 4096 if wide else 8192
     return Config.make(num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                        DKV_SPLIT_T=split if T > split else 0, **dict(cfg.params))
 
