@@ -10,8 +10,6 @@ Usage: python benchmarks/slc_breakdown.py [--seqlen 65536] [--out DIR] SPEC=BLOC
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from nsa_gen.kernels import kernel_module  # noqa: E402
 from nsa_gen.ops import selection as sel  # noqa: E402
 from nsa_gen.ops.common import launch_options  # noqa: E402
 from nsa_gen.spec import load_spec  # noqa: E402
+from probe_main import probe_main  # noqa: E402
 
 
 def breakdown(name: str, block_q: int, T: int, dev: str) -> dict:
@@ -65,23 +64,10 @@ def breakdown(name: str, block_q: int, T: int, dev: str) -> dict:
     return row
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("runs", nargs="+", help="SPEC=BLOCK_Q")
-    ap.add_argument("--seqlen", type=int, default=65536)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    dev = "cuda"
-    rows = []
-    for r in args.runs:
-        name, bq = r.split("=")
-        rows.append(breakdown(name, int(bq), args.seqlen, dev))
-        print(json.dumps(rows[-1]), flush=True)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "slc_breakdown.json").write_text(json.dumps(rows, indent=1))
-    return 0
+def _run(run: str, T: int) -> dict:
+    name, block_q = run.split("=")
+    return breakdown(name, int(block_q), T, "cuda")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(probe_main("slc_breakdown", "SPEC=BLOCK_Q", _run))

@@ -12,8 +12,6 @@ Usage: python benchmarks/topn_probe.py [--seqlen 65536] [--out DIR] SPEC[:BLOCK_
 """
 from __future__ import annotations
 
-import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -27,6 +25,7 @@ from nsa_gen.harness import make_case  # noqa: E402
 from nsa_gen.kernels import kernel_def, kernel_source  # noqa: E402
 from nsa_gen.ops.common import launch_options, tile_table  # noqa: E402
 from nsa_gen.spec import load_spec  # noqa: E402
+from probe_main import probe_main  # noqa: E402
 
 SORT = "b_top = tl.maximum(b_top, tl.sort(b_key, 1))"
 
@@ -65,22 +64,10 @@ def probe(name: str, block_t: int | None, T: int) -> dict:
     return row
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("runs", nargs="+", help="SPEC or SPEC:BLOCK_T")
-    ap.add_argument("--seqlen", type=int, default=65536)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    rows = []
-    for r in args.runs:
-        name, _, bt = r.partition(":")
-        rows.append(probe(name, int(bt) if bt else None, args.seqlen))
-        print(json.dumps(rows[-1]), flush=True)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "topn_probe.json").write_text(json.dumps(rows, indent=1))
-    return 0
+def _run(run: str, T: int) -> dict:
+    name, _, block_t = run.partition(":")
+    return probe(name, int(block_t) if block_t else None, T)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(probe_main("topn_probe", "SPEC or SPEC:BLOCK_T", _run))

@@ -57,3 +57,26 @@ def test_train_check_best_lag():
     assert tc.best_lag(base, base, 40)["lag"] == 0
     assert tc.best_lag(base[:3], base[:3], 40)["lag"] == 0  # too short to shift
     assert tc.best_lag([], [], 40) is None
+
+
+def test_topn_probe_cuts_what_it_says():
+    """benchmarks/topn_probe.py's ablations of the rendered top-n: 'nosort' drops the chunk's
+    sort, 'nomerge' every merge step, 'noexp' also exp2; each still a valid module."""
+    import sys
+    from pathlib import Path
+    from nsa_gen.kernels import kernel_def, kernel_source
+    from nsa_gen.spec import load_spec
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import topn_probe
+    finally:
+        sys.path.pop(0)
+    spec = load_spec("deepseek-nsa")
+    src = kernel_source("topn", spec, kernel_def("topn").default(spec, 65536))
+    assert topn_probe.ablate(src, "full") == src and topn_probe.SORT in src
+    cut = {w: topn_probe.ablate(src, w) for w in ("nosort", "nomerge", "noexp")}
+    assert topn_probe.SORT not in cut["nosort"] and "b_a, b_b = tl.split" in cut["nosort"]
+    assert "b_a, b_b" not in cut["nomerge"] and "tl.exp2(b_s - b_lse" in cut["nomerge"]
+    assert "tl.exp2(b_s - b_lse" not in cut["noexp"]
+    for text in cut.values():
+        compile(text, "topn", "exec")
