@@ -186,7 +186,7 @@ def _topn_space(spec: NSASpec) -> dict[str, list]:
     gp, bj = token_group_pad(spec), topn_bj(spec)
     return {"BLOCK_T": [t for t in (1, 2, 4, 8, 16, 32, 64, 128) if 16 <= t * gp <= 256],
             "BJ": [b for b in (bj, 2 * bj) if b * spec.BS // spec.d <= 256] or [bj],
-            "MERGE": ["sort", "bitonic"], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]}
+            "MERGE": ["sort", "bitonic", "rank"], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]}
 
 
 def _topn_default(spec: NSASpec, T: int) -> Config:

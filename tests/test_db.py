@@ -323,3 +323,30 @@ def test_db_cli(tmp_path, spec, capsys, monkeypatch):
     capsys.readouterr()
     assert _cli(["db", "show"]) == 0
     assert f"{dst}: 1 entries" in capsys.readouterr().out
+
+
+def test_rekey_keeps_only_entries_whose_code_is_unchanged(tmp_path, spec):
+    """benchmarks/rekey.py moves an entry to the current source hash (adding new params) only
+    when the old template renders the config to exactly the current code."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    old = tmp_path / "old" / "selection_fwd.py.j2"
+    old.parent.mkdir()
+    text = (root / "templates" / "selection_fwd.py.j2").read_text()
+    old.write_text(text)
+    db = TuningDB(tmp_path / "db")
+    stale = TuneKey.make(H200, STEM, spec, 4096, source_hash="0" * 16)
+    db.put(stale, Entry(Config.make(BLOCK_N=64, num_warps=4, num_stages=2), 1.0, 0.1, 5, "2026-01-01"))
+    cmd = [sys.executable, str(root / "benchmarks" / "rekey.py"), STEM, str(old), "BLOCK_Q=0",
+           "--db", str(tmp_path / "db")]
+    # A template whose group-centric code differs: nothing moves.
+    old.write_text(text.replace("One flat loop over", "A flat loop over"))
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and "code differs" in r.stdout, r.stdout + r.stderr
+    assert [k.source_hash for k in TuningDB(tmp_path / "db").load()] == ["0" * 16]
+    old.write_text(text)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and "1 entries re-keyed" in r.stdout, r.stdout + r.stderr
+    (k, e), = TuningDB(tmp_path / "db").load().items()
+    assert k.source_hash == kernel_source_hash(STEM) and e.config["BLOCK_Q"] == 0

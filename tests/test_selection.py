@@ -159,8 +159,8 @@ def test_topn(key, poison):
 
 @pytest.mark.parametrize("key", ["G4", "fla"])
 def test_topn_merge_variants(key, poison):
-    """The bitonic merge keeps exactly what sorting the union keeps, at every chunk width,
-    over several chunks (600 tokens: 38 selection blocks of 16)."""
+    """The bitonic and rank merges keep exactly what sorting the union keeps, at every chunk
+    width, over several chunks (600 tokens: 38 selection blocks of 16)."""
     spec = make_spec(key, selection={"block": 16, "top_n": 4, "initial_blocks": 1, "local_blocks": 2})
     case = make_case("topn", spec, 600, B=1, dtype=torch.float32, seed=5)
     space = kernel_def("topn").space(spec)
@@ -168,7 +168,8 @@ def test_topn_merge_variants(key, poison):
         base = dict(kernel_def("topn").default(spec, 93).as_dict(), BJ=bj)
         got = {m: case.run(Config.from_dict(dict(base, MERGE=m)))[0] for m in space["MERGE"]}
         assert case.rel_error((got["bitonic"],)) < 1e-4
-        assert torch.equal(got["bitonic"], got["sort"]), bj
+        for merge in space["MERGE"]:
+            assert torch.equal(got[merge], got["sort"]), (merge, bj)
 
 
 def test_topn_ties_and_padding(poison):
