@@ -97,6 +97,21 @@ def test_selection_fwd_query_future_and_repeated_blocks(poison):
         assert (g - x.grad).norm() / x.grad.norm() < 1e-5, name
 
 
+def test_visible_blocks_is_canonical():
+    """Each block once, nothing after the token's own block; a second pass keeps the same
+    set (SelectionFunction makes the list canonical once and tells both launchers so)."""
+    from nsa_gen.ops.selection import visible_blocks
+    spec = make_spec("G4")  # BS = 32
+    idx = torch.tensor([[3, 0, -1, 0], [1, 2, 9, -5]], dtype=torch.int32)  # tokens 40, 70
+    idx = idx.view(1, 2, 1, 4).expand(1, 2, spec.H, 4).contiguous()
+    big = torch.full((1, 71, spec.H, 4), -1, dtype=torch.int32)
+    big[0, 40], big[0, 70] = idx[0, 0], idx[0, 1]
+    got = visible_blocks(big, spec, None)
+    assert sorted(got[0, 40, 0].tolist()) == [-1, -1, -1, 0]  # 3 is after token 40's block 1
+    assert sorted(got[0, 70, 0].tolist()) == [-1, -1, 1, 2]
+    assert torch.equal(visible_blocks(got, spec, None).sort(-1).values, got.sort(-1).values)
+
+
 @pytest.mark.parametrize("block_q", [0, 4])
 def test_selection_fwd_lse_and_empty_rows(block_q, poison):
     """lse is the log-sum-exp of the visible logits; a token with only -1 slots gets 0, -inf."""

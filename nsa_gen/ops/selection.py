@@ -14,14 +14,17 @@ from .common import (check_grad_inputs, check_qkv, check_seqlens, check_tensor, 
 
 def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
                   spec: NSASpec, config: Config | None = None,
-                  cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  cu_seqlens: torch.Tensor | None = None, *,
+                  canonical: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query over its selected key blocks.
 
     q [B, T, HQ, DK], k [B, T, H, DK], v [B, T, H, DV]; block_indices [B, T, H, S] int32,
     block j covering tokens [j*BS, (j+1)*BS) of the token's sequence, -1 = empty slot.
-    Keys after the query are masked; a block listed twice counts once. cu_seqlens (int32 [N+1], B = 1) packs sequences.
-    config: defaults to the kernel's heuristic. Returns o [B, T, HQ, DV] (q's dtype) and
-    lse [B, T, HQ] (fp32, natural log; -inf where no key was visible).
+    Keys after the query are masked; a block listed twice counts once. cu_seqlens (int32
+    [N+1], B = 1) packs sequences. config: defaults to the kernel's heuristic. canonical:
+    block_indices are already as `visible_blocks` returns them (skips that pass). Returns
+    o [B, T, HQ, DV] (q's dtype) and lse [B, T, HQ] (fp32, natural log; -inf where no key
+    was visible).
     """
     B, T = check_qkv(spec, q, k, v)
     check_tensor("block_indices", block_indices, (B, T, spec.H, spec.S),
@@ -29,7 +32,8 @@ def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indic
     config = config or kernel_def("selection_fwd").default(spec, T)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     starts = seq_start(cu_seqlens, B, T, q.device)
-    block_indices = visible_blocks(block_indices, spec, starts)
+    if not canonical:
+        block_indices = visible_blocks(block_indices, spec, starts)
     o = torch.empty(B, T, spec.HQ, spec.DV, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, T, spec.HQ, device=q.device, dtype=torch.float32)
     if B * T == 0:
@@ -48,7 +52,8 @@ def visible_blocks(block_indices: torch.Tensor, spec: NSASpec,
     """block_indices [B, T, H, S] as the kernels take them: each block at most once per token
     and kv head (naive_selection reads the list as a set) and only blocks with a key at or
     before the token (the block holding it or an earlier one); every other slot becomes -1.
-    Slots come out ascending, -1 first. starts: seq_start's rows for packed sequences."""
+    Slots are reordered (sorted, then repeats set to -1): the kernels read them as a set.
+    starts: seq_start's rows for packed sequences."""
     T = block_indices.shape[1]
     pos = torch.arange(T, device=block_indices.device, dtype=torch.int32)
     if starts is not None:
@@ -229,12 +234,13 @@ def _inverse_selection(block_indices: torch.Tensor, spec: NSASpec, T: int,
 
 def selection_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                   lse: torch.Tensor, do: torch.Tensor, block_indices: torch.Tensor, spec: NSASpec,
-                  config: Config | None = None, cu_seqlens: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  config: Config | None = None, cu_seqlens: torch.Tensor | None = None, *,
+                  canonical: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `selection_fwd`: (dq [B, T, HQ, DK], dk [B, T, H, DK], dv [B, T, H, DV]).
 
-    o, lse: the forward's outputs; do: dL/do [B, T, HQ, DV]. Deterministic: no float
-    atomics; dk/dv come from per-block token lists (see templates/selection_bwd.py.j2).
+    o, lse: the forward's outputs; do: dL/do [B, T, HQ, DV]; canonical as in selection_fwd.
+    Deterministic: no float atomics; dk/dv come from per-block token lists (see
+    templates/selection_bwd.py.j2).
     """
     B, T = check_qkv(spec, q, k, v)
     check_grad_inputs(spec, q, o, lse, do)
@@ -243,7 +249,8 @@ def selection_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Te
     lse, o = lse.contiguous(), o.contiguous()
     delta = torch.empty(lse.shape, device=q.device, dtype=torch.float32)  # the dq kernel fills it
     starts = seq_start(cu_seqlens, B, T, q.device)
-    block_indices = visible_blocks(block_indices, spec, starts)
+    if not canonical:
+        block_indices = visible_blocks(block_indices, spec, starts)
     ends = seq_end(cu_seqlens, T, q.device)
     mod = kernel_module("selection_bwd", spec, config)
     opts = launch_options(config)
@@ -275,7 +282,11 @@ class SelectionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, block_indices, spec, fwd_config, bwd_config, cu_seqlens):
-        o, lse = selection_fwd(q, k, v, block_indices, spec, fwd_config, cu_seqlens)
+        # Made canonical once, for both passes.
+        starts = seq_start(cu_seqlens, q.shape[0], q.shape[1], q.device)
+        block_indices = visible_blocks(block_indices, spec, starts)
+        o, lse = selection_fwd(q, k, v, block_indices, spec, fwd_config, cu_seqlens,
+                               canonical=True)
         ctx.save_for_backward(q, k, v, o, lse, block_indices, cu_seqlens)
         ctx.spec, ctx.bwd_config = spec, bwd_config
         return o
@@ -284,5 +295,5 @@ class SelectionFunction(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse, block_indices, cu_seqlens = ctx.saved_tensors
         dq, dk, dv = selection_bwd(q, k, v, o, lse, do, block_indices, ctx.spec, ctx.bwd_config,
-                                   cu_seqlens)
+                                   cu_seqlens, canonical=True)
         return dq, dk, dv, None, None, None, None, None
