@@ -114,8 +114,8 @@ def seq_end(cu_seqlens: torch.Tensor | None, T: int, device) -> torch.Tensor | N
 class BlockLists:
     """The (token, slot) pairs of a row range r0 .. r1 - 1 grouped by the block they chose.
     A block is bin h * B*T + its first key row (b * T + the sequence's first row + j * BS),
-    so packed sequences never share one. entries int32 [E]: (row - r0) * H * S + h * S +
-    slot, by bin, ascending within one; counts int64 [H * B*T]: pairs per bin; first: the
+    so packed sequences never share one. entries int32 [E] (int64 from 2^31 pairs on):
+    (row - r0) * H * S + h * S + slot, by bin, ascending within one; counts int64 [H * B*T]: pairs per bin; first: the
     offset of each bin's pairs in entries."""
     entries: torch.Tensor
     counts: torch.Tensor
@@ -139,7 +139,8 @@ def _block_lists(block_indices: torch.Tensor, spec: NSASpec, T: int,
     counts = torch.zeros(H * BT + 1, device=dev, dtype=torch.int64)
     counts.index_add_(0, sorted_key.long(), torch.ones_like(sorted_key, dtype=torch.int64))
     counts = counts[: H * BT]  # the last bin held the empty slots
-    return BlockLists(order.to(torch.int32), counts, torch.cumsum(counts, 0) - counts)
+    entries = order.to(torch.int32) if order.numel() < 2 ** 31 else order
+    return BlockLists(entries, counts, torch.cumsum(counts, 0) - counts)
 
 
 def _query_segments(lists: BlockLists, spec: NSASpec, BT: int, T: int,
