@@ -243,3 +243,36 @@ def test_bad_inputs():
         selection_fwd(q, k.half(), v, idx, spec)
     with pytest.raises(ValueError, match="cu_seqlens"):
         selection_fwd(q, k, v, idx, spec, cu_seqlens=torch.tensor([0, 5], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("lens", [[200], [1] * 40 + [33, 70], [31, 1, 64, 2, 97]])
+@pytest.mark.parametrize("seg", [1, 3, 16])
+def test_query_segments_cover_every_pair_once(lens, seg):
+    """The query-batched forward's segment table, sized without reading the GPU, holds every
+    (token, slot) pair of every block exactly once, at most `seg` a segment, each in the
+    right block and sequence; the rows past the real segments are empty."""
+    from nsa_gen.ops import selection as sel
+    spec = make_spec("G4")  # BS = 32, S = 4
+    T = sum(lens)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    g = torch.Generator().manual_seed(seg)
+    starts = sel.seq_start(cu, 1, T, "cpu") if len(lens) > 1 else None
+    ends = sel.seq_end(cu, T, "cpu") if len(lens) > 1 else None
+    raw = torch.randint(-1, 4, (1, T, spec.H, spec.S), generator=g, dtype=torch.int32)
+    idx = sel.visible_blocks(raw, spec, starts)
+    lists = sel._block_lists(idx, spec, T, starts, (0, T))
+    segs = sel._query_segments(lists, spec, T, T, ends, len(lens), seg)
+    n_tok = segs[:, 3]
+    assert int((n_tok > 0).sum()) <= segs.shape[0] and int(n_tok.max()) <= seg
+    real = segs[n_tok > 0]
+    covered = torch.cat([lists.entries[int(s[2]): int(s[2]) + int(s[3])] for s in real]).long()
+    valid = (idx.reshape(-1) >= 0).nonzero().squeeze(1)
+    assert torch.equal(covered.sort().values, valid)
+    row0 = starts.long() if starts is not None else torch.zeros(T, dtype=torch.long)
+    for s in real:
+        e = lists.entries[int(s[2]): int(s[2]) + int(s[3])].long()
+        rows, h, slot = e // (spec.H * spec.S), (e // spec.S) % spec.H, e % spec.S
+        assert (h == s[0]).all()
+        blocks = idx.reshape(T, spec.H, spec.S)[rows, h, slot].long()
+        assert (row0[rows] + blocks * spec.BS == s[1]).all()  # the segment's block
+        assert (rows < s[5]).all() and (rows >= row0[rows]).all()
