@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .harness import OP, OP_VARLEN, make_case
 from .config import Config
+from .harness import OP, OP_VARLEN, make_case
 from .kernels import KERNELS
 from .spec import NSASpec
 

@@ -9,7 +9,7 @@ from ..config import Config
 from ..kernels import kernel_def, kernel_fn, kernel_module, next_pow2
 from ..spec import NSASpec
 from .common import (check_grad_inputs, check_qkv, check_seqlens, check_tensor, launch_options,
-                     seq_start, tile_table)
+                     seq_end, seq_start, tile_table)
 
 
 def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
@@ -100,14 +100,6 @@ def _selection_fwd_query(q, k, v, block_indices, spec, config, cu_seqlens, start
             q, k, v, lists.entries, segments, o_part, lse_part, r0, **launch_options(config))
         mod.nsa_selection_fwd_combine_kernel[(r1 - r0,)](
             block_indices, o_part, lse_part, o, lse, r0, num_warps=4, num_stages=1)
-
-
-def seq_end(cu_seqlens: torch.Tensor | None, T: int, device) -> torch.Tensor | None:
-    """For packed batches: int64 [T], the end row of each token's sequence."""
-    if cu_seqlens is None:
-        return None
-    cu = cu_seqlens.to(device=device, dtype=torch.int64)
-    return torch.repeat_interleave(cu[1:], cu[1:] - cu[:-1], output_size=T)
 
 
 @dataclass(frozen=True)
