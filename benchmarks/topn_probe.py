@@ -7,8 +7,9 @@ from the rendered source, and times each version on the same inputs (do_bench me
   nosort    the chunk's sort dropped, the half-cleaners kept;
   noexp     nomerge, and the probabilities without exp2.
 The ablated kernels compute wrong indices: this is a timing probe, never a kernel to use.
+A run that names a merge other than the default's bitonic one is timed in full only.
 
-Usage: python benchmarks/topn_probe.py [--seqlen 65536] [--out DIR] SPEC[:BLOCK_T] ...
+Usage: python benchmarks/topn_probe.py [--seqlen 65536] [--out DIR] SPEC[:BLOCK_T[:MERGE]] ...
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nsa_gen import codegen  # noqa: E402
 from nsa_gen.benchmark import _bench  # noqa: E402
 from nsa_gen.harness import make_case  # noqa: E402
-from nsa_gen.kernels import kernel_def, kernel_source  # noqa: E402
+from nsa_gen.kernels import kernel_def, kernel_fn, kernel_source  # noqa: E402
 from nsa_gen.ops.common import launch_options, tile_table  # noqa: E402
 from nsa_gen.spec import load_spec  # noqa: E402
 from probe_main import probe_main  # noqa: E402
@@ -44,30 +45,38 @@ def ablate(src: str, what: str) -> str:
     return out
 
 
-def probe(name: str, block_t: int | None, T: int) -> dict:
+def probe(name: str, block_t: int | None, merge: str | None, T: int) -> dict:
     spec = load_spec(name)
     kd = kernel_def("topn")
     cfg = kd.default(spec, T)
     if block_t:
         cfg = cfg.replace(BLOCK_T=block_t)
+    if merge:
+        cfg = cfg.replace(MERGE=merge)
     case = make_case("topn", spec, T, dtype=torch.bfloat16, device="cuda", seed=0)
     q, k_cmp, lse = (case.inputs[n] for n in ("q", "k_cmp", "lse"))
     idx = torch.empty(1, T, spec.H, spec.S, device="cuda", dtype=torch.int32)
     tiles = tile_table(None, 1, T, cfg["BLOCK_T"], spec.l, spec.d, q.device)
     row = {"spec": name, "T": T, "config": str(cfg)}
     src = kernel_source("topn", spec, cfg)
-    for what in ("full", "nosort", "nomerge", "noexp"):
+    ablations = ("full", "nosort", "nomerge", "noexp") if cfg["MERGE"] == "bitonic" else ("full",)
+    for what in ablations:
         mod = codegen.load_module(f"topn_probe_{what}", ablate(src, what))
         fn = mod.nsa_topn_kernel
         row[what] = _bench(lambda: fn[(tiles.shape[0], spec.H)](q, k_cmp, lse, idx, tiles,
                                                                **launch_options(cfg)))
+    if cfg["MERGE"] != "bitonic":  # idx holds the last full run's output
+        ref = torch.full_like(idx, -2)
+        ref_fn = kernel_fn("topn", spec, cfg.replace(MERGE="bitonic"))
+        ref_fn[(tiles.shape[0], spec.H)](q, k_cmp, lse, ref, tiles, **launch_options(cfg))
+        row["equal_to_bitonic"] = bool(torch.equal(idx, ref))
     return row
 
 
 def _run(run: str, T: int) -> dict:
-    name, _, block_t = run.partition(":")
-    return probe(name, int(block_t) if block_t else None, T)
+    name, block_t, merge = (run.split(":") + ["", ""])[:3]
+    return probe(name, int(block_t) if block_t else None, merge or None, T)
 
 
 if __name__ == "__main__":
-    sys.exit(probe_main("topn_probe", "SPEC or SPEC:BLOCK_T", _run))
+    sys.exit(probe_main("topn_probe", "SPEC, SPEC:BLOCK_T or SPEC:BLOCK_T:MERGE", _run))

@@ -98,7 +98,7 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor |
             idx = topn(q.detach(), k_cmp.detach(), lse_cmp, spec, config("topn"),
                        cu_seqlens=cu_seqlens)
             o_slc = SelectionFunction.apply(q, *pairs["slc"], idx, spec, config("selection_fwd"),
-                                            config("selection_bwd"), cu_seqlens)
+                                            config("selection_bwd"), cu_seqlens, True)
             aux.update(indices=idx, o_slc=o_slc)
             add(g_slc, o_slc)
     if g_swa is not None:

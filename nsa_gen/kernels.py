@@ -94,7 +94,8 @@ def _common(spec: NSASpec) -> dict:
 def _slc_fwd_context(spec: NSASpec, cfg: Config) -> dict:
     gt = token_group_pad(spec)
     return dict(_common(spec), BLOCK_N=cfg["BLOCK_N"], BLOCK_Q=cfg["BLOCK_Q"], GT=gt,
-                ROWS=cfg["BLOCK_Q"] * gt, HQ_PAD=next_pow2(spec.HQ), S_PAD=next_pow2(spec.S))
+                ROWS=cfg["BLOCK_Q"] * gt, HQ_PAD=next_pow2(spec.HQ), S_PAD=next_pow2(spec.S),
+                DK_CHUNKS=dim_chunks(spec.DK))
 
 
 def _slc_fwd_space(spec: NSASpec) -> dict[str, list]:
@@ -125,7 +126,8 @@ def slc_fwd_rows(spec: NSASpec, cfg: Config) -> int:
 
 def _slc_fwd_smem(spec: NSASpec, cfg: Config) -> int:
     bn, stages = cfg["BLOCK_N"], max(1, cfg.num_stages)
-    bk, bv = next_pow2(spec.DK), next_pow2(spec.DV)
+    # The group-centric kernel loads q and k in the exact pieces of dim_chunks(DK).
+    bk, bv = spec.DK if not cfg["BLOCK_Q"] else next_pow2(spec.DK), next_pow2(spec.DV)
     return 2 * (slc_fwd_rows(spec, cfg) * bk + stages * bn * (bk + bv))
 
 

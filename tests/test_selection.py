@@ -7,7 +7,8 @@ from nsa_gen import naive
 from nsa_gen.config import Config
 from nsa_gen.harness import make_case
 from nsa_gen.kernels import kernel_def
-from nsa_gen.ops.selection import selection_bwd, selection_fwd, topn
+from nsa_gen.ops.common import seq_start
+from nsa_gen.ops.selection import selection_bwd, selection_fwd, topn, visible_blocks
 
 # G in {1, 4, 16}, DK != DV, ragged T (not a multiple of l, d or l').
 SPECS = {
@@ -99,17 +100,17 @@ def test_selection_fwd_query_future_and_repeated_blocks(poison):
 
 def test_visible_blocks_is_canonical():
     """Each block once, nothing after the token's own block; a second pass keeps the same
-    set (SelectionFunction makes the list canonical once and tells both launchers so)."""
-    from nsa_gen.ops.selection import visible_blocks
+    list (SelectionFunction makes the list canonical once and tells both launchers so)."""
     spec = make_spec("G4")  # BS = 32
     idx = torch.tensor([[3, 0, -1, 0], [1, 2, 9, -5]], dtype=torch.int32)  # tokens 40, 70
     idx = idx.view(1, 2, 1, 4).expand(1, 2, spec.H, 4).contiguous()
     big = torch.full((1, 71, spec.H, 4), -1, dtype=torch.int32)
     big[0, 40], big[0, 70] = idx[0, 0], idx[0, 1]
     got = visible_blocks(big, spec, None)
-    assert sorted(got[0, 40, 0].tolist()) == [-1, -1, -1, 0]  # 3 is after token 40's block 1
-    assert sorted(got[0, 70, 0].tolist()) == [-1, -1, 1, 2]
-    assert torch.equal(visible_blocks(got, spec, None).sort(-1).values, got.sort(-1).values)
+    # topn's order: ascending, -1 slots last.
+    assert got[0, 40, 0].tolist() == [0, -1, -1, -1]  # 3 is after token 40's block 1
+    assert got[0, 70, 0].tolist() == [1, 2, -1, -1]
+    assert torch.equal(visible_blocks(got, spec, None), got)
 
 
 @pytest.mark.parametrize("block_q", [0, 4])
@@ -162,6 +163,8 @@ def test_topn(key, poison):
     idx = case.run()[0]
     scores, ref = case.reference()
     assert case.rel_error((idx,)) < 1e-4
+    # Already canonical: nsa() hands topn's output to SelectionFunction with canonical=True.
+    assert torch.equal(visible_blocks(idx, spec, None), idx)
     # Forced blocks are always there: block 0 and the block holding t (and the one before).
     t = torch.arange(93)
     cur = (t // spec.BS)[None, :, None]
@@ -227,6 +230,7 @@ def test_topn_varlen(poison):
         refs.append(topn(q[:, a:b], kc, lses[-1], spec))
     idx = topn(q, torch.cat(kcs, 1), torch.cat(lses, 1), spec, cu_seqlens=cu)
     assert torch.equal(idx, torch.cat(refs, 1))
+    assert torch.equal(visible_blocks(idx, spec, seq_start(cu, 1, T, idx.device)), idx)
 
 
 def test_bad_inputs():

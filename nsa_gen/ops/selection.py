@@ -52,18 +52,21 @@ def visible_blocks(block_indices: torch.Tensor, spec: NSASpec,
     """block_indices [B, T, H, S] as the kernels take them: each block at most once per token
     and kv head (naive_selection reads the list as a set) and only blocks with a key at or
     before the token (the block holding it or an earlier one); every other slot becomes -1.
-    Slots are reordered (sorted, then repeats set to -1): the kernels read them as a set.
-    starts: seq_start's rows for packed sequences."""
+    Slots are reordered as `topn` writes them, ascending with the -1 slots last (the kernels
+    read them as a set), so topn's output is its own canonical form. starts: seq_start's
+    rows for packed sequences."""
     T = block_indices.shape[1]
     pos = torch.arange(T, device=block_indices.device, dtype=torch.int32)
     if starts is not None:
         pos = pos - starts
     own = (pos // spec.BS)[None, :, None, None]
-    idx = torch.where((block_indices < 0) | (block_indices > own), -1, block_indices)
+    empty = torch.iinfo(torch.int32).max
+    idx = torch.where((block_indices < 0) | (block_indices > own), empty, block_indices)
     idx = idx.sort(-1).values
     repeat = torch.zeros_like(idx, dtype=torch.bool)
     repeat[..., 1:] = idx[..., 1:] == idx[..., :-1]
-    return torch.where(repeat, -1, idx).contiguous()
+    idx = torch.where(repeat, empty, idx).sort(-1).values
+    return torch.where(idx == empty, -1, idx).contiguous()
 
 
 # Most bytes of (token, slot) partials the query-batched forward keeps at once; longer inputs
@@ -274,10 +277,12 @@ class SelectionFunction(torch.autograd.Function):
     """Selected attention with given block indices, differentiable in q, k, v."""
 
     @staticmethod
-    def forward(ctx, q, k, v, block_indices, spec, fwd_config, bwd_config, cu_seqlens):
-        # Made canonical once, for both passes.
-        starts = seq_start(cu_seqlens, q.shape[0], q.shape[1], q.device)
-        block_indices = visible_blocks(block_indices, spec, starts)
+    def forward(ctx, q, k, v, block_indices, spec, fwd_config, bwd_config, cu_seqlens,
+                canonical=False):
+        # Made canonical once, for both passes; `topn`'s output already is (canonical=True).
+        if not canonical:
+            starts = seq_start(cu_seqlens, q.shape[0], q.shape[1], q.device)
+            block_indices = visible_blocks(block_indices, spec, starts)
         o, lse = selection_fwd(q, k, v, block_indices, spec, fwd_config, cu_seqlens,
                                canonical=True)
         ctx.save_for_backward(q, k, v, o, lse, block_indices, cu_seqlens)
@@ -289,4 +294,4 @@ class SelectionFunction(torch.autograd.Function):
         q, k, v, o, lse, block_indices, cu_seqlens = ctx.saved_tensors
         dq, dk, dv = selection_bwd(q, k, v, o, lse, do, block_indices, ctx.spec, ctx.bwd_config,
                                    cu_seqlens, canonical=True)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
