@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Session 5 device calls (plans/session5.md). Steps, each on if its variable is set:
+#   VERIFY=1  bf16 verify of topn, selection_fwd and nsa at 2k (every structural variant);
+#   PROBE=1   benchmarks/topn_probe.py at 64k: the bitonic DB config against the rank merge;
+#   TUNE="KERNELS|SPECS|SEQLENS|TRIALS|SECONDS ..."  gpu_tune_all.sh runs (one per word, in
+#             order, each within its seconds and resuming the DB and studies of the one
+#             before; RESUME=DIR for the first; lists comma-separated);
+#   BENCH="SEQLENS"  nsa-gen bench of deepseek-nsa, fla-compat and small-group with the tuned DB.
+# Usage: [BUDGET_S=560] VERIFY=1 PROBE=1 TUNE=... BENCH=65536 bash benchmarks/gpu_session5.sh
+set -o pipefail
+source "$(dirname "$0")/device_env.sh"
+BUDGET_S=${BUDGET_S:-560}
+quiet() { grep --line-buffered -v "UserWarning\|scaled_dot_product_attention\|return Variable\|warnings.warn\|no tuned config"; }
+{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/gpu.txt"
+if [ -n "$VERIFY" ]; then
+  timeout 200 python3 cli.py verify deepseek-nsa fla-compat small-group mqa -T 2048 \
+    --kernels topn selection_fwd nsa 2>&1 | quiet > "$OUT/verify.txt"
+  echo "verify: exit ${PIPESTATUS[0]} after ${SECONDS}s, $(grep -c '| pass' "$OUT/verify.txt") pass"
+  grep "FAIL" "$OUT/verify.txt"
+fi
+if [ -n "$PROBE" ]; then
+  timeout 200 python3 benchmarks/topn_probe.py --out "$OUT" deepseek-nsa:4 deepseek-nsa:4:rank \
+    deepseek-nsa:8:rank deepseek-nsa:16:rank fla-compat:4:rank fla-compat:8:rank small-group:16:rank \
+    small-group:8:rank mqa:64:rank 2>&1 | quiet | cut -c1-300
+  echo "probe done after ${SECONDS}s"
+fi
+mkdir -p /tmp/r
+[ -n "$RESUME" ] && cp "$RESUME"/db.tar.gz "$RESUME"/data.tar.gz /tmp/r/
+for run in $TUNE; do
+  IFS='|' read -r kernels specs seqlens trials secs <<< "$run"
+  res=; [ -f /tmp/r/db.tar.gz ] && res=/tmp/r
+  STEPS=tune KERNELS="${kernels//,/ }" SEQLENS=$seqlens TRIALS=$trials JOBS=12 BUDGET_S=$secs RESUME=$res \
+    bash "$(dirname "$0")/gpu_tune_all.sh" ${specs//,/ } > /dev/null
+  grep "T=\|skipped\|exit status" "$OUT/log.txt" | cut -c1-160; cat "$OUT/log.txt" >> /tmp/r/log_all.txt
+  mv "$OUT/db.tar.gz" "$OUT/data.tar.gz" /tmp/r/
+done
+[ -f /tmp/r/db.tar.gz ] && cp /tmp/r/db.tar.gz /tmp/r/data.tar.gz "$OUT/" && mv /tmp/r/log_all.txt "$OUT/log.txt"
+if [ -n "$BENCH" ]; then
+  if [ -f /tmp/r/db.tar.gz ]; then
+    mkdir -p /tmp/final && tar -xzf /tmp/r/db.tar.gz -C /tmp/final && export NSA_GEN_DB=/tmp/final/db
+  fi
+  export NSA_GEN_LOG=ERROR
+  timeout $((BUDGET_S + 20 - SECONDS)) python3 cli.py bench deepseek-nsa fla-compat small-group \
+    --seqlens $BENCH ${BENCH_ARGS} --out /tmp/bench 2>&1 | quiet | tail -14
+  tar -czf "$OUT/bench.tar.gz" -C /tmp bench
+fi
+echo "done after ${SECONDS}s"; ls -la "$OUT"
