@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Session 5 device calls (plans/session5.md). Steps, each on if its variable is set:
-#   VERIFY=1  bf16 verify of topn, selection_fwd and nsa at 2k (every structural variant);
+#   VERIFY=1  bf16 verify at 2k (every structural variant) of VERIFY_KERNELS (default: topn,
+#             selection_fwd, nsa);
 #   PROBE=1   benchmarks/topn_probe.py at 64k: the bitonic DB config against the rank merge;
 #   TUNE="KERNELS|SPECS|SEQLENS|TRIALS|SECONDS ..."  gpu_tune_all.sh runs (one per word, in
 #             order, each within its seconds and resuming the DB and studies of the one
@@ -14,8 +15,8 @@ quiet() { grep --line-buffered -v "UserWarning\|scaled_dot_product_attention\|re
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/gpu.txt"
 if [ -n "$VERIFY" ]; then
-  timeout 200 python3 cli.py verify deepseek-nsa fla-compat small-group mqa -T 2048 \
-    --kernels topn selection_fwd nsa 2>&1 | quiet > "$OUT/verify.txt"
+  timeout ${VERIFY_S:-200} python3 cli.py verify deepseek-nsa fla-compat small-group mqa -T 2048 \
+    --kernels ${VERIFY_KERNELS:-topn selection_fwd nsa} 2>&1 | quiet > "$OUT/verify.txt"
   echo "verify: exit ${PIPESTATUS[0]} after ${SECONDS}s, $(grep -c '| pass' "$OUT/verify.txt") pass"
   grep "FAIL" "$OUT/verify.txt"
 fi

@@ -46,6 +46,9 @@ class KernelDef:
     # Params that are a number of tokens of the sequence (a split length): a config moved to
     # another T scales them with it, so it keeps its number of splits.
     per_token: tuple[str, ...] = ()
+    # (param, compute capability x10): the param, when non-zero, needs a GPU at least that
+    # new, e.g. ("TMA", 90), Hopper's tensor memory accelerator. The interpreter runs all.
+    min_arch: tuple[tuple[str, int], ...] = ()
 
     @property
     def template(self) -> str:
@@ -95,18 +98,19 @@ def _slc_fwd_context(spec: NSASpec, cfg: Config) -> dict:
     gt = token_group_pad(spec)
     return dict(_common(spec), BLOCK_N=cfg["BLOCK_N"], BLOCK_Q=cfg["BLOCK_Q"], GT=gt,
                 ROWS=cfg["BLOCK_Q"] * gt, HQ_PAD=next_pow2(spec.HQ), S_PAD=next_pow2(spec.S),
-                DK_CHUNKS=dim_chunks(spec.DK))
+                DK_CHUNKS=dim_chunks(spec.DK), TMA=cfg["TMA"])
 
 
 def _slc_fwd_space(spec: NSASpec) -> dict[str, list]:
     """BLOCK_Q: 0 is the group-centric kernel (one token a program); n > 0 the query-batched
     one (one selected block and n of the tokens that chose it a program), with 16 to 128
-    query rows."""
+    query rows. TMA: 1 loads K/V tiles through the tensor memory accelerator (sm90 and
+    later), 0 through pointers."""
     gt, dmax = token_group_pad(spec), max(next_pow2(spec.DK), next_pow2(spec.DV))
     return {"BLOCK_N": [b for b in (16, 32, 64, 128) if spec.BS % b == 0],
             "BLOCK_Q": [0] + [t for t in (1, 2, 4, 8, 16, 32, 64, 128)
                               if 16 <= t * gt <= 128 and t * gt * dmax <= MAX_TILE_ELEMS],
-            "num_warps": [2, 4, 8], "num_stages": [1, 2, 3, 4]}
+            "TMA": [0, 1], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3, 4]}
 
 
 def _slc_fwd_default(spec: NSASpec, T: int) -> Config:
@@ -116,7 +120,8 @@ def _slc_fwd_default(spec: NSASpec, T: int) -> Config:
     otherwise (1.7-2.5x faster at G = 16, 64k)."""
     gt = token_group_pad(spec)
     block_q = 64 // gt if gt <= 4 and T >= 4096 else 0
-    return Config.make(BLOCK_N=min(64, spec.BS), BLOCK_Q=block_q, num_warps=4, num_stages=2)
+    return Config.make(BLOCK_N=min(64, spec.BS), BLOCK_Q=block_q, TMA=0, num_warps=4,
+                       num_stages=2)
 
 
 def slc_fwd_rows(spec: NSASpec, cfg: Config) -> int:
@@ -405,7 +410,7 @@ def _swa_bwd_smem(spec: NSASpec, cfg: Config) -> int:
 KERNELS: dict[str, KernelDef] = {
     "selection_fwd": KernelDef("selection_fwd", "slc", _slc_fwd_context, _slc_fwd_default,
                                _slc_fwd_space, _slc_fwd_smem, lambda s: s.has("slc"),
-                               structural=("BLOCK_Q",)),
+                               structural=("BLOCK_Q", "TMA"), min_arch=(("TMA", 90),)),
     "topn": KernelDef("topn", "slc", _topn_context, _topn_default, _topn_space, _topn_smem,
                       lambda s: s.has("slc"), structural=("MERGE",)),
     "selection_bwd": KernelDef("selection_bwd", "slc", _slc_bwd_context, _slc_bwd_default,

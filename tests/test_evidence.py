@@ -136,7 +136,8 @@ def test_tables_from_real_studies(spec, tmp_path):
     assert len(rows) == 2
     for r in rows:
         assert r["exhaustive_measured"] == len(keep) and r["sampled_measured"] == 5
-        assert r["exhaustive_best_config"] == min(keep, key=cost) and r["ratio"] >= 1.0
+        # cost ties across the structural params (BLOCK_Q, TMA): compare the cost reached
+        assert cost(r["exhaustive_best_config"]) == min(map(cost, keep)) and r["ratio"] >= 1.0
     # A study of an unknown spec (nothing stored, no built-in hash) still gets its row.
     other = spec.replace(name="mine", window=256)
     Tuner(other, db=TuningDB(tmp_path / "db"), device=H200, runner=FakeRunner(), storage=few,

@@ -39,6 +39,9 @@ def config_problem(kd: KernelDef, spec: NSASpec, config: Config, device: DeviceK
         return f"not in {kd.stem}'s config space for this spec"
     if config.num_warps * 32 > MAX_THREADS_PER_BLOCK:
         return f"num_warps={config.num_warps} exceeds {MAX_THREADS_PER_BLOCK} threads"
+    for name, arch in kd.min_arch:
+        if config[name] and device.capability < arch:
+            return f"{name}={config[name]} needs sm{arch} or later, {device.id} is {device.arch}"
     limit = device.smem_limit
     if limit is not None:
         need = kd.smem_bytes(spec, config)

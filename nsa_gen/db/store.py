@@ -77,6 +77,14 @@ class DeviceKey:
         return self.arch == CPU_ARCH
 
     @property
+    def capability(self) -> int:
+        """Compute capability x10 (sm90 -> 90); the CPU interpreter counts as any GPU."""
+        if self.is_cpu:
+            return 10 ** 6
+        digits = "".join(c for c in self.arch if c.isdigit())
+        return int(digits) if digits else 0
+
+    @property
     def smem_limit(self) -> int | None:
         """Shared memory a block may use, in bytes; None on the CPU interpreter (no limit)."""
         if self.is_cpu:

@@ -1,15 +1,18 @@
 """Selected attention (the `slc` branch): launchers and autograd wrapper."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from ..config import Config
-from ..kernels import kernel_def, kernel_fn, kernel_module, next_pow2
+from ..kernels import dim_chunks, kernel_def, kernel_fn, kernel_module, next_pow2
 from ..spec import NSASpec
 from .common import (check_grad_inputs, check_qkv, check_seqlens, check_tensor, launch_options,
                      seq_end, seq_start, tile_table)
+
+log = logging.getLogger("nsa_gen")
 
 
 def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
@@ -38,13 +41,33 @@ def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indic
     lse = torch.empty(B, T, spec.HQ, device=q.device, dtype=torch.float32)
     if B * T == 0:
         return o, lse
+    if config["TMA"] and (k.data_ptr() % 16 or v.data_ptr() % 16):
+        log.warning("selection_fwd: k or v is not 16-byte aligned; loading without TMA")
+        config = config.replace(TMA=0)
     if config["BLOCK_Q"]:
         _selection_fwd_query(q, k, v, block_indices, spec, config, cu_seqlens, starts, o, lse)
         return o, lse
     fn = kernel_fn("selection_fwd", spec, config)
-    fn[(T, B * spec.H)](q, k, v, block_indices, o, lse, starts if starts is not None else q, T,
-                        IS_VARLEN=starts is not None, **launch_options(config))
+    fn[(T, B * spec.H)](q, *_kv_args(k, v, spec, config), block_indices, o, lse,
+                        starts if starts is not None else q, T, IS_VARLEN=starts is not None,
+                        **launch_options(config))
     return o, lse
+
+
+def _kv_args(k: torch.Tensor, v: torch.Tensor, spec: NSASpec, config: Config) -> list:
+    """The K/V arguments of a selection_fwd kernel: k, v; with config TMA, host tensor
+    descriptors over k [B*T, H*DK] and v [B*T, H*DV] with BLOCK_N-row boxes (the
+    group-centric kernel takes one K descriptor per dim_chunks(DK) piece, the query-batched
+    one a single box of next_pow2(DK) columns)."""
+    if not config["TMA"]:
+        return [k, v]
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    rows, bn = k.shape[0] * k.shape[1], config["BLOCK_N"]
+    k2, v2 = k.view(rows, spec.H * spec.DK), v.view(rows, spec.H * spec.DV)
+    pieces = [size for _, size in dim_chunks(spec.DK)] if not config["BLOCK_Q"] \
+        else [next_pow2(spec.DK)]
+    return ([TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [bn, size]) for size in pieces]
+            + [TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [bn, next_pow2(spec.DV)])])
 
 
 def visible_blocks(block_indices: torch.Tensor, spec: NSASpec,
@@ -95,12 +118,13 @@ def _selection_fwd_query(q, k, v, block_indices, spec, config, cu_seqlens, start
     n_part = min(chunk, B * T) * spec.H * spec.S
     o_part = torch.empty(n_part, spec.G, spec.DV, device=q.device, dtype=q.dtype)
     lse_part = torch.empty(n_part, spec.G, device=q.device, dtype=torch.float32)
+    kv = _kv_args(k, v, spec, config)
     for r0 in range(0, B * T, chunk):
         r1 = min(B * T, r0 + chunk)
         lists = _block_lists(block_indices, spec, T, starts, (r0, r1))
         segments = _query_segments(lists, spec, B * T, T, ends, n_seq, config["BLOCK_Q"])
         mod.nsa_selection_fwd_kernel[(segments.shape[0],)](
-            q, k, v, lists.entries, segments, o_part, lse_part, r0, **launch_options(config))
+            q, *kv, lists.entries, segments, o_part, lse_part, r0, **launch_options(config))
         mod.nsa_selection_fwd_combine_kernel[(r1 - r0,)](
             block_indices, o_part, lse_part, o, lse, r0, num_warps=4, num_stages=1)
 
