@@ -17,6 +17,7 @@ quiet() { grep --line-buffered -v "UserWarning\|scaled_dot_product_attention\|re
 if [ -n "$VERIFY" ]; then
   timeout ${VERIFY_S:-200} python3 cli.py verify deepseek-nsa fla-compat small-group mqa -T 2048 \
     --kernels ${VERIFY_KERNELS:-topn selection_fwd nsa} 2>&1 | quiet > "$OUT/verify.txt"
+  grep -v "| pass" "$OUT/verify.txt" | grep -v "^| spec\|^|--" | head -20
   echo "verify: exit ${PIPESTATUS[0]} after ${SECONDS}s, $(grep -c '| pass' "$OUT/verify.txt") pass"
   grep "FAIL" "$OUT/verify.txt"
 fi
@@ -34,6 +35,7 @@ for run in $TUNE; do
   STEPS=tune KERNELS="${kernels//,/ }" SEQLENS=$seqlens TRIALS=$trials JOBS=12 BUDGET_S=$secs RESUME=$res \
     bash "$(dirname "$0")/gpu_tune_all.sh" ${specs//,/ } > /dev/null
   grep "T=\|skipped\|exit status" "$OUT/log.txt" | cut -c1-160; cat "$OUT/log.txt" >> /tmp/r/log_all.txt
+  rm -f "$OUT/log.txt"
   mv "$OUT/db.tar.gz" "$OUT/data.tar.gz" /tmp/r/
 done
 [ -f /tmp/r/db.tar.gz ] && cp /tmp/r/db.tar.gz /tmp/r/data.tar.gz "$OUT/" && mv /tmp/r/log_all.txt "$OUT/log.txt"

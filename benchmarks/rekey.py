@@ -5,11 +5,17 @@ Checks the claim before it writes: every entry's config, with the new params at 
 values, must render to exactly the code the old template (a file given on the command line)
 rendered for the old config. Then the entries get the new source hash and the new params.
 
-Usage: python benchmarks/rekey.py STEM OLD_TEMPLATE PARAM=VALUE... [--db tuning_db]
+With --from SRC (a DB written by a tuning run on the old template, e.g. a device call's),
+the entries of SRC measured on the old template (its source hash) or on the current one are
+checked the same way and copied into --db, replacing entries of the same key.
+
+Usage: python benchmarks/rekey.py STEM OLD_TEMPLATE PARAM=VALUE... [--db tuning_db] [--from SRC]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -19,7 +25,7 @@ import jinja2
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nsa_gen import codegen  # noqa: E402
 from nsa_gen.config import Config  # noqa: E402
-from nsa_gen.db.store import kernel_source_hash  # noqa: E402
+from nsa_gen.db.store import TuningDB, kernel_source_hash  # noqa: E402
 from nsa_gen.kernels import kernel_def  # noqa: E402
 from nsa_gen.spec import load_spec  # noqa: E402
 
@@ -30,6 +36,7 @@ def main() -> int:
     ap.add_argument("old_template", help="the template file the entries were tuned with")
     ap.add_argument("params", nargs="*", help="NAME=INT for each param the new space adds")
     ap.add_argument("--db", default="tuning_db")
+    ap.add_argument("--from", dest="src", default=None, help="copy checked entries from this DB")
     args = ap.parse_args()
     kd = kernel_def(args.stem)
     added = {k: int(v) for k, v in (p.split("=", 1) for p in args.params)}
@@ -38,6 +45,16 @@ def main() -> int:
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                              trim_blocks=True, lstrip_blocks=True, autoescape=False)
     new_hash = kernel_source_hash(args.stem)
+
+    def same_code(spec, new_cfg) -> bool:
+        ctx = kd.context(spec, new_cfg)
+        want = env.get_template(old.name).render(**ctx)
+        got = codegen.environment().get_template(kd.template).render(**ctx)
+        return want == got and kd.valid(spec, new_cfg)
+
+    if args.src:
+        return adopt(args.stem, Path(args.src), TuningDB(args.db), added, new_hash,
+                     hashlib.sha256(old.read_bytes()).hexdigest()[:16], same_code)
     for path in sorted(Path(args.db).glob(f"*/{args.stem}.json")):
         doc = json.loads(path.read_text())
         n = 0
@@ -47,16 +64,36 @@ def main() -> int:
             spec = load_spec(e["spec_name"])
             old_cfg = Config.from_dict(e["config"])
             new_cfg = Config.from_dict(dict(e["config"], **added))
-            ctx = kd.context(spec, new_cfg)
-            want = env.get_template(old.name).render(**ctx)
-            got = codegen.environment().get_template(kd.template).render(**ctx)
-            if want != got or not kd.valid(spec, new_cfg):
+            if not same_code(spec, new_cfg):
                 print(f"{path}: {e['spec_name']} T={e['shape']['T']} {old_cfg}: code differs, left as is")
                 continue
             e["source_hash"], e["config"] = new_hash, new_cfg.as_dict()
             n += 1
         codegen.atomic_write(path, json.dumps(doc, indent=2) + "\n")
         print(f"{path}: {n} entries re-keyed to {new_hash}")
+    return 0
+
+
+def adopt(stem, src: Path, db: TuningDB, added: dict, new_hash: str, old_hash: str,
+          same_code) -> int:
+    """Copy SRC's entries of `stem` measured on the old template (old_hash, whose configs
+    must render to the current code with `added`) or on the current one into `db`."""
+    took = []
+    for key, e in TuningDB(src).load(stem).items():
+        spec = load_spec(key.spec_name) if key.spec_name else None
+        if key.source_hash == new_hash:
+            took.append((key, e))
+        elif key.source_hash == old_hash and spec is not None:
+            cfg = Config.from_dict(dict(e.config.as_dict(), **added))
+            if same_code(spec, cfg):
+                took.append((dataclasses.replace(key, source_hash=new_hash),
+                             dataclasses.replace(e, config=cfg)))
+                continue
+            print(f"{key.describe()} {e.config}: code differs, not copied")
+    db.put_many(took)
+    for key, e in took:
+        print(f"copied {key.describe()}: {e.config} {e.ms:.4g} ms")
+    print(f"{len(took)} entries of {stem} copied from {src} into {db.root}")
     return 0
 
 

@@ -51,10 +51,10 @@ def verify_spec(spec: NSASpec, *, T: int, B: int = 1, dtypes: list[torch.dtype],
         if stem in KERNELS:
             kd = KERNELS[stem]
             default = kd.default(spec, T)
-            seen = {_effective(kd, default, T)}
+            seen = {kd.effective(default, T)}
             for cfg in kd.variants(spec, default):
-                if _effective(kd, cfg, T) not in seen:  # e.g. splits longer than T: one pass
-                    seen.add(_effective(kd, cfg, T))
+                if kd.effective(cfg, T) not in seen:  # e.g. splits longer than T: one pass
+                    seen.add(kd.effective(cfg, T))
                     runs.append((f"{stem} " + " ".join(f"{n}={cfg[n]}" for n in kd.structural
                                                        if cfg[n] != default[n]), cfg))
         for dtype in dtypes:
@@ -69,11 +69,6 @@ def verify_spec(spec: NSASpec, *, T: int, B: int = 1, dtypes: list[torch.dtype],
                     results.append(VerifyResult(label, shape, name, float("nan"), 0.0,
                                                 f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"))
     return results
-
-
-def _effective(kd, config: Config, T: int) -> Config:
-    """What `config` computes at T tokens: a split length of T or more is no split."""
-    return config.replace(**{n: 0 for n in kd.per_token if config[n] >= T})
 
 
 def format_table(spec_name: str, results: list[VerifyResult]) -> str:

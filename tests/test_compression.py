@@ -126,14 +126,16 @@ def test_compression_fwd(G, dtype):
 
 # BLOCK_T against d decides whether tiles have an edge phase; BLOCK_C against NC whether
 # there is a body; BLOCK_T = 1 runs one token per program.
+# TMA alternates: K/V tiles through tensor descriptors or pointers, at several tile shapes.
 CONFIGS = [
-    dict(BLOCK_T=16, BLOCK_C=16), dict(BLOCK_T=32, BLOCK_C=16), dict(BLOCK_T=4, BLOCK_C=32),
-    dict(BLOCK_T=1, BLOCK_C=16), dict(BLOCK_T=64, BLOCK_C=64),
+    dict(BLOCK_T=16, BLOCK_C=16, TMA=0), dict(BLOCK_T=32, BLOCK_C=16, TMA=1),
+    dict(BLOCK_T=4, BLOCK_C=32, TMA=0), dict(BLOCK_T=1, BLOCK_C=16, TMA=1),
+    dict(BLOCK_T=64, BLOCK_C=64, TMA=0),
 ]
 
 
 def cfg_id(c) -> str:
-    return f"T{c['BLOCK_T']}-C{c['BLOCK_C']}"
+    return f"T{c['BLOCK_T']}-C{c['BLOCK_C']}-tma{c['TMA']}"
 
 
 @pytest.mark.parametrize("l,d", [(8, 4), (16, 16), (4, 1)])
@@ -164,10 +166,14 @@ def test_compression_fwd_varlen(G, dtype):
     cu_t = torch.tensor(cu, dtype=torch.int32, device=DEVICE)
     k_cmp, cu_cmp = compress_mean(k, spec.l, spec.d, cu_t)
     v_cmp, _ = compress_mean(v, spec.l, spec.d, cu_t)
-    out = poisoned(spec, 1, T, dtype)
-    config = Config.make(BLOCK_T=16 // G, BLOCK_C=16, num_warps=4, num_stages=2)
-    o, lse = compression_fwd(q, k_cmp, v_cmp, spec, config=config, cu_seqlens=cu_t,
-                             cu_seqlens_cmp=cu_cmp, out=out)
+    runs = []
+    for tma in (0, 1):  # TMA boxes cross from one sequence's blocks into the next
+        config = Config.make(BLOCK_T=16 // G, BLOCK_C=16, TMA=tma, num_warps=4, num_stages=2)
+        out = poisoned(spec, 1, T, dtype)
+        runs.append(compression_fwd(q, k_cmp, v_cmp, spec, config=config, cu_seqlens=cu_t,
+                                    cu_seqlens_cmp=cu_cmp, out=out))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    o, lse = runs[1]
     refs = []
     for a, b, ca, cb in zip(cu, cu[1:], cu_cmp.tolist(), cu_cmp.tolist()[1:]):
         refs.append(ref_cmp(q[:, a:b], k_cmp[:, ca:cb], v_cmp[:, ca:cb], spec.l, spec.d,

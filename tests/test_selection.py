@@ -244,6 +244,9 @@ def test_topn_varlen(poison):
         refs.append(topn(q[:, a:b], kc, lses[-1], spec))
     idx = topn(q, torch.cat(kcs, 1), torch.cat(lses, 1), spec, cu_seqlens=cu)
     assert torch.equal(idx, torch.cat(refs, 1))
+    # Compressed keys through tensor descriptors: boxes cross into the next sequence's blocks.
+    tma = kernel_def("topn").default(spec, T).replace(TMA=1)
+    assert torch.equal(topn(q, torch.cat(kcs, 1), torch.cat(lses, 1), spec, tma, cu_seqlens=cu), idx)
     assert torch.equal(visible_blocks(idx, spec, seq_start(cu, 1, T, idx.device)), idx)
 
 

@@ -30,7 +30,8 @@ STEM = "selection_fwd"
 FULL_KD = kernel_def(STEM)
 # The fake cost below is over tiles, warps and stages: these tests tune selection_fwd's
 # group-centric kernel alone (BLOCK_Q = 0, pointer loads), a space of 36 configs.
-KD = dataclasses.replace(FULL_KD, space=lambda s: dict(FULL_KD.space(s), BLOCK_Q=[0], TMA=[0]))
+KD = dataclasses.replace(FULL_KD, space=lambda s: dict(FULL_KD.space(s), BLOCK_Q=[0], TMA=[0]),
+                         default=lambda s, T: FULL_KD.default(s, T).replace(BLOCK_Q=0, TMA=0))
 
 
 @pytest.fixture(autouse=True)
@@ -230,7 +231,8 @@ def test_structural_variants_of_the_default_are_seeded(spec, tmp_path, monkeypat
     assert sorted(splits + [default["DKV_SPLIT_T"]]) == sorted(kd.space(spec)["DKV_SPLIT_T"])
     assert all(c.replace(DKV_SPLIT_T=default["DKV_SPLIT_T"]) == default for c in seeds[1:])
     topn = t.seeds("topn", 4096, 1, pruned_space("topn", spec, H200)[0])
-    assert [c["MERGE"] for c in topn] == ["bitonic", "sort", "rank"]
+    assert [(c["MERGE"], c["TMA"]) for c in topn] == [("bitonic", 0), ("sort", 0), ("rank", 0),
+                                                       ("bitonic", 1)]
     assert t.seeds(STEM, 4096, 1, pruned_space(STEM, spec, H200)[0]) == [KD.default(spec, 4096)]
     KERNELS[STEM] = FULL_KD  # (the fixture restores the pinned one)
     keep = pruned_space(STEM, spec, H200)[0]
@@ -238,7 +240,7 @@ def test_structural_variants_of_the_default_are_seeded(spec, tmp_path, monkeypat
     default = FULL_KD.default(spec, 4096)
     want = [q for q in FULL_KD.space(spec)["BLOCK_Q"] if default.replace(BLOCK_Q=q) in keep]
     assert [c["BLOCK_Q"] for c in slc[:len(want)]] == want and len(want) > 2
-    assert slc[len(want):] == [default.replace(TMA=1)]  # each structural param in turn
+    assert slc[len(want):] == [default.replace(TMA=1 - default["TMA"])]  # each structural param
 
 
 def test_resume_after_interruption(spec, tmp_path):

@@ -77,14 +77,16 @@ def test_window_fwd(G, dtype):
 
 # Tile shapes that exercise each loop phase: a head (window start inside the tile: w small
 # against BLOCK_T), a body, and an edge of several key tiles; BLOCK_N > w too.
+# TMA alternates: K/V tiles through tensor descriptors or pointers, at several tile shapes.
 CONFIGS = [
-    dict(BLOCK_T=16, BLOCK_N=16), dict(BLOCK_T=32, BLOCK_N=16), dict(BLOCK_T=4, BLOCK_N=32),
-    dict(BLOCK_T=1, BLOCK_N=64), dict(BLOCK_T=64, BLOCK_N=128),
+    dict(BLOCK_T=16, BLOCK_N=16, TMA=0), dict(BLOCK_T=32, BLOCK_N=16, TMA=1),
+    dict(BLOCK_T=4, BLOCK_N=32, TMA=0), dict(BLOCK_T=1, BLOCK_N=64, TMA=1),
+    dict(BLOCK_T=64, BLOCK_N=128, TMA=0),
 ]
 
 
 def cfg_id(c) -> str:
-    return f"T{c['BLOCK_T']}-N{c['BLOCK_N']}"
+    return f"T{c['BLOCK_T']}-N{c['BLOCK_N']}-tma{c['TMA']}"
 
 
 @pytest.mark.parametrize("w", [1, 5, 24, 1000])
@@ -109,10 +111,14 @@ def test_window_fwd_varlen(G, dtype):
     cu = [0, 45, 50, 113]
     T = cu[-1]
     q, k, v = rand_qkv(spec, 1, T, dtype, seed=10 + G)
-    out = poisoned(spec, 1, T, dtype)
     cu_t = torch.tensor(cu, dtype=torch.int32, device=DEVICE)
-    config = Config.make(BLOCK_T=16 // G, BLOCK_N=16, num_warps=4, num_stages=2)
-    o, lse = window_fwd(q, k, v, spec, config=config, cu_seqlens=cu_t, out=out)
+    runs = []
+    for tma in (0, 1):  # TMA boxes cross from one sequence into the next
+        config = Config.make(BLOCK_T=16 // G, BLOCK_N=16, TMA=tma, num_warps=4, num_stages=2)
+        out = poisoned(spec, 1, T, dtype)
+        runs.append(window_fwd(q, k, v, spec, config=config, cu_seqlens=cu_t, out=out))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    o, lse = runs[1]
     check(o, lse, *ref_window_varlen(q, k, v, spec.w, spec.softmax_scale, cu), dtype)
 
 

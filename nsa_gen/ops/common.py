@@ -1,8 +1,11 @@
 """Checks and helpers shared by every launcher."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from ..kernels import dim_chunks
 from ..spec import NSASpec
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -82,6 +85,34 @@ def seq_end(cu_seqlens: torch.Tensor | None, T: int, device) -> torch.Tensor | N
         return None
     cu = cu_seqlens.to(device=device, dtype=torch.int64)
     return torch.repeat_interleave(cu[1:], cu[1:] - cu[:-1], output_size=T)
+
+
+def tma_config(stem: str, config, *tensors: torch.Tensor):
+    """`config`, with TMA off (and a warning) when a tensor its descriptors would cover does
+    not start 16-byte aligned, as the tensor memory accelerator needs."""
+    if config.get("TMA", 0) and any(t.data_ptr() % 16 for t in tensors):
+        logging.getLogger("nsa_gen").warning(
+            "%s: an input is not 16-byte aligned; loading without TMA", stem)
+        return config.replace(TMA=0)
+    return config
+
+
+def tile_descriptors(x: torch.Tensor, rows: int, widths) -> list:
+    """Host TMA descriptors over a contiguous x [..., H, D] seen as [N, H*D], one for each
+    width w in `widths`, each with boxes of [rows, w]. A kernel loads box (r, h * D + off):
+    rows r.. of head h, columns off..; rows past N read as 0."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    x2 = x.view(-1, x.shape[-2] * x.shape[-1])
+    return [TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [rows, w]) for w in widths]
+
+
+def kv_tile_args(k: torch.Tensor, v: torch.Tensor, spec: NSASpec, config, rows: int) -> list:
+    """The K/V arguments of a token-tile kernel (compressed or window attention): k, v; with
+    config TMA, descriptors with `rows`-row boxes, one per dim_chunks piece of DK, then DV."""
+    if not config["TMA"]:
+        return [k, v]
+    return (tile_descriptors(k, rows, [w for _, w in dim_chunks(spec.DK)])
+            + tile_descriptors(v, rows, [w for _, w in dim_chunks(spec.DV)]))
 
 
 def launch_options(config) -> dict:

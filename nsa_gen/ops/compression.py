@@ -7,8 +7,8 @@ from ..config import Config
 from ..kernels import kernel_def, kernel_fn, kernel_module, num_cmp_blocks
 from ..spec import NSASpec
 from .common import (check, check_grad_inputs, check_seqlens, check_tensor, cmp_seqlens,
-                     cmp_tile_table, dkv_launch_options, dot_precision, launch_options, outputs,
-                     tile_table)
+                     cmp_tile_table, dkv_launch_options, dot_precision, kv_tile_args,
+                     launch_options, outputs, tile_table, tma_config)
 
 
 def compress_mean(x: torch.Tensor, l: int, d: int,  # noqa: E741 - the paper's names
@@ -127,8 +127,10 @@ def compression_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, s
     if NC == 0:  # no block anywhere: nothing to launch over
         return o.zero_(), lse.fill_(float("-inf"))
     tiles = tile_table(cu_seqlens, B, T, config["BLOCK_T"], spec.l, spec.d, q.device)
+    config = tma_config("compression_fwd", config, k_cmp, v_cmp)
     fn = kernel_fn("compression_fwd", spec, config)
-    fn[(tiles.shape[0], spec.H)](q, k_cmp, v_cmp, o, lse, tiles, DOT_PRECISION=dot_precision(q),
+    fn[(tiles.shape[0], spec.H)](q, *kv_tile_args(k_cmp, v_cmp, spec, config, config["BLOCK_C"]),
+                                 o, lse, tiles, DOT_PRECISION=dot_precision(q),
                                  **launch_options(config))
     return o, lse
 

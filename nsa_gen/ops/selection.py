@@ -1,7 +1,6 @@
 """Selected attention (the `slc` branch): launchers and autograd wrapper."""
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -10,9 +9,7 @@ from ..config import Config
 from ..kernels import dim_chunks, kernel_def, kernel_fn, kernel_module, next_pow2
 from ..spec import NSASpec
 from .common import (check_grad_inputs, check_qkv, check_seqlens, check_tensor, launch_options,
-                     seq_end, seq_start, tile_table)
-
-log = logging.getLogger("nsa_gen")
+                     seq_end, seq_start, tile_descriptors, tile_table, tma_config)
 
 
 def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
@@ -41,9 +38,7 @@ def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indic
     lse = torch.empty(B, T, spec.HQ, device=q.device, dtype=torch.float32)
     if B * T == 0:
         return o, lse
-    if config["TMA"] and (k.data_ptr() % 16 or v.data_ptr() % 16):
-        log.warning("selection_fwd: k or v is not 16-byte aligned; loading without TMA")
-        config = config.replace(TMA=0)
+    config = tma_config("selection_fwd", config, k, v)
     if config["BLOCK_Q"]:
         _selection_fwd_query(q, k, v, block_indices, spec, config, cu_seqlens, starts, o, lse)
         return o, lse
@@ -61,13 +56,10 @@ def _kv_args(k: torch.Tensor, v: torch.Tensor, spec: NSASpec, config: Config) ->
     one a single box of next_pow2(DK) columns)."""
     if not config["TMA"]:
         return [k, v]
-    from triton.tools.tensor_descriptor import TensorDescriptor
-    rows, bn = k.shape[0] * k.shape[1], config["BLOCK_N"]
-    k2, v2 = k.view(rows, spec.H * spec.DK), v.view(rows, spec.H * spec.DV)
+    bn = config["BLOCK_N"]
     pieces = [size for _, size in dim_chunks(spec.DK)] if not config["BLOCK_Q"] \
         else [next_pow2(spec.DK)]
-    return ([TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [bn, size]) for size in pieces]
-            + [TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [bn, next_pow2(spec.DV)])])
+    return tile_descriptors(k, bn, pieces) + tile_descriptors(v, bn, [next_pow2(spec.DV)])
 
 
 def visible_blocks(block_indices: torch.Tensor, spec: NSASpec,
@@ -205,9 +197,20 @@ def topn(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, spec: NSAS
     if B * T == 0:
         return idx
     tiles = tile_table(cu_seqlens, B, T, config["BLOCK_T"], spec.l, spec.d, q.device)
+    config = tma_config("topn", config, k_cmp)
     fn = kernel_fn("topn", spec, config)
-    fn[(tiles.shape[0], spec.H)](q, k_cmp, lse_cmp, idx, tiles, **launch_options(config))
+    fn[(tiles.shape[0], spec.H)](q, *_cmp_key_args(k_cmp, spec, config), lse_cmp, idx, tiles,
+                                 **launch_options(config))
     return idx
+
+
+def _cmp_key_args(k_cmp: torch.Tensor, spec: NSASpec, config: Config) -> list:
+    """topn's compressed-key argument: k_cmp, or with config TMA one descriptor per
+    dim_chunks(DK) piece, boxes of the BJ * l' / d compressed blocks a chunk scores."""
+    if not config["TMA"]:
+        return [k_cmp]
+    return tile_descriptors(k_cmp, config["BJ"] * spec.BS // spec.d,
+                            [size for _, size in dim_chunks(spec.DK)])
 
 
 def _inverse_selection(block_indices: torch.Tensor, spec: NSASpec, T: int,

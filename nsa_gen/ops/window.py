@@ -7,7 +7,8 @@ from ..config import Config
 from ..kernels import kernel_def, kernel_fn, kernel_module
 from ..spec import NSASpec
 from .common import (check_grad_inputs, check_qkv, check_seqlens, dkv_launch_options,
-                     dot_precision, launch_options, outputs, tile_table)
+                     dot_precision, kv_tile_args, launch_options, outputs, tile_table,
+                     tma_config)
 
 
 def window_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: NSASpec,
@@ -29,8 +30,10 @@ def window_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: NSASpec,
     if B * T == 0:
         return o, lse
     tiles = tile_table(cu_seqlens, B, T, config["BLOCK_T"], spec.l, spec.d, q.device)
+    config = tma_config("window_fwd", config, k, v)
     fn = kernel_fn("window_fwd", spec, config)
-    fn[(tiles.shape[0], spec.H)](q, k, v, o, lse, tiles, DOT_PRECISION=dot_precision(q),
+    fn[(tiles.shape[0], spec.H)](q, *kv_tile_args(k, v, spec, config, config["BLOCK_N"]),
+                                 o, lse, tiles, DOT_PRECISION=dot_precision(q),
                                  **launch_options(config))
     return o, lse
 
