@@ -6,3 +6,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD TRITON_INTERPRET=0 NSA_GEN_CACHE_DIR=/tmp/nsa-cache PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
 mkdir -p "$OUT"
+
+# The device scripts' shared helpers: quiet drops library warnings from a command's output;
+# gpu_info writes the GPU, driver, torch and triton versions to $OUT/gpu.txt (and prints them).
+quiet() { grep --line-buffered -v "UserWarning\|scaled_dot_product_attention\|return Variable\|warnings.warn\|no tuned config"; }
+gpu_info() {
+  { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/gpu.txt"
+}

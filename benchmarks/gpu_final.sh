@@ -4,7 +4,6 @@
 set -o pipefail
 source "$(dirname "$0")/device_env.sh"
 export NSA_GEN_LOG=ERROR
-quiet() { grep -v "UserWarning\|scaled_dot_product_attention\|return Variable\|warnings.warn"; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 timeout 150 python3 cli.py verify deepseek-nsa fla-compat small-group mqa -T 2048 2>&1 | quiet | tee "$OUT/verify.txt"

@@ -6,9 +6,7 @@
 set -o pipefail
 source "$(dirname "$0")/device_env.sh"
 export NSA_GEN_LOG=ERROR
-quiet() { grep --line-buffered -v "UserWarning\|scaled_dot_product_attention\|return Variable\|warnings.warn"; }
-{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/gpu.txt"
+gpu_info
 timeout 170 python3 cli.py verify deepseek-nsa fla-compat small-group mqa -T 2048 2>&1 | quiet > "$OUT/verify.txt"
 tail -3 "$OUT/verify.txt"
 timeout 280 python3 cli.py bench deepseek-nsa fla-compat small-group --seqlens 16384 65536 --backward \

@@ -8,9 +8,7 @@
 set -o pipefail
 source "$(dirname "$0")/device_env.sh"
 BUDGET_S=${BUDGET_S:-560}
-quiet() { grep --line-buffered -v "UserWarning\|warnings.warn\|no tuned config"; }
-{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/gpu.txt"
+gpu_info
 if [ "${VERIFY:-1}" != 0 ]; then
   timeout 240 python3 cli.py verify deepseek-nsa fla-compat small-group mqa ${VERIFY_ARGS:--T 2048} 2>&1 | quiet > "$OUT/verify.txt"
   echo "verify: exit ${PIPESTATUS[0]} after ${SECONDS}s"; grep -c "| pass" "$OUT/verify.txt"; grep "FAIL" "$OUT/verify.txt"

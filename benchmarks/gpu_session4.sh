@@ -6,7 +6,6 @@
 # Usage: RESUME=DIR [TUNE_S=290] bash benchmarks/gpu_session4.sh
 set -o pipefail
 source "$(dirname "$0")/device_env.sh"
-quiet() { grep --line-buffered -v "UserWarning\|scaled_dot_product_attention\|return Variable\|warnings.warn"; }
 TUNE_S=${TUNE_S:-290}
 SECONDS=0
 STEPS=tune KERNELS=selection_fwd SEQLENS=131072 TRIALS=6 JOBS=12 BUDGET_S=110 \

@@ -11,9 +11,7 @@
 set -o pipefail
 source "$(dirname "$0")/device_env.sh"
 BUDGET_S=${BUDGET_S:-560}
-quiet() { grep --line-buffered -v "UserWarning\|scaled_dot_product_attention\|return Variable\|warnings.warn\|no tuned config"; }
-{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/gpu.txt"
+gpu_info
 if [ -n "$VERIFY" ]; then
   timeout ${VERIFY_S:-200} python3 cli.py verify deepseek-nsa fla-compat small-group mqa -T 2048 \
     --kernels ${VERIFY_KERNELS:-topn selection_fwd nsa} 2>&1 | quiet > "$OUT/verify.txt"
