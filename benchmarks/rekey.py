@@ -63,7 +63,7 @@ def main() -> int:
                 continue
             spec = load_spec(e["spec_name"])
             old_cfg = Config.from_dict(e["config"])
-            new_cfg = Config.from_dict(dict(e["config"], **added))
+            new_cfg = Config.from_dict({**added, **e["config"]})  # the entry's own values win
             if not same_code(spec, new_cfg):
                 print(f"{path}: {e['spec_name']} T={e['shape']['T']} {old_cfg}: code differs, left as is")
                 continue
@@ -80,15 +80,15 @@ def adopt(stem, src: Path, db: TuningDB, added: dict, new_hash: str, old_hash: s
     must render to the current code with `added`) or on the current one into `db`."""
     took = []
     for key, e in TuningDB(src).load(stem).items():
-        spec = load_spec(key.spec_name) if key.spec_name else None
-        if key.source_hash == new_hash:
+        if key.source_hash not in (old_hash, new_hash) or not key.spec_name:
+            continue
+        cfg = Config.from_dict({**added, **e.config.as_dict()})  # the entry's own values win
+        if key.source_hash == new_hash and cfg == e.config:
             took.append((key, e))
-        elif key.source_hash == old_hash and spec is not None:
-            cfg = Config.from_dict(dict(e.config.as_dict(), **added))
-            if same_code(spec, cfg):
-                took.append((dataclasses.replace(key, source_hash=new_hash),
-                             dataclasses.replace(e, config=cfg)))
-                continue
+        elif same_code(load_spec(key.spec_name), cfg):
+            took.append((dataclasses.replace(key, source_hash=new_hash),
+                         dataclasses.replace(e, config=cfg)))
+        else:
             print(f"{key.describe()} {e.config}: code differs, not copied")
     db.put_many(took)
     for key, e in took:

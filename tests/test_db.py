@@ -16,6 +16,7 @@ from nsa_gen.config import Config
 from nsa_gen.db import (CPU_DEVICE, SCHEMA, SCHEMA_VERSION, DeviceKey, Entry, TuneKey, TuningDB,
                         current_device_key, kernel_source_hash, shipped_db_dir, spec_fields,
                         spec_from_fields, triton_version)
+from nsa_gen.kernels import kernel_def
 from nsa_gen.spec import load_spec
 from nsa_gen.tuning import commands
 
@@ -350,3 +351,33 @@ def test_rekey_keeps_only_entries_whose_code_is_unchanged(tmp_path, spec):
     assert r.returncode == 0 and "1 entries re-keyed" in r.stdout, r.stdout + r.stderr
     (k, e), = TuningDB(tmp_path / "db").load().items()
     assert k.source_hash == kernel_source_hash(STEM) and e.config["BLOCK_Q"] == 0
+
+
+def test_rekey_from_adopts_checked_entries(tmp_path, spec):
+    """rekey.py --from SRC copies SRC's entries measured on the old template (its hash) whose
+    code is unchanged, and those measured on the current one; nothing else."""
+    import hashlib
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    old = tmp_path / "old" / "selection_fwd.py.j2"
+    old.parent.mkdir()
+    old.write_text((root / "templates" / "selection_fwd.py.j2").read_text())
+    old_hash = hashlib.sha256(old.read_bytes()).hexdigest()[:16]
+    src, dst = TuningDB(tmp_path / "src"), TuningDB(tmp_path / "dst")
+    cfg = kernel_def(STEM).default(spec, 4096)
+    dst.put(TuneKey.make(H200, STEM, spec, 4096), Entry(cfg, 2.0, 0.1, 5, "2026-01-01"))
+    tuned = {"BLOCK_N": 32, "BLOCK_Q": 0, "num_warps": 4, "num_stages": 2}  # before TMA existed
+    src.put(TuneKey.make(H200, STEM, spec, 4096, source_hash=old_hash),
+            Entry(Config.from_dict(tuned), 1.0, 0.1, 5, "2026-01-02"))
+    src.put(TuneKey.make(H200, STEM, spec, 8192, source_hash="f" * 16),  # another template
+            Entry(cfg, 1.0, 0.1, 5, "2026-01-02"))
+    src.put(TuneKey.make(H200, STEM, spec, 16384), Entry(cfg, 3.0, 0.1, 5, "2026-01-02"))
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "rekey.py"), STEM, str(old),
+                        "TMA=0", "--db", str(dst.root), "--from", str(src.root)],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and "2 entries of selection_fwd copied" in r.stdout, r.stdout + r.stderr
+    got = {k.T: (k.source_hash, e) for k, e in dst.load().items()}
+    assert sorted(got) == [4096, 16384]
+    assert all(h == kernel_source_hash(STEM) for h, _ in got.values())
+    assert got[4096][1].config == Config.from_dict(dict(tuned, TMA=0)) and got[4096][1].ms == 1.0
