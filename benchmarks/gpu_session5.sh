@@ -29,14 +29,17 @@ mkdir -p /tmp/r
 [ -n "$RESUME" ] && cp "$RESUME"/db.tar.gz "$RESUME"/data.tar.gz /tmp/r/
 for run in $TUNE; do
   IFS='|' read -r kernels specs seqlens trials secs <<< "$run"
-  res=; [ -f /tmp/r/db.tar.gz ] && res=/tmp/r
-  STEPS=tune KERNELS="${kernels//,/ }" SEQLENS=$seqlens TRIALS=$trials JOBS=12 BUDGET_S=$secs RESUME=$res \
+  res=; [ -f /tmp/r/db.tar.gz ] && [ -f /tmp/r/data.tar.gz ] && res=/tmp/r
+  STEPS=tune KERNELS="$kernels" SEQLENS=$seqlens TRIALS=$trials JOBS=12 BUDGET_S=$secs RESUME=$res \
     bash "$(dirname "$0")/gpu_tune_all.sh" ${specs//,/ } > /dev/null
   grep "T=\|skipped\|exit status" "$OUT/log.txt" | cut -c1-160; cat "$OUT/log.txt" >> /tmp/r/log_all.txt
   rm -f "$OUT/log.txt"
-  mv "$OUT/db.tar.gz" "$OUT/data.tar.gz" /tmp/r/
+  mv "$OUT/db.tar.gz" "$OUT/data.tar.gz" /tmp/r/ 2>/dev/null
+  rm -rf "$OUT/db"
 done
-[ -f /tmp/r/db.tar.gz ] && cp /tmp/r/db.tar.gz /tmp/r/data.tar.gz "$OUT/" && mv /tmp/r/log_all.txt "$OUT/log.txt"
+[ -f /tmp/r/log_all.txt ] && mv /tmp/r/log_all.txt "$OUT/log.txt"
+[ -f /tmp/r/db.tar.gz ] && cp /tmp/r/db.tar.gz "$OUT/"
+[ -f /tmp/r/data.tar.gz ] && cp /tmp/r/data.tar.gz "$OUT/"
 if [ -n "$BENCH" ]; then
   if [ -f /tmp/r/db.tar.gz ]; then
     mkdir -p /tmp/final && tar -xzf /tmp/r/db.tar.gz -C /tmp/final && export NSA_GEN_DB=/tmp/final/db

@@ -5,7 +5,7 @@
 # tune every kernel of each SPEC at SEQLENS into a copy of tuning_db/ with what is left of
 # the budget, then write the evidence tables (benchmarks/tune_evidence.py).
 #
-# Usage: [SEQLENS=1024,4096,16384,65536,131072] [KERNELS="stem ..."] [TRIALS=12] [JOBS=8] [TIMEOUT=60]
+# Usage: [SEQLENS=1024,4096,16384,65536,131072] [KERNELS=stem,stem] [TRIALS=12] [JOBS=8] [TIMEOUT=60]
 #        [STEPS="tune exhaustive evidence"] [BUDGET_S=560] [RESUME=DIR] [EXH_DATA=DIR]
 #        bash benchmarks/gpu_tune_all.sh [SPEC...]        (default SPECs: every built-in)
 #
