@@ -186,7 +186,8 @@ def _topn_context(spec: NSASpec, cfg: Config) -> dict:
                 DK_CHUNKS=dim_chunks(spec.DK), L=spec.l, D=spec.d, BS=spec.BS, S=spec.S, R=spec.BS // spec.d,
                 M_CHUNKS=spec.l // spec.d, INITIAL=spec.initial_blocks, LOCAL=spec.local_blocks,
                 BLOCK_T=cfg["BLOCK_T"], BJ=cfg["BJ"], SCALE_LOG2=c["SCALE_LOG2"],
-                MERGE=cfg["MERGE"], MERGE_STEPS=_half_cleaners(cfg["BJ"]), TMA=cfg["TMA"])
+                MERGE=cfg["MERGE"], MERGE_STEPS=_half_cleaners(cfg["BJ"]), TMA=cfg["TMA"],
+                INSERT=cfg["INSERT"])
 
 
 def _half_cleaners(n: int) -> tuple[tuple[int, int], ...]:
@@ -199,13 +200,13 @@ def _topn_space(spec: NSASpec) -> dict[str, list]:
     gp, bj = token_group_pad(spec), topn_bj(spec)
     return {"BLOCK_T": [t for t in (1, 2, 4, 8, 16, 32, 64, 128) if 16 <= t * gp <= 256],
             "BJ": [b for b in (bj, 2 * bj) if b * spec.BS // spec.d <= 256] or [bj],
-            "MERGE": ["sort", "bitonic", "rank"], "TMA": [0, 1], "num_warps": [2, 4, 8],
-            "num_stages": [1, 2, 3]}
+            "MERGE": ["sort", "bitonic", "rank"], "INSERT": [0, 2, 4, 8], "TMA": [0, 1],
+            "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]}
 
 
 def _topn_default(spec: NSASpec, T: int) -> Config:
     return Config.make(BLOCK_T=max(1, 64 // token_group_pad(spec)), BJ=topn_bj(spec),
-                       MERGE="bitonic", TMA=0, num_warps=4, num_stages=2)
+                       MERGE="bitonic", INSERT=0, TMA=0, num_warps=4, num_stages=2)
 
 
 def _topn_smem(spec: NSASpec, cfg: Config) -> int:
@@ -426,7 +427,8 @@ KERNELS: dict[str, KernelDef] = {
                                _slc_fwd_space, _slc_fwd_smem, lambda s: s.has("slc"),
                                structural=("BLOCK_Q", "TMA"), min_arch=TMA_ARCH),
     "topn": KernelDef("topn", "slc", _topn_context, _topn_default, _topn_space, _topn_smem,
-                      lambda s: s.has("slc"), structural=("MERGE", "TMA"), min_arch=TMA_ARCH),
+                      lambda s: s.has("slc"), structural=("MERGE", "INSERT", "TMA"),
+                      min_arch=TMA_ARCH),
     "selection_bwd": KernelDef("selection_bwd", "slc", _slc_bwd_context, _slc_bwd_default,
                                _slc_bwd_space, _slc_bwd_smem, lambda s: s.has("slc")),
     "compression_fwd": KernelDef("compression_fwd", "cmp", _cmp_fwd_context, _cmp_fwd_default,

@@ -204,6 +204,20 @@ def test_topn_merge_variants(key, poison):
             assert torch.equal(got[merge], got["sort"]), (merge, bj)
 
 
+@pytest.mark.parametrize("key", ["G4"])
+def test_topn_insert_path(key, poison):
+    """Chunks merged by insertion (INSERT: when no token of the tile has more than that many
+    keys above its BJ-th best) keep exactly what sorting the union keeps. INSERT = BJ takes the
+    insertion path for every chunk, the first ones (every key new) included."""
+    spec = make_spec(key, selection={"block": 16, "top_n": 4, "initial_blocks": 1, "local_blocks": 2})
+    case = make_case("topn", spec, 600, B=1, dtype=torch.float32, seed=5)
+    base = kernel_def("topn").default(spec, 93)
+    want = case.run(base.replace(MERGE="sort"))[0]
+    for merge, insert in (("bitonic", base["BJ"]), ("bitonic", 2), ("rank", base["BJ"])):
+        got = case.run(base.replace(MERGE=merge, INSERT=insert))[0]
+        assert torch.equal(got, want), (merge, insert)
+
+
 def test_topn_ties_and_padding(poison):
     """Identical keys make every score tie: ties go to the lowest block indices."""
     # l = d = l': every complete block gets exactly the same importance.

@@ -231,8 +231,9 @@ def test_structural_variants_of_the_default_are_seeded(spec, tmp_path, monkeypat
     assert sorted(splits + [default["DKV_SPLIT_T"]]) == sorted(kd.space(spec)["DKV_SPLIT_T"])
     assert all(c.replace(DKV_SPLIT_T=default["DKV_SPLIT_T"]) == default for c in seeds[1:])
     topn = t.seeds("topn", 4096, 1, pruned_space("topn", spec, H200)[0])
-    assert [(c["MERGE"], c["TMA"]) for c in topn] == [("bitonic", 0), ("sort", 0), ("rank", 0),
-                                                       ("bitonic", 1)]
+    assert [(c["MERGE"], c["INSERT"], c["TMA"]) for c in topn] == [
+        ("bitonic", 0, 0), ("sort", 0, 0), ("rank", 0, 0), ("bitonic", 2, 0), ("bitonic", 4, 0),
+        ("bitonic", 8, 0), ("bitonic", 0, 1)]
     assert t.seeds(STEM, 4096, 1, pruned_space(STEM, spec, H200)[0]) == [KD.default(spec, 4096)]
     KERNELS[STEM] = FULL_KD  # (the fixture restores the pinned one)
     keep = pruned_space(STEM, spec, H200)[0]
@@ -241,6 +242,25 @@ def test_structural_variants_of_the_default_are_seeded(spec, tmp_path, monkeypat
     want = [q for q in FULL_KD.space(spec)["BLOCK_Q"] if default.replace(BLOCK_Q=q) in keep]
     assert [c["BLOCK_Q"] for c in slc[:len(want)]] == want and len(want) > 2
     assert slc[len(want):] == [default.replace(TMA=1 - default["TMA"])]  # each structural param
+
+
+def test_structural_variants_of_the_entry_are_seeded(spec, tmp_path, monkeypatch):
+    """The study of a shape with a DB entry also tries that entry's tiles with each other
+    algorithm, after the default's variants."""
+    monkeypatch.setattr(tuner_mod, "shipped_db_dir", lambda: None)
+    t = make_tuner(spec, tmp_path, FakeRunner())
+    kd = kernel_def("topn")
+    keep = pruned_space("topn", spec, H200)[0]
+    default = kd.default(spec, 65536)
+    entry = default.replace(BLOCK_T=2 * default["BLOCK_T"], MERGE="rank")
+    assert entry in keep
+    t.db.put(TuneKey.make(H200, "topn", spec, 65536), Entry(entry, 1.0, 0.1, 8, "2026-11-29"))
+    seeds = t.seeds("topn", 65536, 1, keep)
+    n_default = 1 + len(kd.variants(spec, default))
+    assert seeds[:2] == [default, entry]
+    assert set(seeds[2:n_default + 1]) == set(kd.variants(spec, default))
+    assert seeds[n_default + 1:] == [c for c in kd.variants(spec, entry) if c in keep]
+    assert entry.replace(MERGE="bitonic") in seeds
 
 
 def test_resume_after_interruption(spec, tmp_path):

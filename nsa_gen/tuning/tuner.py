@@ -241,6 +241,7 @@ class Tuner:
                         for k, e in db.load(stem, self.device).items() if k.group == me.group),
                        key=lambda x: x[0])
         added = 0
+        own = [cfg for dist, cfg in found if dist == 0]
         for dist, cfg in found:  # this very shape's entries (distance 0) first, all of them
             if dist == 0:
                 add(cfg)
@@ -249,9 +250,13 @@ class Tuner:
         # The default with each other value of each structural param (the split of the
         # compressed dk/dv pass, top-n's merge): few, and each a different algorithm, so
         # even a short study measures them (at 128k the unsplit dk/dv pass beat the
-        # default's split by 10%, in a value a 4-trial study never sampled).
-        for cfg in kd.variants(self.spec, out[0] if out else kd.default(self.spec, T)):
-            add(cfg)
+        # default's split by 10%, in a value a 4-trial study never sampled). Then the same
+        # for this shape's entries, whose tiles may suit another algorithm better (a 64k
+        # top-n entry with the rank merge at 8 tokens a tile was never measured with bitonic
+        # at 8, which a probe had 7% faster).
+        for base in [out[0] if out else kd.default(self.spec, T)] + own:
+            for cfg in kd.variants(self.spec, base):
+                add(cfg)
         return out
 
     # -- one study
