@@ -231,9 +231,9 @@ def test_structural_variants_of_the_default_are_seeded(spec, tmp_path, monkeypat
     assert sorted(splits + [default["DKV_SPLIT_T"]]) == sorted(kd.space(spec)["DKV_SPLIT_T"])
     assert all(c.replace(DKV_SPLIT_T=default["DKV_SPLIT_T"]) == default for c in seeds[1:])
     topn = t.seeds("topn", 4096, 1, pruned_space("topn", spec, H200)[0])
-    assert [(c["MERGE"], c["INSERT"], c["TMA"]) for c in topn] == [
-        ("bitonic", 0, 0), ("sort", 0, 0), ("rank", 0, 0), ("bitonic", 2, 0), ("bitonic", 4, 0),
-        ("bitonic", 8, 0), ("bitonic", 0, 1)]
+    assert [(c["MERGE"], c["INSERT"], c["TMA"]) for c in topn] == [  # 4-token tiles: INSERT 4
+        ("bitonic", 4, 0), ("sort", 4, 0), ("rank", 4, 0), ("bitonic", 0, 0), ("bitonic", 2, 0),
+        ("bitonic", 8, 0), ("bitonic", 4, 1)]
     assert t.seeds(STEM, 4096, 1, pruned_space(STEM, spec, H200)[0]) == [KD.default(spec, 4096)]
     KERNELS[STEM] = FULL_KD  # (the fixture restores the pinned one)
     keep = pruned_space(STEM, spec, H200)[0]
