@@ -121,7 +121,7 @@ def _slc_fwd_default(spec: NSASpec, T: int) -> Config:
     """Query-batched (64 query rows) for groups of at most 4 heads from 4096 tokens on, where
     the H200 studies had it 1.4-8.7x faster than the group-centric kernel (small-group and mqa,
     4k to 128k; 0.55 against 1.0 ms the other way at small-group, 1k); group-centric
-    otherwise (1.7-2.5x faster at G = 16, 64k). K/V through TMA: 7-29% faster than pointer
+    otherwise (1.7-2.5x faster at G = 16, 64k). K/V through TMA: 7-16% faster than pointer
     loads for all four built-in specs at 64k (H200; dispatch falls back to pointers before
     sm90)."""
     gt = token_group_pad(spec)
