@@ -187,7 +187,19 @@ def _topn_context(spec: NSASpec, cfg: Config) -> dict:
                 M_CHUNKS=spec.l // spec.d, INITIAL=spec.initial_blocks, LOCAL=spec.local_blocks,
                 BLOCK_T=cfg["BLOCK_T"], BJ=cfg["BJ"], SCALE_LOG2=c["SCALE_LOG2"],
                 MERGE=cfg["MERGE"], MERGE_STEPS=_half_cleaners(cfg["BJ"]), TMA=cfg["TMA"],
-                INSERT=cfg["INSERT"])
+                INSERT=cfg["INSERT"], KEY=cfg["KEY"], **KEY32_BOUNDS)
+
+
+# 32-bit top-n keys (KEY = 32): a chunk's non-candidate keys are -1 - j >= -2^TOPN_INDEX_BITS;
+# empty list slots start below those, and LOW_KEY is below everything.
+TOPN_INDEX_BITS = 15
+KEY32_BOUNDS = dict(EMPTY_KEY=1 << 30, LOW_KEY=-(1 << 31) + 1)
+
+
+def topn_index_bits(T: int, BS: int) -> int:
+    """Low bits of a 32-bit top-n key that hold the block index, for sequences of at most
+    T tokens: enough for every block index below ceil(T / BS)."""
+    return max(1, (-(-T // BS)).bit_length())
 
 
 def _half_cleaners(n: int) -> tuple[tuple[int, int], ...]:
@@ -201,7 +213,7 @@ def _topn_space(spec: NSASpec) -> dict[str, list]:
     return {"BLOCK_T": [t for t in (1, 2, 4, 8, 16, 32, 64, 128) if 16 <= t * gp <= 256],
             "BJ": [b for b in (bj, 2 * bj) if b * spec.BS // spec.d <= 256] or [bj],
             "MERGE": ["sort", "bitonic", "rank"], "INSERT": [0, 2, 4, 8], "TMA": [0, 1],
-            "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]}
+            "KEY": [64, 32], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]}
 
 
 def _topn_default(spec: NSASpec, T: int) -> Config:
@@ -211,7 +223,8 @@ def _topn_default(spec: NSASpec, T: int) -> Config:
     (the more tokens a tile holds, the more often one of them has many keys to insert)."""
     block_t = max(1, 64 // token_group_pad(spec))
     return Config.make(BLOCK_T=block_t, BJ=topn_bj(spec), MERGE="bitonic",
-                       INSERT=4 if block_t <= 4 else 0, TMA=0, num_warps=4, num_stages=2)
+                       INSERT=4 if block_t <= 4 else 0, TMA=0, KEY=64, num_warps=4,
+                       num_stages=2)
 
 
 def _topn_smem(spec: NSASpec, cfg: Config) -> int:
@@ -432,7 +445,7 @@ KERNELS: dict[str, KernelDef] = {
                                _slc_fwd_space, _slc_fwd_smem, lambda s: s.has("slc"),
                                structural=("BLOCK_Q", "TMA"), min_arch=TMA_ARCH),
     "topn": KernelDef("topn", "slc", _topn_context, _topn_default, _topn_space, _topn_smem,
-                      lambda s: s.has("slc"), structural=("MERGE", "INSERT", "TMA"),
+                      lambda s: s.has("slc"), structural=("MERGE", "INSERT", "TMA", "KEY"),
                       min_arch=TMA_ARCH),
     "selection_bwd": KernelDef("selection_bwd", "slc", _slc_bwd_context, _slc_bwd_default,
                                _slc_bwd_space, _slc_bwd_smem, lambda s: s.has("slc")),

@@ -190,14 +190,16 @@ def test_topn(key, poison):
 
 
 @pytest.mark.parametrize("key", ["G4", "fla"])
-def test_topn_merge_variants(key, poison):
+@pytest.mark.parametrize("width", [64, 32])
+def test_topn_merge_variants(key, width, poison):
     """The bitonic and rank merges keep exactly what sorting the union keeps, at every chunk
-    width, over several chunks (600 tokens: 38 selection blocks of 16)."""
+    width, over several chunks (600 tokens: 38 selection blocks of 16), with 64- and 32-bit
+    keys."""
     spec = make_spec(key, selection={"block": 16, "top_n": 4, "initial_blocks": 1, "local_blocks": 2})
     case = make_case("topn", spec, 600, B=1, dtype=torch.float32, seed=5)
     space = kernel_def("topn").space(spec)
     for bj in space["BJ"]:
-        base = dict(kernel_def("topn").default(spec, 93).as_dict(), BJ=bj)
+        base = dict(kernel_def("topn").default(spec, 93).as_dict(), BJ=bj, KEY=width)
         got = {m: case.run(Config.from_dict(dict(base, MERGE=m)))[0] for m in space["MERGE"]}
         assert case.rel_error((got["bitonic"],)) < 1e-4
         for merge in space["MERGE"]:
@@ -214,11 +216,13 @@ def test_topn_insert_path(key, poison):
     base = kernel_def("topn").default(spec, 93)
     want = case.run(base.replace(MERGE="sort"))[0]
     for merge, insert in (("bitonic", base["BJ"]), ("bitonic", 2), ("rank", base["BJ"])):
-        got = case.run(base.replace(MERGE=merge, INSERT=insert))[0]
-        assert torch.equal(got, want), (merge, insert)
+        for width in (64, 32):
+            got = case.run(base.replace(MERGE=merge, INSERT=insert, KEY=width))[0]
+            assert torch.equal(got, want), (merge, insert, width)
 
 
-def test_topn_ties_and_padding(poison):
+@pytest.mark.parametrize("width", [64, 32])
+def test_topn_ties_and_padding(width, poison):
     """Identical keys make every score tie: ties go to the lowest block indices."""
     # l = d = l': every complete block gets exactly the same importance.
     spec = make_spec("G4", compression={"block": 16, "stride": 16},
@@ -230,7 +234,8 @@ def test_topn_ties_and_padding(poison):
     k = k_row.expand(B, T, spec.H, spec.DK).contiguous()
     k_cmp = naive.naive_compress(k, spec.l, spec.d)
     from nsa_gen.harness import _cmp_lse
-    idx = topn(q, k_cmp, _cmp_lse(q, k_cmp, spec), spec)
+    config = kernel_def("topn").default(spec, T).replace(KEY=width)
+    idx = topn(q, k_cmp, _cmp_lse(q, k_cmp, spec), spec, config)
     for t in (0, 20, 47, 89):
         cur = t // spec.BS
         cands = list(range(cur + 1))
@@ -239,6 +244,25 @@ def test_topn_ties_and_padding(poison):
         got = [j for j in idx[0, t, 0].tolist() if j >= 0]
         assert got == want, (t, got, want)
         assert idx[0, t, 0].tolist()[len(got):] == [-1] * (spec.S - len(got))
+
+
+def test_topn_key32_precision_and_fallback(poison, monkeypatch, caplog):
+    """32-bit keys keep 23 - index_bits mantissa bits: scores that differ in the low bits
+    tie (lower index first), and a T needing more than TOPN_INDEX_BITS index bits falls back
+    to 64-bit keys with a warning."""
+    from nsa_gen.kernels import topn_index_bits
+    assert [topn_index_bits(T, 64) for T in (1, 64, 65, 65536, 1 << 21)] == [1, 1, 2, 11, 16]
+    spec = make_spec("G4", selection={"block": 16, "top_n": 4, "initial_blocks": 1, "local_blocks": 2})
+    case = make_case("topn", spec, 300, B=1, dtype=torch.float32, seed=2)
+    base = kernel_def("topn").default(spec, 300)
+    want = case.run(base)[0]
+    got = case.run(base.replace(KEY=32))[0]
+    assert case.rel_error((got,)) < 1e-5
+    from nsa_gen.ops import selection as ops_selection
+    monkeypatch.setattr(ops_selection, "TOPN_INDEX_BITS", 2)  # 300 tokens: 19 blocks, 5 bits
+    with caplog.at_level("WARNING", logger="nsa_gen"):
+        assert torch.equal(case.run(base.replace(KEY=32))[0], want)
+    assert "64-bit keys" in caplog.text
 
 
 def test_topn_varlen(poison):

@@ -1,12 +1,14 @@
 """Selected attention (the `slc` branch): launchers and autograd wrapper."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from ..config import Config
-from ..kernels import dim_chunks, kernel_def, kernel_fn, kernel_module, next_pow2
+from ..kernels import (TOPN_INDEX_BITS, dim_chunks, kernel_def, kernel_fn, kernel_module,
+                       next_pow2, topn_index_bits)
 from ..spec import NSASpec
 from .common import (check_grad_inputs, check_qkv, check_seqlens, check_tensor, launch_options,
                      seq_end, seq_start, tile_descriptors, tile_table, tma_config)
@@ -198,9 +200,21 @@ def topn(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, spec: NSAS
         return idx
     tiles = tile_table(cu_seqlens, B, T, config["BLOCK_T"], spec.l, spec.d, q.device)
     config = tma_config("topn", config, k_cmp)
+    key_args = []
+    if config["KEY"] == 32:
+        # T bounds every packed sequence's length: no host sync for the longest one.
+        bits = topn_index_bits(T, spec.BS)
+        if bits > TOPN_INDEX_BITS:
+            logging.getLogger("nsa_gen").warning(
+                "topn: %d blocks need %d index bits, over the %d a 32-bit key keeps beside "
+                "8 bits of score mantissa; ranking with 64-bit keys", -(-T // spec.BS), bits,
+                TOPN_INDEX_BITS)
+            config = config.replace(KEY=64)
+        else:
+            key_args = [(1 << bits) - 1]
     fn = kernel_fn("topn", spec, config)
     fn[(tiles.shape[0], spec.H)](q, *_cmp_key_args(k_cmp, spec, config), lse_cmp, idx, tiles,
-                                 **launch_options(config))
+                                 *key_args, **launch_options(config))
     return idx
 
 
