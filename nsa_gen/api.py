@@ -9,6 +9,7 @@ from .config import Config
 from .db.dispatch import default_dispatcher
 from .ops.common import check, check_tensor
 from .ops.compression import CompressionFunction, compress_mean
+from .ops.gate import GateFunction
 from .ops.selection import SelectionFunction, topn
 from .ops.window import WindowFunction
 from .spec import NSASpec, load_spec
@@ -77,13 +78,7 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor |
     config = _configs(spec, T, B, dispatcher)
 
     aux: dict = {}
-    o = None
-
-    def add(g, x):
-        # In place after the first branch: one [B, T, HQ, DV] buffer instead of a product
-        # and a sum per branch (autograd keeps what it needs: g and x, not o).
-        nonlocal o
-        o = g.unsqueeze(-1) * x if o is None else o.addcmul_(g.unsqueeze(-1), x)
+    outs: dict[str, torch.Tensor] = {}
 
     if g_cmp is not None or g_slc is not None:
         k_cmp, cu_cmp = compress(pairs["cmp"][0], spec, mlp_k, cu_seqlens)
@@ -92,7 +87,7 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor |
                                                    config("compression_bwd"), cu_seqlens, cu_cmp)
         aux.update(o_cmp=o_cmp, lse_cmp=lse_cmp, k_cmp=k_cmp, v_cmp=v_cmp)
         if g_cmp is not None:
-            add(g_cmp, o_cmp)
+            outs["cmp"] = o_cmp
         if g_slc is not None:
             # Block choice is discrete: no gradient flows through the indices (as in the paper).
             idx = topn(q.detach(), k_cmp.detach(), lse_cmp, spec, config("topn"),
@@ -100,12 +95,16 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor |
             o_slc = SelectionFunction.apply(q, *pairs["slc"], idx, spec, config("selection_fwd"),
                                             config("selection_bwd"), cu_seqlens, True)
             aux.update(indices=idx, o_slc=o_slc)
-            add(g_slc, o_slc)
+            outs["slc"] = o_slc
     if g_swa is not None:
         o_swa = WindowFunction.apply(q, *pairs["swa"], spec, config("window_fwd"),
                                      config("window_bwd"), cu_seqlens)
         aux["o_swa"] = o_swa
-        add(g_swa, o_swa)
+        outs["swa"] = o_swa
+    # One fused pass: reads each branch output and gate once, writes o once.
+    names = tuple(outs)
+    o = GateFunction.apply(spec, config("gate_fwd"), names,
+                           *(t for b in names for t in (outs[b], gates[b])))
     o = o.to(q.dtype)
     return (o, aux) if return_aux else o
 

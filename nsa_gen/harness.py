@@ -179,6 +179,9 @@ def make_case(stem: str, spec: NSASpec, T: int, *, B: int = 1, dtype: torch.dtyp
                     lambda: (naive.naive_window(*_f32(q, k, v), spec.w, scale),),
                     lambda o, r: rel_error(o[0], r[0]))
 
+    if stem == "gate_fwd":
+        return _gate_case(spec, B, T, dtype, device, gen)
+
     if stem.endswith("_bwd"):
         return _bwd_case(stem, spec, B, T, dtype, device, gen, q, k, v)
 
@@ -186,6 +189,36 @@ def make_case(stem: str, spec: NSASpec, T: int, *, B: int = 1, dtype: torch.dtyp
         return _op_case(spec, B, T, dtype, device, gen, q, k, v, varlen=stem == OP_VARLEN)
 
     raise KeyError(f"no test case for kernel '{stem}'")
+
+
+def _gate_case(spec: NSASpec, B: int, T: int, dtype, device, gen) -> Case:
+    """gate_fwd over all of the spec's branches: random outputs (normals) and gates (in
+    (0, 1), as a sigmoid gives). Each config a case runs that differs from the one it ran
+    last writes into an output buffer NaN-poisoned just before, so an element it never
+    writes fails the comparison, also after another config filled the buffer correctly;
+    repeated runs of one config (the tuner's timed runs) skip the fill, which would cost as
+    much as the kernel's own store."""
+    from .ops import gate
+
+    shape = (B, T, spec.HQ, spec.DV)
+    outs, gates = {}, {}
+    for b in spec.branches:
+        outs[b] = torch.randn(*shape, generator=gen, device=device).to(dtype=dtype)
+        gates[b] = torch.rand(*shape[:3], generator=gen, device=device).to(dtype=dtype)
+    out = torch.empty(shape, device=device, dtype=dtype)
+    last: list = [object()]
+
+    def launch(c: Config) -> tuple:
+        if c != last[0]:
+            out.fill_(float("nan"))
+            last[0] = c
+        return (gate.gate_fwd(outs, gates, spec, c, out=out),)
+
+    inputs = {**{f"o_{b}": x for b, x in outs.items()}, **{f"g_{b}": g for b, g in gates.items()}}
+    return Case("gate_fwd", spec, B, T, dtype, device, inputs, launch,
+                lambda: (naive.naive_gate({b: x.float() for b, x in outs.items()},
+                                          {b: g.float() for b, g in gates.items()}),),
+                lambda o, r: rel_error(o[0], r[0]))
 
 
 OP = "nsa"  # the composed op (all branches, gated), forward and backward

@@ -12,7 +12,7 @@ from typing import Callable
 
 from . import codegen
 from .config import Config
-from .spec import NSASpec
+from .spec import BRANCHES, NSASpec
 
 LOG2E = 1.4426950408889634
 
@@ -437,6 +437,43 @@ def _swa_bwd_smem(spec: NSASpec, cfg: Config) -> int:
     return _bwd_smem(spec, cfg, "BLOCK_N")
 
 
+# ----------------------------------------------------------------------------- gate_fwd
+# The gated sum o = sum over branches of g_br[..., None] * o_br: a streaming kernel (no dot,
+# no loop), a program owns BLOCK_R rows of (token, head) pairs and all DV columns of each.
+
+def gate_branches(spec: NSASpec) -> tuple[str, ...]:
+    """The branches gate_fwd takes an output and a gate of: the spec's, in canonical order
+    (cmp, slc, swa), which is also the order of the sum."""
+    return tuple(b for b in BRANCHES if spec.has(b))
+
+
+def _gate_fwd_context(spec: NSASpec, cfg: Config) -> dict:
+    br = gate_branches(spec)
+    return dict(NB=len(br), BRANCHES=br, DV=spec.DV, DV_CHUNKS=dim_chunks(spec.DV),
+                BLOCK_R=cfg["BLOCK_R"])
+
+
+def _gate_fwd_space(spec: NSASpec) -> dict[str, list]:
+    # One value of num_stages: the kernel has no loop to pipeline.
+    return {"BLOCK_R": [r for r in (16, 32, 64, 128) if r * next_pow2(spec.DV) <= MAX_TILE_ELEMS],
+            "num_warps": [2, 4, 8], "num_stages": [1]}
+
+
+def _gate_fwd_default(spec: NSASpec, T: int) -> Config:
+    """Rows of about 16 KB of each 16-bit input a program (64 rows at DV = 128, 32 at 256,
+    128 at 64 and below), 4 warps. Pure streaming: what matters is enough bytes in flight per
+    SM and few enough programs that launch overhead stays small. At DV = 128 with three
+    branches a program moves 64 KB (3 reads and the store of 16 KB each) and each of 128
+    threads holds 64 fp32 accumulator values, which fits in registers without spilling.
+    Not yet measured on a GPU: a heuristic, to be replaced by tuning."""
+    rows = max(16, min(128, 8192 // next_pow2(spec.DV)))
+    return Config.make(BLOCK_R=rows, num_warps=4, num_stages=1)
+
+
+def _gate_fwd_smem(spec: NSASpec, cfg: Config) -> int:
+    return 0  # elementwise: no tile goes through shared memory
+
+
 # Hopper's tensor memory accelerator (the kernels' TMA param).
 TMA_ARCH = (("TMA", 90),)
 
@@ -464,6 +501,11 @@ KERNELS: dict[str, KernelDef] = {
                                  per_token=("DKV_SPLIT_T",)),
     "window_bwd": KernelDef("window_bwd", "swa", _swa_bwd_context, _swa_bwd_default,
                             _swa_bwd_space, _swa_bwd_smem, lambda s: s.has("swa")),
+    # Not one of the three attention branches: "gate" names its launcher module (ops/gate.py),
+    # autograd (GateFunction) and reference (naive_gate). nsa() gates every spec's output, a
+    # single branch's too (o = g * o_br), so it applies to every spec.
+    "gate_fwd": KernelDef("gate_fwd", "gate", _gate_fwd_context, _gate_fwd_default,
+                          _gate_fwd_space, _gate_fwd_smem, lambda s: True),
 }
 
 

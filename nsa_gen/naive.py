@@ -31,6 +31,7 @@ __all__ = [
     "naive_topn",
     "naive_selection",
     "naive_window",
+    "naive_gate",
     "naive_nsa",
 ]
 
@@ -303,6 +304,25 @@ def naive_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: int,
     return o
 
 
+# ----------------------------------------------------------------------------- gated sum
+
+
+def naive_gate(outs: dict[str, torch.Tensor], gates: dict[str, torch.Tensor]) -> torch.Tensor:
+    """NSA's output: o = sum over branches of gates[b][..., None] * outs[b], in fp32.
+
+    outs: branch name (cmp, slc, swa) -> [B, T, HQ, DV]; gates: the same names -> [B, T, HQ].
+    Summed in the order cmp, slc, swa. Returns o [B, T, HQ, DV] float32.
+    """
+    if set(outs) != set(gates) or not outs or not set(outs) <= set(BRANCHES):
+        raise ValueError(f"outs and gates must name the same branches ({', '.join(BRANCHES)}), "
+                         f"at least one; got {sorted(outs)} and {sorted(gates)}")
+    o = None
+    for b in (b for b in BRANCHES if b in outs):
+        term = gates[b].float()[..., None] * outs[b].float()
+        o = term if o is None else o + term
+    return o
+
+
 # ----------------------------------------------------------------------------- full NSA
 
 
@@ -340,11 +360,10 @@ def _nsa_dense(spec: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         kw, vw = branch_kv["swa"]
         aux["o_swa"] = naive_window(q, kw, vw, spec.w, scale)
 
-    o = q.new_zeros(B, T, spec.HQ, spec.DV, dtype=torch.float32)
-    for b in BRANCHES:
-        if gates[b] is not None:
-            o = o + gates[b].float()[..., None] * aux[f"o_{b}"]
-    return o, aux
+    on = [b for b in BRANCHES if gates[b] is not None]
+    if not on:
+        return q.new_zeros(B, T, spec.HQ, spec.DV, dtype=torch.float32), aux
+    return naive_gate({b: aux[f"o_{b}"] for b in on}, {b: gates[b] for b in on}), aux
 
 
 def naive_nsa(spec: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

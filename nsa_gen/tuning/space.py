@@ -14,7 +14,7 @@ from typing import Any, Callable
 from ..config import Config
 from ..db import DeviceKey, config_problem
 from ..db.store import MAX_REGS_PER_THREAD
-from ..kernels import kernel_def, next_pow2, slc_fwd_rows
+from ..kernels import dim_chunks, kernel_def, next_pow2, slc_fwd_rows
 from ..spec import NSASpec
 
 # Registers a thread needs besides its tiles: pointers, offsets, loop state, masks.
@@ -30,10 +30,18 @@ def _slc_fwd_tiles(spec: NSASpec, cfg: Config) -> float:
     return g * bv + g * bn + (g * bn + g * bk) / 2
 
 
+def _gate_fwd_tiles(spec: NSASpec, cfg: Config) -> float:
+    """gate_fwd: the fp32 accumulator of the widest dim piece and one loaded 16-bit branch
+    tile (a lower bound: 32-bit inputs take a word a value)."""
+    bv = dim_chunks(spec.DV)[0][1]
+    return 1.5 * cfg["BLOCK_R"] * bv
+
+
 # Kernel stem -> words of live tiles per program. A stem without a model is not pruned on
 # registers (its compile failures are still caught at tuning time).
 REGISTER_MODELS: dict[str, Callable[[NSASpec, Config], float]] = {
     "selection_fwd": _slc_fwd_tiles,
+    "gate_fwd": _gate_fwd_tiles,
 }
 
 
