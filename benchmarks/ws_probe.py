@@ -1,0 +1,62 @@
+"""Probe: Triton's automatic warp specialization on a kernel's main loop, on the GPU.
+
+Renders `stem` for a spec with the config the dispatcher picks at --seqlen, rewrites the
+generated source's main loops (`for i.. in range(...)`, not inner `_` loops) to
+`tl.range(..., warp_specialize=True)`, and times both versions on the same inputs (do_bench
+median), checking the rewritten one computes the same outputs. Not a template param: this
+measures whether one is worth adding (Triton 3.6 may not apply it on sm90 at all: a
+compile error is reported as such).
+
+Usage: python benchmarks/ws_probe.py [--seqlen 65536] [--out DIR] SPEC:STEM ...
+"""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from nsa_gen import kernels  # noqa: E402
+from nsa_gen.benchmark import _bench  # noqa: E402
+from nsa_gen.db.dispatch import default_dispatcher  # noqa: E402
+from nsa_gen.harness import make_case  # noqa: E402
+from nsa_gen.spec import load_spec  # noqa: E402
+from probe_main import probe_main  # noqa: E402
+
+MAIN_LOOP = re.compile(r"for (i\w*) in range\((.*)\):")
+
+
+def warp_specialized(src: str) -> str:
+    return MAIN_LOOP.sub(r"for \1 in tl.range(\2, warp_specialize=True):", src)
+
+
+def probe(run: str, T: int) -> dict:
+    name, stem = run.split(":")
+    spec = load_spec(name)
+    cfg = default_dispatcher().get(stem, spec, T, 1)
+    case = make_case(stem, spec, T, dtype=torch.bfloat16, device="cuda", seed=0)
+    row = {"spec": name, "stem": stem, "T": T, "config": str(cfg)}
+    src = kernels.kernel_source(stem, spec, cfg)
+    row["loops"] = len(MAIN_LOOP.findall(src))
+    base = [o.clone() for o in case.run(cfg)]
+    row["plain_ms"] = _bench(lambda: case.run(cfg))
+    plain_source = kernels.kernel_source
+    kernels.kernel_source = lambda *a, **k: warp_specialized(plain_source(*a, **k))
+    kernels._MODULE_CACHE.clear()
+    try:
+        got = [o.clone() for o in case.run(cfg)]
+        row["ws_ms"] = _bench(lambda: case.run(cfg))
+        row["same"] = all(torch.equal(a, b) for a, b in zip(base, got))
+        row["max_abs_diff"] = max(float((a.float() - b.float()).abs().max()) for a, b in zip(base, got))
+    except Exception as e:  # noqa: BLE001 - a probe reports what failed and goes on
+        row["ws_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    finally:
+        kernels.kernel_source = plain_source
+        kernels._MODULE_CACHE.clear()
+    return row
+
+
+if __name__ == "__main__":
+    sys.exit(probe_main("ws_probe", "SPEC:STEM", probe))
