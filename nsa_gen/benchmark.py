@@ -89,6 +89,7 @@ def bench_spec(spec: NSASpec, seqlens: list[int], *, dtype=torch.bfloat16, backw
     """One row per T: ms of nsa-gen (total and per kernel), SDPA flash/cudnn, fla."""
     from . import api
     from .ops.compression import compress_mean, compression_fwd
+    from .ops.gate import gate_fwd
     from .ops.selection import selection_fwd, topn
     from .ops.window import window_fwd
 
@@ -105,7 +106,8 @@ def bench_spec(spec: NSASpec, seqlens: list[int], *, dtype=torch.bfloat16, backw
                  else None for b in ("cmp", "slc", "swa")}
         row: dict = {"spec": spec.name, "T": T}
         cfg = api._configs(spec, T, B, None)
-        row["configs"] = {s: str(cfg(s)) for s in ("compression_fwd", "topn", "selection_fwd", "window_fwd")}
+        row["configs"] = {s: str(cfg(s)) for s in ("compression_fwd", "topn", "selection_fwd", "window_fwd",
+                                                   "gate_fwd")}
 
         def total():
             return api.nsa(q, k, v, gates["cmp"], gates["slc"], gates["swa"], spec=spec)
@@ -125,13 +127,19 @@ def bench_spec(spec: NSASpec, seqlens: list[int], *, dtype=torch.bfloat16, backw
         row["compress"] = _bench(lambda: (compress_mean(k, spec.l, spec.d), compress_mean(v, spec.l, spec.d)))
         o_cmp, lse = compression_fwd(q, k_cmp, v_cmp, spec, cfg("compression_fwd"))
         row["compression_fwd"] = _bench(lambda: compression_fwd(q, k_cmp, v_cmp, spec, cfg("compression_fwd")))
+        outs = {"cmp": o_cmp} if spec.has("cmp") else {}
         idx = None
         if spec.has("slc"):
             idx = topn(q, k_cmp, lse, spec, cfg("topn"))
             row["topn"] = _bench(lambda: topn(q, k_cmp, lse, spec, cfg("topn")))
+            outs["slc"] = selection_fwd(q, k, v, idx, spec, cfg("selection_fwd"))[0]
             row["selection_fwd"] = _bench(lambda: selection_fwd(q, k, v, idx, spec, cfg("selection_fwd")))
         if spec.has("swa"):
+            outs["swa"] = window_fwd(q, k, v, spec, cfg("window_fwd"))[0]
             row["window_fwd"] = _bench(lambda: window_fwd(q, k, v, spec, cfg("window_fwd")))
+        g_outs = {b: gates[b] for b in outs}
+        row["gate_fwd"] = _bench(lambda: gate_fwd(outs, g_outs, spec, cfg("gate_fwd")))
+        del outs, g_outs
 
         if backward:
             leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
@@ -209,7 +217,7 @@ def _fmt_row(r: dict) -> str:
 
 COLS = [("T", "T"), ("nsa_gen", "nsa-gen ms"), ("tflops", "TFLOP/s"), ("peak_extra_MiB", "peak extra MiB"),
         ("compress", "phi"), ("compression_fwd", "cmp"), ("topn", "top-n"), ("selection_fwd", "slc"),
-        ("window_fwd", "swa"), ("sdpa_flash", "sdpa flash"), ("sdpa_cudnn", "sdpa cudnn"), ("fla", "fla"),
+        ("window_fwd", "swa"), ("gate_fwd", "gate"), ("sdpa_flash", "sdpa flash"), ("sdpa_cudnn", "sdpa cudnn"), ("fla", "fla"),
         ("vs_cudnn", "x cudnn"), ("vs_fla", "x fla")]
 COLS_FB = [("T", "T"), ("nsa_gen_fb", "nsa-gen fwd+bwd ms"), ("compression_bwd", "cmp bwd"),
            ("selection_bwd", "slc bwd"), ("window_bwd", "swa bwd"), ("sdpa_flash_fb", "sdpa flash"),

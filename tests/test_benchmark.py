@@ -23,7 +23,7 @@ def test_bench_spec_paths(monkeypatch, tmp_path):
                                 log=lambda s: None)
     r = rows[0]
     for key in ("nsa_gen", "nsa_gen_fb", "compress", "compression_fwd", "topn", "selection_fwd",
-                "window_fwd", "compression_bwd", "selection_bwd", "window_bwd"):
+                "window_fwd", "gate_fwd", "compression_bwd", "selection_bwd", "window_bwd"):
         assert r[key] == 1.0, key
     # Baselines that cannot run here become n/a cells with the reason, not crashes.
     assert r["fla"] is None and "fla_error" in r
@@ -80,3 +80,26 @@ def test_topn_probe_cuts_what_it_says():
     assert "tl.exp2(b_s - b_lse" not in cut["noexp"]
     for text in cut.values():
         compile(text, "topn", "exec")
+
+
+def test_ws_probe_rewrites_main_loops_only():
+    """benchmarks/ws_probe.py turns each kernel's main loops (i.. variables) into
+    warp-specialized tl.range loops and leaves inner `_` loops alone."""
+    import sys
+    from pathlib import Path
+    from nsa_gen.kernels import kernel_def, kernel_source
+    from nsa_gen.spec import load_spec
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import ws_probe
+    finally:
+        sys.path.pop(0)
+    spec = load_spec("deepseek-nsa")
+    for stem, loops in (("compression_fwd", 2), ("window_fwd", 3), ("topn", 1)):
+        cfg = kernel_def(stem).default(spec, 65536)
+        if stem == "topn":
+            cfg = cfg.replace(INSERT=4)  # has an inner `for _ in range(n_up)` loop
+        src = kernel_source(stem, spec, cfg)
+        out = ws_probe.warp_specialized(src)
+        assert out.count("warp_specialize=True") == loops, stem
+        assert ("for _ in range(n_up)" in out) == (stem == "topn")
