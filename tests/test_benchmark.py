@@ -102,4 +102,4 @@ def test_ws_probe_rewrites_main_loops_only():
         src = kernel_source(stem, spec, cfg)
         out = ws_probe.warp_specialized(src)
         assert out.count("warp_specialize=True") == loops, stem
-        assert ("for _ in range(n_up)" in out) == (stem == "topn")
+        assert ("for _i_new in range(n_new)" in out) == (stem == "topn")

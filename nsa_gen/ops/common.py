@@ -106,13 +106,23 @@ def tile_descriptors(x: torch.Tensor, rows: int, widths) -> list:
     return [TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [rows, w]) for w in widths]
 
 
+def tile_args(config, rows: int, *pairs: tuple[torch.Tensor, list[int]]) -> list:
+    """A kernel's tile-loaded tensor arguments, from (tensor, widths) pairs: the tensors, or
+    with config TMA, for each tensor one descriptor per width with `rows`-row boxes."""
+    if not config["TMA"]:
+        return [t for t, _ in pairs]
+    return [d for t, widths in pairs for d in tile_descriptors(t, rows, widths)]
+
+
+def dim_widths(D: int) -> list[int]:
+    """The sizes of dim_chunks(D): a kernel's exact power-of-two pieces of a head dim."""
+    return [w for _, w in dim_chunks(D)]
+
+
 def kv_tile_args(k: torch.Tensor, v: torch.Tensor, spec: NSASpec, config, rows: int) -> list:
     """The K/V arguments of a token-tile kernel (compressed or window attention): k, v; with
     config TMA, descriptors with `rows`-row boxes, one per dim_chunks piece of DK, then DV."""
-    if not config["TMA"]:
-        return [k, v]
-    return (tile_descriptors(k, rows, [w for _, w in dim_chunks(spec.DK)])
-            + tile_descriptors(v, rows, [w for _, w in dim_chunks(spec.DV)]))
+    return tile_args(config, rows, (k, dim_widths(spec.DK)), (v, dim_widths(spec.DV)))
 
 
 def launch_options(config) -> dict:

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import torch
 
 from ..config import Config
-from ..kernels import (TOPN_INDEX_BITS, dim_chunks, kernel_def, kernel_fn, kernel_module,
-                       next_pow2, topn_index_bits)
+from ..kernels import (TOPN_INDEX_BITS, kernel_def, kernel_fn, kernel_module, next_pow2,
+                       topn_index_bits)
 from ..spec import NSASpec
 from .common import (check_grad_inputs, check_qkv, check_seqlens, check_tensor, launch_options,
-                     seq_end, seq_start, tile_descriptors, tile_table, tma_config)
+                     dim_widths, seq_end, seq_start, tile_args, tile_table, tma_config)
 
 
 def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
@@ -56,12 +56,8 @@ def _kv_args(k: torch.Tensor, v: torch.Tensor, spec: NSASpec, config: Config) ->
     descriptors over k [B*T, H*DK] and v [B*T, H*DV] with BLOCK_N-row boxes (the
     group-centric kernel takes one K descriptor per dim_chunks(DK) piece, the query-batched
     one a single box of next_pow2(DK) columns)."""
-    if not config["TMA"]:
-        return [k, v]
-    bn = config["BLOCK_N"]
-    pieces = [size for _, size in dim_chunks(spec.DK)] if not config["BLOCK_Q"] \
-        else [next_pow2(spec.DK)]
-    return tile_descriptors(k, bn, pieces) + tile_descriptors(v, bn, [next_pow2(spec.DV)])
+    pieces = dim_widths(spec.DK) if not config["BLOCK_Q"] else [next_pow2(spec.DK)]
+    return tile_args(config, config["BLOCK_N"], (k, pieces), (v, [next_pow2(spec.DV)]))
 
 
 def visible_blocks(block_indices: torch.Tensor, spec: NSASpec,
@@ -221,10 +217,7 @@ def topn(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, spec: NSAS
 def _cmp_key_args(k_cmp: torch.Tensor, spec: NSASpec, config: Config) -> list:
     """topn's compressed-key argument: k_cmp, or with config TMA one descriptor per
     dim_chunks(DK) piece, boxes of the BJ * l' / d compressed blocks a chunk scores."""
-    if not config["TMA"]:
-        return [k_cmp]
-    return tile_descriptors(k_cmp, config["BJ"] * spec.BS // spec.d,
-                            [size for _, size in dim_chunks(spec.DK)])
+    return tile_args(config, config["BJ"] * spec.BS // spec.d, (k_cmp, dim_widths(spec.DK)))
 
 
 def _inverse_selection(block_indices: torch.Tensor, spec: NSASpec, T: int,
