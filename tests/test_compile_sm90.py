@@ -44,8 +44,31 @@ def topn_signature(spec, config) -> dict:
     return sig
 
 
+def share_configs(spec):
+    """The group-centric selected forward with SHARE 2 and 4, pointer and TMA loads."""
+    from nsa_gen.kernels import kernel_def
+    base = kernel_def("selection_fwd").default(spec, 65536).replace(BLOCK_Q=0)
+    return [base.replace(SHARE=n, TMA=t) for n in (2, 4) for t in (0, 1)]
+
+
+def share_signature(spec, config) -> tuple[dict, dict]:
+    """Argument types and constexprs of the group-centric nsa_selection_fwd_kernel."""
+    from nsa_gen.kernels import next_pow2
+    from nsa_gen.ops.common import dim_widths
+    sig = {"q": "*bf16", "block_idx": "*i32", "o": "*bf16", "lse": "*fp32", "seq_start": "*i32",
+           "T": "i32"}
+    bn = config["BLOCK_N"]
+    if config["TMA"]:
+        sig.update({f"k{i}": f"tensordesc<bf16[{bn}, {w}]>" for i, w in enumerate(dim_widths(spec.DK))})
+        sig["v"] = f"tensordesc<bf16[{bn}, {next_pow2(spec.DV)}]>"
+    else:
+        sig.update(k="*bf16", v="*bf16")
+    return sig, {"IS_VARLEN": True}
+
+
 def compile_all(name: str) -> list[str]:
-    """Compile each config of topn_configs for sm90; the failures, one line each."""
+    """Compile each config of topn_configs and share_configs for sm90; the failures, one
+    line each."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -54,22 +77,24 @@ def compile_all(name: str) -> list[str]:
     from nsa_gen.spec import load_spec
     spec = load_spec(name)
     failed = []
-    for cfg in topn_configs(spec):
-        fn = kernel_fn("topn", spec, cfg)
-        sig = topn_signature(spec, cfg)
-        src = ASTSource(fn, {a: sig.get(a, "constexpr") for a in fn.arg_names})
+    runs = ([("topn", c, topn_signature(spec, c), {}) for c in topn_configs(spec)]
+            + [("selection_fwd", c, *share_signature(spec, c)) for c in share_configs(spec)])
+    for stem, cfg, sig, consts in runs:
+        fn = kernel_fn(stem, spec, cfg)
+        src = ASTSource(fn, {a: sig.get(a, "constexpr") for a in fn.arg_names},
+                        constexprs={(fn.arg_names.index(a),): v for a, v in consts.items()})
         try:
             triton.compile(src, target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
         except Exception as e:  # noqa: BLE001 - collect every failing variant
             lines = [ln for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-            failed.append(f"{cfg}: {type(e).__name__}: {lines[-1][:300]}")
+            failed.append(f"{stem} {cfg}: {type(e).__name__}: {lines[-1][:300]}")
     return failed
 
 
-@pytest.mark.parametrize("name", ["fla-compat", "small-group"])
-def test_topn_variants_compile_for_sm90(name, tmp_path):
-    """fla-compat and small-group: top-n tiles of 4 and 16 tokens."""
+@pytest.mark.parametrize("name", ["fla-compat", "small-group", "deepseek-nsa"])
+def test_variants_compile_for_sm90(name, tmp_path):
+    """Top-n tiles of 4 and 16 tokens, DK 128 and 192 (two pieces), G 16 and 4."""
     try:
         import triton.backends.nvidia  # noqa: F401
     except ImportError:

@@ -339,7 +339,7 @@ def test_rekey_keeps_only_entries_whose_code_is_unchanged(tmp_path, spec):
     db = TuningDB(tmp_path / "db")
     stale = TuneKey.make(H200, STEM, spec, 4096, source_hash="0" * 16)
     db.put(stale, Entry(Config.make(BLOCK_N=64, num_warps=4, num_stages=2), 1.0, 0.1, 5, "2026-01-01"))
-    cmd = [sys.executable, str(root / "benchmarks" / "rekey.py"), STEM, str(old), "BLOCK_Q=0", "TMA=0",
+    cmd = [sys.executable, str(root / "benchmarks" / "rekey.py"), STEM, str(old), "BLOCK_Q=0", "TMA=0", "SHARE=1",
            "--db", str(tmp_path / "db")]
     # A template whose group-centric code differs: nothing moves.
     old.write_text(text.replace("One flat loop over", "A flat loop over"))

@@ -28,11 +28,34 @@ def make_spec(key, **extra):
     return shrink(d.pop("name"), **d)
 
 
-def variant(spec, block_q: int, block_n: int = 16, tma: int = 0) -> Config:
-    """BLOCK_Q 0: the group-centric kernel; n > 0: query-batched, n tokens a program.
-    tma 1: K/V through tensor descriptors."""
+def variant(spec, block_q: int, block_n: int = 16, tma: int = 0, share: int = 1) -> Config:
+    """BLOCK_Q 0: the group-centric kernel (share tokens a program); n > 0: query-batched,
+    n tokens a program. tma 1: K/V through tensor descriptors."""
     assert block_q in kernel_def("selection_fwd").space(spec)["BLOCK_Q"]
-    return Config.make(BLOCK_N=block_n, BLOCK_Q=block_q, TMA=tma, num_warps=4, num_stages=1)
+    return Config.make(BLOCK_N=block_n, BLOCK_Q=block_q, TMA=tma, SHARE=share, num_warps=4,
+                       num_stages=1)
+
+
+def overlapping_indices(spec, B: int, T: int, g: torch.Generator) -> torch.Tensor:
+    """Block lists as adjacent tokens of real attention tend to have them: the forced blocks,
+    blocks common to runs of 3 tokens (runs not aligned with any program's tokens), and a
+    few of each token's own; -1 padding where a token sees fewer blocks."""
+    idx = torch.full((B, T, spec.H, spec.S), -1, dtype=torch.int32)
+    for b in range(B):
+        for h in range(spec.H):
+            common = []
+            for t in range(T):
+                cur = t // spec.BS
+                if t % 3 == 0:
+                    common = torch.randint(0, cur + 1, (spec.S // 2,), generator=g).tolist()
+                own = torch.randint(0, cur + 1, (spec.S,), generator=g).tolist()
+                blocks = []
+                for j in [0, cur, cur - 1] + common + own:
+                    if 0 <= j <= cur and j not in blocks:
+                        blocks.append(j)
+                blocks = sorted(blocks[: spec.S])
+                idx[b, t, h, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+    return idx
 
 
 # The group-centric kernel and the query-batched one at its fewest (16 rows) and most tokens.
@@ -55,6 +78,26 @@ def test_selection_fwd_tiles(block_n, block_q, poison):
     spec = make_spec("G4")
     case = make_case("selection_fwd", spec, 50, dtype=torch.float32, seed=3)
     assert case.rel_error(case.run(variant(spec, block_q, block_n))) < 1e-4
+
+
+@pytest.mark.parametrize("key", ["G1", "G4", "G16"])
+@pytest.mark.parametrize("share", [2, 4])
+@pytest.mark.parametrize("tma", [0, 1])
+def test_selection_fwd_share(key, share, tma, poison):
+    """SHARE tokens a group-centric program, each tile loaded once for every token that chose
+    it: the reference's numbers, on random lists (little shared, T = 77 not a multiple of
+    SHARE, two sequences of the batch) and on lists adjacent tokens largely share."""
+    spec = make_spec(key)
+    case = make_case("selection_fwd", spec, 77, B=2, dtype=torch.float32, seed=31)
+    assert case.rel_error(case.run(variant(spec, 0, tma=tma, share=share))) < 1e-4
+    g = torch.Generator().manual_seed(32)
+    B, T = 2, 77
+    q, k, v = (case.inputs[n] for n in "qkv")
+    idx = overlapping_indices(spec, B, T, g)
+    ref = naive.naive_selection(q, k, v, idx.long(), spec.BS, spec.softmax_scale)
+    o = torch.full_like(ref, float("nan"))
+    o, _ = selection_fwd(q, k, v, idx, spec, variant(spec, 0, tma=tma, share=share))
+    assert (o - ref).norm() / ref.norm() < 1e-5
 
 
 @pytest.mark.parametrize("key,block_q", [("G4", 0), ("G4", 8), ("G1", 0), ("G16", 1)])
@@ -127,8 +170,8 @@ def test_visible_blocks_is_canonical():
     assert torch.equal(visible_blocks(got, spec, None), got)
 
 
-@pytest.mark.parametrize("block_q", [0, 4])
-def test_selection_fwd_lse_and_empty_rows(block_q, poison):
+@pytest.mark.parametrize("block_q,share", [(0, 1), (4, 1), (0, 2)])
+def test_selection_fwd_lse_and_empty_rows(block_q, share, poison):
     """lse is the log-sum-exp of the visible logits; a token with only -1 slots gets 0, -inf."""
     spec = make_spec("G4")
     g = torch.Generator().manual_seed(5)
@@ -139,7 +182,7 @@ def test_selection_fwd_lse_and_empty_rows(block_q, poison):
     idx = torch.full((B, T, spec.H, spec.S), -1, dtype=torch.int32)
     idx[:, :, :, 0] = 0
     idx[:, 7] = -1  # token 7: nothing to attend to
-    o, lse = selection_fwd(q, k, v, idx, spec, variant(spec, block_q))
+    o, lse = selection_fwd(q, k, v, idx, spec, variant(spec, block_q, share=share))
     assert torch.all(o[:, 7] == 0) and torch.all(lse[:, 7] == float("-inf"))
     t = 20
     kk = k[0, : t + 1].repeat_interleave(spec.G, 1)  # [t+1, HQ, DK]
@@ -147,8 +190,8 @@ def test_selection_fwd_lse_and_empty_rows(block_q, poison):
     torch.testing.assert_close(lse[0, t], torch.logsumexp(logits, -1), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("block_q", [0, 4])
-def test_selection_fwd_varlen(block_q, poison):
+@pytest.mark.parametrize("block_q,share", [(0, 1), (4, 1), (0, 4)])
+def test_selection_fwd_varlen(block_q, share, poison):
     spec = make_spec("G4")
     g = torch.Generator().manual_seed(9)
     lens = [37, 5, 50]
@@ -165,7 +208,8 @@ def test_selection_fwd_varlen(block_q, poison):
         idxs.append(ix)
         parts.append(naive.naive_selection(q[:, a:b], k[:, a:b], v[:, a:b], ix.long(), spec.BS))
     idx = torch.cat(idxs, 1).to(torch.int32)
-    o, _ = selection_fwd(q, k, v, idx, spec, variant(spec, block_q), cu_seqlens=cu)
+    # SHARE 4: programs of tokens 36-39 and 40-43 cross into the next sequence.
+    o, _ = selection_fwd(q, k, v, idx, spec, variant(spec, block_q, share=share), cu_seqlens=cu)
     ref = torch.cat(parts, 1)
     assert (o - ref).norm() / ref.norm() < 1e-5
 

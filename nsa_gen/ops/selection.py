@@ -45,7 +45,8 @@ def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indic
         _selection_fwd_query(q, k, v, block_indices, spec, config, cu_seqlens, starts, o, lse)
         return o, lse
     fn = kernel_fn("selection_fwd", spec, config)
-    fn[(T, B * spec.H)](q, *_kv_args(k, v, spec, config), block_indices, o, lse,
+    # Group-centric: SHARE consecutive tokens a program (kernels._slc_fwd_space).
+    fn[(-(-T // config["SHARE"]), B * spec.H)](q, *_kv_args(k, v, spec, config), block_indices, o, lse,
                         starts if starts is not None else q, T, IS_VARLEN=starts is not None,
                         **launch_options(config))
     return o, lse
