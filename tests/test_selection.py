@@ -80,9 +80,7 @@ def test_selection_fwd_tiles(block_n, block_q, poison):
     assert case.rel_error(case.run(variant(spec, block_q, block_n))) < 1e-4
 
 
-@pytest.mark.parametrize("key", ["G1", "G4", "G16"])
-@pytest.mark.parametrize("share", [2, 4])
-@pytest.mark.parametrize("tma", [0, 1])
+@pytest.mark.parametrize("key,share,tma", [("G16", 2, 0), ("G16", 4, 1), ("G4", 4, 0), ("G1", 2, 1)])
 def test_selection_fwd_share(key, share, tma, poison):
     """SHARE tokens a group-centric program, each tile loaded once for every token that chose
     it: the reference's numbers, on random lists (little shared, T = 77 not a multiple of
