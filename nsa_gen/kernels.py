@@ -49,6 +49,9 @@ class KernelDef:
     # (param, compute capability x10): the param, when non-zero, needs a GPU at least that
     # new, e.g. ("TMA", 90), Hopper's tensor memory accelerator. The interpreter runs all.
     min_arch: tuple[tuple[str, int], ...] = ()
+    # (param, value, when): a config for which `when(config)` holds runs as with param =
+    # value (its variant does not read the param), so the tuner tries only that one.
+    unread: tuple[tuple[str, object, Callable[[Config], bool]], ...] = ()
 
     @property
     def template(self) -> str:
@@ -76,6 +79,11 @@ class KernelDef:
                 want = value * max(1, T_to) / max(1, T_from)
                 changes[name] = min((c for c in self.space(spec)[name] if c > 0),
                                     key=lambda c: (abs(math.log2(c / want)), c))
+        return config.replace(**changes) if changes else config
+
+    def canonical(self, config: Config) -> Config:
+        """`config` with each param its variant does not read at the value `unread` gives."""
+        changes = {n: v for n, v, when in self.unread if when(config) and config[n] != v}
         return config.replace(**changes) if changes else config
 
     def effective(self, config: Config, T: int) -> Config:
@@ -486,7 +494,8 @@ TMA_ARCH = (("TMA", 90),)
 KERNELS: dict[str, KernelDef] = {
     "selection_fwd": KernelDef("selection_fwd", "slc", _slc_fwd_context, _slc_fwd_default,
                                _slc_fwd_space, _slc_fwd_smem, lambda s: s.has("slc"),
-                               structural=("BLOCK_Q", "TMA", "SHARE"), min_arch=TMA_ARCH),
+                               structural=("BLOCK_Q", "TMA", "SHARE"), min_arch=TMA_ARCH,
+                               unread=(("SHARE", 1, lambda c: c["BLOCK_Q"] > 0),)),
     "topn": KernelDef("topn", "slc", _topn_context, _topn_default, _topn_space, _topn_smem,
                       lambda s: s.has("slc"), structural=("MERGE", "INSERT", "TMA", "KEY"),
                       min_arch=TMA_ARCH),

@@ -231,9 +231,9 @@ def test_structural_variants_of_the_default_are_seeded(spec, tmp_path, monkeypat
     assert sorted(splits + [default["DKV_SPLIT_T"]]) == sorted(kd.space(spec)["DKV_SPLIT_T"])
     assert all(c.replace(DKV_SPLIT_T=default["DKV_SPLIT_T"]) == default for c in seeds[1:])
     topn = t.seeds("topn", 4096, 1, pruned_space("topn", spec, H200)[0])
-    assert [(c["MERGE"], c["INSERT"], c["TMA"]) for c in topn] == [  # 4-token tiles: INSERT 4
-        ("bitonic", 4, 0), ("sort", 4, 0), ("rank", 4, 0), ("bitonic", 0, 0), ("bitonic", 2, 0),
-        ("bitonic", 8, 0), ("bitonic", 4, 1)]
+    assert [(c["MERGE"], c["INSERT"], c["TMA"], c["KEY"]) for c in topn] == [  # INSERT 4 at 4-token tiles
+        ("bitonic", 4, 0, 32), ("sort", 4, 0, 32), ("rank", 4, 0, 32), ("bitonic", 0, 0, 32),
+        ("bitonic", 2, 0, 32), ("bitonic", 8, 0, 32), ("bitonic", 4, 1, 32), ("bitonic", 4, 0, 64)]
     assert t.seeds(STEM, 4096, 1, pruned_space(STEM, spec, H200)[0]) == [KD.default(spec, 4096)]
     KERNELS[STEM] = FULL_KD  # (the fixture restores the pinned one)
     keep = pruned_space(STEM, spec, H200)[0]
@@ -241,7 +241,8 @@ def test_structural_variants_of_the_default_are_seeded(spec, tmp_path, monkeypat
     default = FULL_KD.default(spec, 4096)
     want = [q for q in FULL_KD.space(spec)["BLOCK_Q"] if default.replace(BLOCK_Q=q) in keep]
     assert [c["BLOCK_Q"] for c in slc[:len(want)]] == want and len(want) > 2
-    assert slc[len(want):] == [default.replace(TMA=1 - default["TMA"])]  # each structural param
+    assert slc[len(want):] == [default.replace(TMA=1 - default["TMA"]),  # each structural param
+                               default.replace(SHARE=2), default.replace(SHARE=4)]
 
 
 def test_structural_variants_of_the_entry_are_seeded(spec, tmp_path, monkeypatch):
@@ -671,3 +672,18 @@ def test_last_trials_search_the_best_neighbourhood(spec, tmp_path):
     for cfg in tail[:1]:
         best = min(measured_before, key=cost)
         assert sum(cfg.as_dict()[k] != v for k, v in best.as_dict().items()) == 1
+
+
+def test_unread_params_are_pruned_as_copies(monkeypatch):
+    """A config setting a param its variant does not read (SHARE of the query-batched
+    selected forward) runs as its canonical form: the tuner tries only that one."""
+    monkeypatch.setitem(KERNELS, STEM, FULL_KD)  # the whole space, not this module's cut
+    spec = load_spec("small-group")
+    kd = FULL_KD
+    keep, dropped = pruned_space("selection_fwd", spec, H200)
+    batched = [c for c in keep if c["BLOCK_Q"] > 0]
+    assert batched and all(c["SHARE"] == 1 for c in batched)
+    assert any(c["SHARE"] == 4 and c["BLOCK_Q"] == 0 for c in keep)
+    copy = batched[0].replace(SHARE=2)
+    assert kd.canonical(copy) == batched[0] and dropped[copy].startswith("runs as")
+    assert kd.canonical(keep[0]) == keep[0]

@@ -27,7 +27,9 @@ def _slc_fwd_tiles(spec: NSASpec, cfg: Config) -> float:
     left out: the pipeline streams them through shared memory, so counting them would
     prune configs that run fine. The estimate is meant as a lower bound."""
     g, bk, bv, bn = slc_fwd_rows(spec, cfg), next_pow2(spec.DK), next_pow2(spec.DV), cfg["BLOCK_N"]
-    return g * bv + g * bn + (g * bn + g * bk) / 2
+    # The group-centric kernel keeps all of it for each of its SHARE tokens.
+    share = 1 if cfg["BLOCK_Q"] else cfg.get("SHARE", 1)
+    return share * (g * bv + g * bn + (g * bn + g * bk) / 2)
 
 
 def _gate_fwd_tiles(spec: NSASpec, cfg: Config) -> float:
@@ -99,11 +101,16 @@ def prune_reason(stem: str, spec: NSASpec, config: Config, device: DeviceKey) ->
 
 
 def pruned_space(stem: str, spec: NSASpec, device: DeviceKey) -> tuple[list[Config], dict[Config, str]]:
-    """The space split into configs to try and pruned ones (config -> reason)."""
+    """The space split into configs to try and pruned ones (config -> reason). A config
+    that sets a param its variant does not read (`KernelDef.canonical` says which) runs as
+    its canonical form would: it is pruned as a copy of that one."""
+    kd = kernel_def(stem)
     keep: list[Config] = []
     dropped: dict[Config, str] = {}
     for cfg in search_space(stem, spec).configs():
         why = prune_reason(stem, spec, cfg, device)
+        if why is None and kd.canonical(cfg) != cfg:
+            why = f"runs as {kd.canonical(cfg)}"
         if why is None:
             keep.append(cfg)
         else:
