@@ -367,17 +367,17 @@ def test_rekey_from_adopts_checked_entries(tmp_path, spec):
     src, dst = TuningDB(tmp_path / "src"), TuningDB(tmp_path / "dst")
     cfg = kernel_def(STEM).default(spec, 4096)
     dst.put(TuneKey.make(H200, STEM, spec, 4096), Entry(cfg, 2.0, 0.1, 5, "2026-01-01"))
-    tuned = {"BLOCK_N": 32, "BLOCK_Q": 0, "num_warps": 4, "num_stages": 2}  # before TMA existed
+    tuned = {"BLOCK_N": 32, "BLOCK_Q": 0, "num_warps": 4, "num_stages": 2}  # before TMA and SHARE
     src.put(TuneKey.make(H200, STEM, spec, 4096, source_hash=old_hash),
             Entry(Config.from_dict(tuned), 1.0, 0.1, 5, "2026-01-02"))
     src.put(TuneKey.make(H200, STEM, spec, 8192, source_hash="f" * 16),  # another template
             Entry(cfg, 1.0, 0.1, 5, "2026-01-02"))
     src.put(TuneKey.make(H200, STEM, spec, 16384), Entry(cfg, 3.0, 0.1, 5, "2026-01-02"))
     r = subprocess.run([sys.executable, str(root / "benchmarks" / "rekey.py"), STEM, str(old),
-                        "TMA=0", "--db", str(dst.root), "--from", str(src.root)],
+                        "TMA=0", "SHARE=1", "--db", str(dst.root), "--from", str(src.root)],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0 and "2 entries of selection_fwd copied" in r.stdout, r.stdout + r.stderr
     got = {k.T: (k.source_hash, e) for k, e in dst.load().items()}
     assert sorted(got) == [4096, 16384]
     assert all(h == kernel_source_hash(STEM) for h, _ in got.values())
-    assert got[4096][1].config == Config.from_dict(dict(tuned, TMA=0)) and got[4096][1].ms == 1.0
+    assert got[4096][1].config == Config.from_dict(dict(tuned, TMA=0, SHARE=1)) and got[4096][1].ms == 1.0
