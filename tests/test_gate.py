@@ -207,17 +207,25 @@ def test_gate_fwd_errors():
 
 
 def test_registry_and_dispatch_fallback():
-    """Registered like every kernel; the shipped DB has no gate_fwd entries, so dispatch
-    gives the heuristic default on any device."""
+    """Registered like every kernel. Dispatch gives the shipped DB's entry where one exists
+    (H200, 64k: deepseek-nsa, fla-compat, small-group) and the heuristic default elsewhere:
+    mqa, another device."""
     from nsa_gen.db.dispatch import Dispatcher
     from nsa_gen.db.store import DeviceKey
     kd = KERNELS["gate_fwd"]
     assert kd.kernel_name == "nsa_gate_fwd_kernel" and kd.template == "gate_fwd.py.j2"
     h200 = DeviceKey("sm90", 132, 140, "NVIDIA H200", 232448)
+    a10 = DeviceKey("sm86", 72, 22, "NVIDIA A10", 101376)
     for name in builtin_specs():
         spec = load_spec(name)
         assert kd.applies(spec)
-        assert Dispatcher(device=h200).get("gate_fwd", spec, 65536) == kd.default(spec, 65536)
+        assert Dispatcher(device=a10).get("gate_fwd", spec, 65536) == kd.default(spec, 65536)
+        tuned = Dispatcher(device=h200).get("gate_fwd", spec, 65536)
+        assert kd.valid(spec, tuned)
+        if name == "mqa":
+            assert tuned == kd.default(spec, 65536)
+    assert Dispatcher(device=h200).get("gate_fwd", load_spec("deepseek-nsa"), 65536) \
+        == Config.make(BLOCK_R=16, num_warps=8, num_stages=1)  # the H200 study's winner
     # DV = 128, 16-bit: 64 rows (16 KB of each input a program), 4 warps.
     assert kd.default(load_spec("deepseek-nsa"), 65536) == Config.make(BLOCK_R=64, num_warps=4,
                                                                          num_stages=1)
