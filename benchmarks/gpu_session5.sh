@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Session 5 and 6 device calls (plans/session5.md, session6.md). Steps, each on if its
+# Session 5-8 device calls (plans/session5.md, session6.md). Steps, each on if its
 # variable is set:
 #   VERIFY=1  bf16 verify at 2k (every structural variant) of VERIFY_KERNELS (default: topn,
 #             selection_fwd, nsa);
 #   PROBE=1   benchmarks/topn_probe.py at 64k: the bitonic DB config against the rank merge;
 #   WS="SPEC:STEM ..."  benchmarks/ws_probe.py at 64k: warp-specialized main loops;
+#   VARIANTS="SPEC:STEM:P=V[,P=V] ..."  benchmarks/variant_probe.py at 64k: the dispatcher's
+#             config against it with those params changed (VARIANTS_S seconds);
 #   TUNE="KERNELS|SPECS|SEQLENS|TRIALS|SECONDS ..."  gpu_tune_all.sh runs (one per word, in
 #             order, each within its seconds and resuming the DB and studies of the one
 #             before; RESUME=DIR for the first; lists comma-separated);
@@ -30,6 +32,10 @@ fi
 if [ -n "$WS" ]; then
   timeout ${WS_S:-150} python3 benchmarks/ws_probe.py --out "$OUT" $WS 2>&1 | quiet | cut -c1-400
   echo "ws probe done after ${SECONDS}s"
+fi
+if [ -n "$VARIANTS" ]; then
+  timeout ${VARIANTS_S:-200} python3 benchmarks/variant_probe.py --out "$OUT" $VARIANTS 2>&1 | quiet | cut -c1-500
+  echo "variant probe done after ${SECONDS}s"
 fi
 mkdir -p /tmp/r
 [ -n "$RESUME" ] && cp "$RESUME"/db.tar.gz "$RESUME"/data.tar.gz /tmp/r/

@@ -24,7 +24,7 @@ import jinja2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nsa_gen import codegen  # noqa: E402
-from nsa_gen.config import Config  # noqa: E402
+from nsa_gen.config import Config, parse_assignments  # noqa: E402
 from nsa_gen.db.store import TuningDB, kernel_source_hash  # noqa: E402
 from nsa_gen.kernels import kernel_def  # noqa: E402
 from nsa_gen.spec import load_spec  # noqa: E402
@@ -39,7 +39,7 @@ def main() -> int:
     ap.add_argument("--from", dest="src", default=None, help="copy checked entries from this DB")
     args = ap.parse_args()
     kd = kernel_def(args.stem)
-    added = {k: int(v) for k, v in (p.split("=", 1) for p in args.params)}
+    added = parse_assignments(args.params)
     old = Path(args.old_template)
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(old.parent)),
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,

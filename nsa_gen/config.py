@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 
 @dataclass(frozen=True)
@@ -48,3 +48,18 @@ class Config:
 
     def __str__(self) -> str:
         return " ".join(f"{k}={v}" for k, v in self.as_dict().items())
+
+
+def parse_assignments(items: Iterable[str]) -> dict[str, Any]:
+    """Command-line params as a dict: ["BLOCK_T=8", "MERGE=rank"] -> {"BLOCK_T": 8,
+    "MERGE": "rank"} (integers as int, any other value as its word)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"'{item}' is not NAME=VALUE")
+        try:
+            out[name] = int(value)
+        except ValueError:
+            out[name] = value
+    return out

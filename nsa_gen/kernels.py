@@ -196,7 +196,7 @@ def _topn_context(spec: NSASpec, cfg: Config) -> dict:
                 M_CHUNKS=spec.l // spec.d, INITIAL=spec.initial_blocks, LOCAL=spec.local_blocks,
                 BLOCK_T=cfg["BLOCK_T"], BJ=cfg["BJ"], SCALE_LOG2=c["SCALE_LOG2"],
                 MERGE=cfg["MERGE"], MERGE_STEPS=_half_cleaners(cfg["BJ"]), TMA=cfg["TMA"],
-                INSERT=cfg["INSERT"], KEY=cfg["KEY"], **KEY32_BOUNDS)
+                INSERT=cfg["INSERT"], KEY=cfg["KEY"], IMP=cfg["IMP"], **KEY32_BOUNDS)
 
 
 # 32-bit top-n keys (KEY = 32): a chunk's non-candidate keys are -1 - j >= -2^TOPN_INDEX_BITS;
@@ -222,7 +222,8 @@ def _topn_space(spec: NSASpec) -> dict[str, list]:
     return {"BLOCK_T": [t for t in (1, 2, 4, 8, 16, 32, 64, 128) if 16 <= t * gp <= 256],
             "BJ": [b for b in (bj, 2 * bj) if b * spec.BS // spec.d <= 256] or [bj],
             "MERGE": ["sort", "bitonic", "rank"], "INSERT": [0, 2, 4, 8], "TMA": [0, 1],
-            "KEY": [64, 32], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]}
+            "KEY": [64, 32], "IMP": ["dot", "sum"], "num_warps": [2, 4, 8],
+            "num_stages": [1, 2, 3]}
 
 
 def _topn_default(spec: NSASpec, T: int) -> Config:
@@ -235,8 +236,8 @@ def _topn_default(spec: NSASpec, T: int) -> Config:
     fla-compat, 12.21 -> 8.65 small-group; RESULTS session 6)."""
     block_t = max(1, 64 // token_group_pad(spec))
     return Config.make(BLOCK_T=block_t, BJ=topn_bj(spec), MERGE="bitonic",
-                       INSERT=4 if block_t <= 4 else 0, TMA=0, KEY=32, num_warps=4,
-                       num_stages=2)
+                       INSERT=4 if block_t <= 4 else 0, TMA=0, KEY=32, IMP="dot",
+                       num_warps=4, num_stages=2)
 
 
 def _topn_smem(spec: NSASpec, cfg: Config) -> int:
@@ -244,7 +245,9 @@ def _topn_smem(spec: NSASpec, cfg: Config) -> int:
     # power-of-two padding, sets the tile bytes.
     rows, bc = cfg["BLOCK_T"] * token_group_pad(spec), cfg["BJ"] * spec.BS // spec.d
     dk = spec.DK
-    return 2 * (rows * dk + max(1, cfg.num_stages) * bc * dk) + 4 * (rows * bc + bc * cfg["BJ"])
+    # IMP "dot" feeds the probabilities and the weights to tl.dot through shared memory.
+    weights = 4 * (rows * bc + bc * cfg["BJ"]) if cfg["IMP"] == "dot" else 0
+    return 2 * (rows * dk + max(1, cfg.num_stages) * bc * dk) + weights
 
 
 # ------------------------------------------------------------------- compression_fwd, window_fwd
@@ -497,7 +500,7 @@ KERNELS: dict[str, KernelDef] = {
                                structural=("BLOCK_Q", "TMA", "SHARE"), min_arch=TMA_ARCH,
                                unread=(("SHARE", 1, lambda c: c["BLOCK_Q"] > 0),)),
     "topn": KernelDef("topn", "slc", _topn_context, _topn_default, _topn_space, _topn_smem,
-                      lambda s: s.has("slc"), structural=("MERGE", "INSERT", "TMA", "KEY"),
+                      lambda s: s.has("slc"), structural=("MERGE", "INSERT", "TMA", "KEY", "IMP"),
                       min_arch=TMA_ARCH),
     "selection_bwd": KernelDef("selection_bwd", "slc", _slc_bwd_context, _slc_bwd_default,
                                _slc_bwd_space, _slc_bwd_smem, lambda s: s.has("slc")),

@@ -248,6 +248,23 @@ def test_topn_merge_variants(key, width, poison):
             assert torch.equal(got[merge], got["sort"]), (merge, bj)
 
 
+@pytest.mark.parametrize("l,d", [(8, 4), (16, 4), (4, 4), (16, 16)])
+def test_topn_importance_variants(l, d, poison):  # noqa: E741
+    """IMP "sum" (group sum first, then Eq. 9's weights as per-block sums and a shifted
+    spill-over) selects what the reference selects, and what IMP "dot" selects, for every
+    overlap geometry of l' = 16: R = 4 with M = 2 (spill into the next block), M = R = 4
+    (l = l', the most spill), M = 1 (none), and R = 1 (compressed and selection blocks equal).
+    300 tokens are 19 selection blocks: the spill crosses a 16-block chunk boundary too."""
+    spec = make_spec("G4", compression={"block": l, "stride": d},
+                     selection={"block": 16, "top_n": 4, "initial_blocks": 1, "local_blocks": 2})
+    case = make_case("topn", spec, 300, B=1, dtype=torch.float32, seed=8)
+    base = kernel_def("topn").default(spec, 300)
+    assert base["BJ"] == 16
+    got = case.run(base.replace(IMP="sum"))[0]
+    assert case.rel_error((got,)) < 1e-4
+    assert torch.equal(got, case.run(base.replace(IMP="dot"))[0])
+
+
 @pytest.mark.parametrize("key", ["G4"])
 def test_topn_insert_path(key, poison):
     """Chunks merged by insertion (INSERT: when no token of the tile has more than that many

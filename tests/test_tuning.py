@@ -231,9 +231,10 @@ def test_structural_variants_of_the_default_are_seeded(spec, tmp_path, monkeypat
     assert sorted(splits + [default["DKV_SPLIT_T"]]) == sorted(kd.space(spec)["DKV_SPLIT_T"])
     assert all(c.replace(DKV_SPLIT_T=default["DKV_SPLIT_T"]) == default for c in seeds[1:])
     topn = t.seeds("topn", 4096, 1, pruned_space("topn", spec, H200)[0])
-    assert [(c["MERGE"], c["INSERT"], c["TMA"], c["KEY"]) for c in topn] == [  # INSERT 4 at 4-token tiles
-        ("bitonic", 4, 0, 32), ("sort", 4, 0, 32), ("rank", 4, 0, 32), ("bitonic", 0, 0, 32),
-        ("bitonic", 2, 0, 32), ("bitonic", 8, 0, 32), ("bitonic", 4, 1, 32), ("bitonic", 4, 0, 64)]
+    assert [(c["MERGE"], c["INSERT"], c["TMA"], c["KEY"], c["IMP"]) for c in topn] == [  # INSERT 4 at 4-token tiles
+        ("bitonic", 4, 0, 32, "dot"), ("sort", 4, 0, 32, "dot"), ("rank", 4, 0, 32, "dot"),
+        ("bitonic", 0, 0, 32, "dot"), ("bitonic", 2, 0, 32, "dot"), ("bitonic", 8, 0, 32, "dot"),
+        ("bitonic", 4, 1, 32, "dot"), ("bitonic", 4, 0, 64, "dot"), ("bitonic", 4, 0, 32, "sum")]
     assert t.seeds(STEM, 4096, 1, pruned_space(STEM, spec, H200)[0]) == [KD.default(spec, 4096)]
     KERNELS[STEM] = FULL_KD  # (the fixture restores the pinned one)
     keep = pruned_space(STEM, spec, H200)[0]

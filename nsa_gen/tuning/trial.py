@@ -17,7 +17,7 @@ import traceback
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-from ..config import Config
+from ..config import Config, parse_assignments
 from ..spec import NSASpec
 
 # A timer takes a zero-argument callable and returns its time in ms.
@@ -329,8 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     stem, spec, T = args[0], load_spec(args[1]), int(args[2])
     rest = args[3:]
     B = int(rest.pop(0)) if rest and "=" not in rest[0] else 1
-    params = {k: json.loads(v) if v[:1].isdigit() or v[:1] == "-" else v
-              for k, v in (a.split("=", 1) for a in rest)}
+    params = parse_assignments(rest)
     if params:
         config = Config.from_dict(params)
     else:
