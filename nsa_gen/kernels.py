@@ -233,10 +233,19 @@ def _topn_default(spec: NSASpec, T: int) -> Config:
     (the more tokens a tile holds, the more often one of them has many keys to insert).
     32-bit keys: 8-29% faster than 64-bit ones with the same tiles and merge for all three
     specs measured (H200, 64k: this default 18.42 -> 16.90 ms deepseek-nsa, 6.80 -> 6.03
-    fla-compat, 12.21 -> 8.65 small-group; RESULTS session 6)."""
+    fla-compat, 12.21 -> 8.65 small-group; RESULTS session 6).
+    IMP "sum" where the group sum leaves no weights to apply (R = l' / d = 1) or shrinks
+    the tile 2-4x (G_PAD 2-4); "dot" where it only moves a wide fp32 tile between layouts
+    (G_PAD 16) or sums nothing (G = 1). H200, 64k, DB tiles (RESULTS session 8): fla-compat
+    5.35 -> 4.47 ms, small-group 8.60 -> 7.63; deepseek-nsa 12.74 -> 24.37, mqa 5.89 -> 8.82.
+    Chunks of at least 32 compressed blocks (BJ 32 at R = 1): fla-compat 4.47 -> 4.01."""
     block_t = max(1, 64 // token_group_pad(spec))
-    return Config.make(BLOCK_T=block_t, BJ=topn_bj(spec), MERGE="bitonic",
-                       INSERT=4 if block_t <= 4 else 0, TMA=0, KEY=32, IMP="dot",
+    r = spec.BS // spec.d
+    imp = "sum" if r == 1 or 2 <= token_group_pad(spec) <= 4 else "dot"
+    bj = topn_bj(spec)
+    bj = next((b for b in _topn_space(spec)["BJ"] if b * r >= 32), bj)
+    return Config.make(BLOCK_T=block_t, BJ=bj, MERGE="bitonic",
+                       INSERT=4 if block_t <= 4 else 0, TMA=0, KEY=32, IMP=imp,
                        num_warps=4, num_stages=2)
 
 
