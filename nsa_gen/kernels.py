@@ -132,11 +132,13 @@ def _slc_fwd_default(spec: NSASpec, T: int) -> Config:
     4k to 128k; 0.55 against 1.0 ms the other way at small-group, 1k); group-centric
     otherwise (1.7-2.5x faster at G = 16, 64k). K/V through TMA: 7-16% faster than pointer
     loads for all four built-in specs at 64k (H200; dispatch falls back to pointers before
-    sm90)."""
+    sm90). Two warps for the group-centric kernel's 16-row tiles: 5-7% faster than four at
+    G = 16, 32k and 64k (H200, 22-trial studies, RESULTS session 8: fla-compat 15.32 ->
+    14.23 ms, deepseek-nsa 19.27 -> 18.35 at 64k)."""
     gt = token_group_pad(spec)
     block_q = 64 // gt if gt <= 4 and T >= 4096 else 0
-    return Config.make(BLOCK_N=min(64, spec.BS), BLOCK_Q=block_q, TMA=1, SHARE=1, num_warps=4,
-                       num_stages=2)
+    return Config.make(BLOCK_N=min(64, spec.BS), BLOCK_Q=block_q, TMA=1, SHARE=1,
+                       num_warps=4 if block_q else 2, num_stages=2)
 
 
 def slc_fwd_rows(spec: NSASpec, cfg: Config) -> int:
