@@ -308,7 +308,7 @@ def test_topn_ties_and_padding(width, poison):
 def test_topn_key32_precision_and_fallback(poison, monkeypatch, caplog):
     """32-bit keys keep 23 - index_bits mantissa bits: scores that differ in the low bits
     tie (lower index first), and a T needing more than TOPN_INDEX_BITS index bits falls back
-    to 64-bit keys with a warning."""
+    to 64-bit keys with a warning, logged once however often it happens."""
     from nsa_gen.kernels import topn_index_bits
     assert [topn_index_bits(T, 64) for T in (1, 64, 65, 65536, 1 << 21)] == [1, 1, 2, 11, 16]
     spec = make_spec("G4", selection={"block": 16, "top_n": 4, "initial_blocks": 1, "local_blocks": 2})
@@ -317,11 +317,35 @@ def test_topn_key32_precision_and_fallback(poison, monkeypatch, caplog):
     want = case.run(base)[0]
     got = case.run(base.replace(KEY=32))[0]
     assert case.rel_error((got,)) < 1e-5
+    from nsa_gen.ops import common as ops_common
     from nsa_gen.ops import selection as ops_selection
     monkeypatch.setattr(ops_selection, "TOPN_INDEX_BITS", 2)  # 300 tokens: 19 blocks, 5 bits
+    monkeypatch.setattr(ops_common, "_FALLBACKS_WARNED", set())
     with caplog.at_level("WARNING", logger="nsa_gen"):
-        assert torch.equal(case.run(base.replace(KEY=32))[0], want)
-    assert "64-bit keys" in caplog.text
+        for _ in range(2):
+            assert torch.equal(case.run(base.replace(KEY=32))[0], want)
+    warnings = [r.getMessage() for r in caplog.records if "KEY=64" in r.getMessage()]
+    assert len(warnings) == 1 and "300 tokens: 5 bits" in warnings[0], caplog.text
+
+
+def test_tma_falls_back_on_misaligned_inputs(poison, monkeypatch, caplog):
+    """TMA descriptors need 16-byte aligned tensors: a misaligned input (a view 4 bytes into
+    its storage) is loaded through pointers instead, with one warning, and the same result."""
+    from nsa_gen.ops import common as ops_common
+    monkeypatch.setattr(ops_common, "_FALLBACKS_WARNED", set())
+    spec = make_spec("G4")
+    case = make_case("topn", spec, 40, B=1, dtype=torch.float32, seed=3)
+    q, k_cmp, lse = (case.inputs[n] for n in ("q", "k_cmp", "lse"))
+    shifted = torch.empty(k_cmp.numel() + 1, dtype=k_cmp.dtype)[1:].view(k_cmp.shape)
+    shifted.copy_(k_cmp)
+    assert shifted.data_ptr() % 16 and shifted.is_contiguous()
+    base = kernel_def("topn").default(spec, 40)
+    want = topn(q, k_cmp, lse, spec, base.replace(TMA=0))
+    with caplog.at_level("WARNING", logger="nsa_gen"):
+        for _ in range(2):
+            assert torch.equal(topn(q, shifted, lse, spec, base.replace(TMA=1)), want)
+    warnings = [r.getMessage() for r in caplog.records if "TMA=0" in r.getMessage()]
+    assert len(warnings) == 1 and "16-byte aligned" in warnings[0], caplog.text
 
 
 def test_topn_varlen(poison):

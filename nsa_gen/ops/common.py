@@ -87,13 +87,28 @@ def seq_end(cu_seqlens: torch.Tensor | None, T: int, device) -> torch.Tensor | N
     return torch.repeat_interleave(cu[1:], cu[1:] - cu[:-1], output_size=T)
 
 
-def tma_config(stem: str, config, *tensors: torch.Tensor):
-    """`config`, with TMA off (and a warning) when a tensor its descriptors would cover does
-    not start 16-byte aligned, as the tensor memory accelerator needs."""
-    if config.get("TMA", 0) and any(t.data_ptr() % 16 for t in tensors):
+# (kernel, reason) pairs fall_back has warned about: once each per process, not on every
+# launch of a training loop.
+_FALLBACKS_WARNED: set[tuple[str, str]] = set()
+
+
+def fall_back(stem: str, config, why: str, detail: str = "", **changes):
+    """`config` with `changes`, for a launch its config cannot serve as it is (`why` says
+    why, `detail` adds this launch's numbers); logs a warning the first time a kernel falls
+    back for that reason."""
+    if (stem, why) not in _FALLBACKS_WARNED:
+        _FALLBACKS_WARNED.add((stem, why))
         logging.getLogger("nsa_gen").warning(
-            "%s: an input is not 16-byte aligned; loading without TMA", stem)
-        return config.replace(TMA=0)
+            "%s: %s%s; launching with %s instead (warned once)", stem, why,
+            f" ({detail})" if detail else "", " ".join(f"{k}={v}" for k, v in changes.items()))
+    return config.replace(**changes)
+
+
+def tma_config(stem: str, config, *tensors: torch.Tensor):
+    """`config`, with TMA off (and a warning, once) when a tensor its descriptors would
+    cover does not start 16-byte aligned, as the tensor memory accelerator needs."""
+    if config.get("TMA", 0) and any(t.data_ptr() % 16 for t in tensors):
+        return fall_back(stem, config, "an input is not 16-byte aligned", TMA=0)
     return config
 
 

@@ -1,7 +1,6 @@
 """Selected attention (the `slc` branch): launchers and autograd wrapper."""
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +10,8 @@ from ..kernels import (TOPN_INDEX_BITS, kernel_def, kernel_fn, kernel_module, ne
                        topn_index_bits)
 from ..spec import NSASpec
 from .common import (check_grad_inputs, check_qkv, check_seqlens, check_tensor, launch_options,
-                     dim_widths, seq_end, seq_start, tile_args, tile_table, tma_config)
+                     dim_widths, fall_back, seq_end, seq_start, tile_args, tile_table,
+                     tma_config)
 
 
 def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
@@ -202,11 +202,11 @@ def topn(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, spec: NSAS
         # T bounds every packed sequence's length: no host sync for the longest one.
         bits = topn_index_bits(T, spec.BS)
         if bits > TOPN_INDEX_BITS:
-            logging.getLogger("nsa_gen").warning(
-                "topn: %d blocks need %d index bits, over the %d a 32-bit key keeps beside "
-                "8 bits of score mantissa; ranking with 64-bit keys", -(-T // spec.BS), bits,
-                TOPN_INDEX_BITS)
-            config = config.replace(KEY=64)
+            # 64-bit keys: the score's 23 mantissa bits and a 31-bit index.
+            config = fall_back(
+                "topn", config, f"block indices need more than the {TOPN_INDEX_BITS} bits a "
+                f"32-bit key keeps beside {23 - TOPN_INDEX_BITS} bits of score mantissa",
+                f"{T} tokens: {bits} bits", KEY=64)
         else:
             key_args = [(1 << bits) - 1]
     fn = kernel_fn("topn", spec, config)
