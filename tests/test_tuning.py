@@ -13,7 +13,7 @@ import time
 import optuna
 import pytest
 
-from nsa_gen.config import Config
+from nsa_gen.config import Config, parse_assignments
 from nsa_gen.db import CPU_DEVICE, DeviceKey, Entry, TuneKey, TuningDB
 from nsa_gen.kernels import KERNELS, kernel_def
 from nsa_gen.spec import load_spec
@@ -692,3 +692,13 @@ def test_unread_params_are_pruned_as_copies(monkeypatch):
     copy = batched[0].replace(SHARE=2)
     assert kd.canonical(copy) == batched[0] and dropped[copy].startswith("runs as")
     assert kd.canonical(keep[0]) == keep[0]
+
+
+def test_parse_assignments():
+    """Params as the command lines give them (trial main, rekey.py, variant_probe.py)."""
+    got = parse_assignments(["BLOCK_T=8", "MERGE=rank", "OFF=-1", "IMP=sum", "num_warps=2"])
+    assert got == {"BLOCK_T": 8, "MERGE": "rank", "OFF": -1, "IMP": "sum", "num_warps": 2}
+    assert Config.from_dict(got).num_warps == 2
+    for bad in ("BLOCK_T", "=8"):
+        with pytest.raises(ValueError, match="NAME=VALUE"):
+            parse_assignments([bad])
