@@ -1,12 +1,13 @@
-"""The command line the GPU timing probes share (slc_breakdown.py, topn_probe.py): a list of
-runs, each timed by the probe at --seqlen and printed as one JSON line; with --out, all of
-them written to OUT/<name>.json."""
+"""What the GPU timing probes share (slc_breakdown.py, topn_probe.py, ws_probe.py,
+variant_probe.py): the command line (a list of runs, each timed by the probe at --seqlen and
+printed as one JSON line; with --out, all of them written to OUT/<name>.json), and timing a
+variant of a kernel launch against the outputs of the original one."""
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 
 def probe_main(name: str, runs_help: str, probe: Callable[[str, int], dict]) -> int:
@@ -23,3 +24,22 @@ def probe_main(name: str, runs_help: str, probe: Callable[[str, int], dict]) -> 
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / f"{name}.json").write_text(json.dumps(rows, indent=1))
     return 0
+
+
+def time_variant(row: dict, prefix: str, run: Callable[[], Sequence], want: Sequence) -> None:
+    """Run and time `run` (a launch returning its outputs) into row[prefix + "_ms"], and
+    compare its outputs with `want`: row["same"] (bit-identical) and row["max_abs_diff"].
+    A failure (a compile error, say) goes into row[prefix + "_error"] instead."""
+    import torch
+
+    from nsa_gen.benchmark import _bench
+    try:
+        got = [o.clone() for o in run()]
+        row[prefix + "_ms"] = _bench(run)
+    except Exception as e:  # noqa: BLE001 - a probe reports what failed and goes on
+        row[prefix + "_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        return
+    row["same"] = all(torch.equal(a, b) for a, b in zip(want, got))
+    row["max_abs_diff"] = max(float((a.double() - b.double()).abs().max()) for a, b in zip(want, got))
+    if not want[0].is_floating_point():  # indices: the share of [token, head] rows that agree
+        row["rows_equal"] = float((want[0] == got[0]).all(-1).float().mean())

@@ -3,9 +3,9 @@ changed (a structural variant, a tile), on the GPU, on the same inputs.
 
 Each run `SPEC:STEM:P=V[,P=V...]` times the config the dispatcher picks at --seqlen
 ("base_ms") and that config with the params replaced ("variant_ms"), do_bench medians, and
-compares their outputs: "same" (bit-identical), "max_abs_diff", and for integer outputs
-(top-n's block indices) "rows_equal", the share of [token, head] rows that agree (fp32 sums
-in another order may break a near-tie the other way).
+compares their outputs (probe_main.time_variant): "same" (bit-identical), "max_abs_diff", and
+for integer outputs (top-n's block indices) "rows_equal", the share of [token, head] rows that
+agree (fp32 sums in another order may break a near-tie the other way).
 
 Usage: python benchmarks/variant_probe.py [--seqlen 65536] [--out DIR] deepseek-nsa:topn:IMP=sum ...
 """
@@ -22,7 +22,7 @@ from nsa_gen.config import parse_assignments  # noqa: E402
 from nsa_gen.db.dispatch import default_dispatcher  # noqa: E402
 from nsa_gen.harness import make_case  # noqa: E402
 from nsa_gen.spec import load_spec  # noqa: E402
-from probe_main import probe_main  # noqa: E402
+from probe_main import probe_main, time_variant  # noqa: E402
 
 
 def probe(run: str, T: int) -> dict:
@@ -34,17 +34,7 @@ def probe(run: str, T: int) -> dict:
     row = {"spec": name, "stem": stem, "T": T, "base": str(base), "variant": str(variant)}
     want = [o.clone() for o in case.run(base)]
     row["base_ms"] = _bench(lambda: case.run(base))
-    try:
-        got = [o.clone() for o in case.run(variant)]
-        row["variant_ms"] = _bench(lambda: case.run(variant))
-    except Exception as e:  # noqa: BLE001 - a probe reports what failed and goes on
-        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-        return row
-    row["same"] = all(torch.equal(a, b) for a, b in zip(want, got))
-    row["max_abs_diff"] = max(float((a.double() - b.double()).abs().max()) for a, b in zip(want, got))
-    if not want[0].is_floating_point():
-        rows_equal = (want[0] == got[0]).all(-1)
-        row["rows_equal"] = float(rows_equal.float().mean())
+    time_variant(row, "variant", lambda: case.run(variant), want)
     return row
 
 

@@ -23,7 +23,7 @@ from nsa_gen.benchmark import _bench  # noqa: E402
 from nsa_gen.db.dispatch import default_dispatcher  # noqa: E402
 from nsa_gen.harness import make_case  # noqa: E402
 from nsa_gen.spec import load_spec  # noqa: E402
-from probe_main import probe_main  # noqa: E402
+from probe_main import probe_main, time_variant  # noqa: E402
 
 MAIN_LOOP = re.compile(r"for (i\w*) in range\((.*)\):")
 
@@ -46,12 +46,7 @@ def probe(run: str, T: int) -> dict:
     kernels.kernel_source = lambda *a, **k: warp_specialized(plain_source(*a, **k))
     kernels._MODULE_CACHE.clear()
     try:
-        got = [o.clone() for o in case.run(cfg)]
-        row["ws_ms"] = _bench(lambda: case.run(cfg))
-        row["same"] = all(torch.equal(a, b) for a, b in zip(base, got))
-        row["max_abs_diff"] = max(float((a.float() - b.float()).abs().max()) for a, b in zip(base, got))
-    except Exception as e:  # noqa: BLE001 - a probe reports what failed and goes on
-        row["ws_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        time_variant(row, "ws", lambda: case.run(cfg), base)
     finally:
         kernels.kernel_source = plain_source
         kernels._MODULE_CACHE.clear()

@@ -244,8 +244,7 @@ def _topn_default(spec: NSASpec, T: int) -> Config:
     block_t = max(1, 64 // token_group_pad(spec))
     r = spec.BS // spec.d
     imp = "sum" if r == 1 or 2 <= token_group_pad(spec) <= 4 else "dot"
-    bj = topn_bj(spec)
-    bj = next((b for b in _topn_space(spec)["BJ"] if b * r >= 32), bj)
+    bj = next((b for b in _topn_space(spec)["BJ"] if b * r >= 32), topn_bj(spec))
     return Config.make(BLOCK_T=block_t, BJ=bj, MERGE="bitonic",
                        INSERT=4 if block_t <= 4 else 0, TMA=0, KEY=32, IMP=imp,
                        num_warps=4, num_stages=2)
