@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 5-8 device calls (plans/session5.md, session6.md). Steps, each on if its
+# Session 5-9 device calls (plans/session5.md, session6.md). Steps, each on if its
 # variable is set:
 #   VERIFY=1  bf16 verify at 2k (every structural variant) of VERIFY_KERNELS (default: topn,
 #             selection_fwd, nsa);
@@ -10,6 +10,7 @@
 #   TUNE="KERNELS|SPECS|SEQLENS|TRIALS|SECONDS ..."  gpu_tune_all.sh runs (one per word, in
 #             order, each within its seconds and resuming the DB and studies of the one
 #             before; RESUME=DIR for the first; lists comma-separated);
+#   OVERLAP="SPEC:STEM+STEM ..."  benchmarks/overlap_probe.py at 64k: kernels on two streams;
 #   BENCH="SEQLENS"  nsa-gen bench of deepseek-nsa, fla-compat and small-group with the tuned DB.
 # Usage: [BUDGET_S=560] VERIFY=1 PROBE=1 TUNE=... BENCH=65536 bash benchmarks/gpu_session5.sh
 set -o pipefail
@@ -36,6 +37,10 @@ fi
 if [ -n "$VARIANTS" ]; then
   timeout ${VARIANTS_S:-200} python3 benchmarks/variant_probe.py --out "$OUT" $VARIANTS 2>&1 | quiet | cut -c1-500
   echo "variant probe done after ${SECONDS}s"
+fi
+if [ -n "$OVERLAP" ]; then
+  timeout ${OVERLAP_S:-200} python3 benchmarks/overlap_probe.py --out "$OUT" $OVERLAP 2>&1 | quiet | cut -c1-500
+  echo "overlap probe done after ${SECONDS}s"
 fi
 mkdir -p /tmp/r
 [ -n "$RESUME" ] && cp "$RESUME"/db.tar.gz "$RESUME"/data.tar.gz /tmp/r/
