@@ -11,6 +11,8 @@
 #             order, each within its seconds and resuming the DB and studies of the one
 #             before; RESUME=DIR for the first; lists comma-separated);
 #   OVERLAP="SPEC:STEM+STEM ..."  benchmarks/overlap_probe.py at 64k: kernels on two streams;
+#   NCU="SPEC:STEM ..."  benchmarks/ncu_probe.py under Nsight Compute: one launch's counters
+#             (NCU_SECTIONS), each report in $OUT/ncu_SPEC_STEM.txt;
 #   BENCH="SEQLENS"  nsa-gen bench of deepseek-nsa, fla-compat and small-group with the tuned DB.
 # Usage: [BUDGET_S=560] VERIFY=1 PROBE=1 TUNE=... BENCH=65536 bash benchmarks/gpu_session5.sh
 set -o pipefail
@@ -41,6 +43,17 @@ fi
 if [ -n "$OVERLAP" ]; then
   timeout ${OVERLAP_S:-200} python3 benchmarks/overlap_probe.py --out "$OUT" $OVERLAP 2>&1 | quiet | cut -c1-500
   echo "overlap probe done after ${SECONDS}s"
+fi
+if [ -n "$NCU" ]; then
+  ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
+  sections=""; for sec in ${NCU_SECTIONS:-SpeedOfLight MemoryWorkloadAnalysis ComputeWorkloadAnalysis Occupancy LaunchStats WarpStateStats SchedulerStats}; do sections="$sections --section $sec"; done
+  for run in $NCU; do
+    stem=${run#*:}; f="$OUT/ncu_${run/:/_}.txt"
+    timeout ${NCU_S:-120} "$ncu_bin" --clock-control none --kernel-name regex:nsa_${stem}_kernel \
+      --launch-skip 1 --launch-count 1 $sections python3 benchmarks/ncu_probe.py $run > "$f" 2>&1
+    echo "ncu $run: exit $? after ${SECONDS}s"
+    grep -E "Duration|Memory Throughput|L2 Cache Throughput|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Block Limit|Issue Slots Busy|No Eligible" "$f" | head -24
+  done
 fi
 mkdir -p /tmp/r
 [ -n "$RESUME" ] && cp "$RESUME"/db.tar.gz "$RESUME"/data.tar.gz /tmp/r/
