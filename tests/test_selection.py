@@ -267,7 +267,7 @@ def test_topn_importance_variants(l, d, poison):  # noqa: E741
 @pytest.mark.parametrize("key", ["G4"])
 def test_topn_insert_path(key, poison):
     """Chunks merged by insertion (INSERT: when no token of the tile has more than that many
-    keys above its BJ-th best) keep exactly what sorting the union keeps. INSERT = BJ takes the
+    keys above its S-th best) keep exactly what sorting the union keeps. INSERT = BJ takes the
     insertion path for every chunk, the first ones (every key new) included."""
     spec = make_spec(key, selection={"block": 16, "top_n": 4, "initial_blocks": 1, "local_blocks": 2})
     case = make_case("topn", spec, 600, B=1, dtype=torch.float32, seed=5)

@@ -702,3 +702,17 @@ def test_parse_assignments():
     for bad in ("BLOCK_T", "=8"):
         with pytest.raises(ValueError, match="NAME=VALUE"):
             parse_assignments([bad])
+
+
+def test_entries_of_an_older_template_are_seeded(spec, tmp_path):
+    # After a template edit that keeps the params, the old winners are measured again first
+    # (their entries are stale: the dispatcher no longer uses them).
+    db = TuningDB(tmp_path / "db")
+    old, near = min(search_space(STEM, spec).configs(), key=cost), cfg(16, 2, 1)
+    assert KD.default(spec, 4096) not in (old, near)
+    db.put(TuneKey.make(H200, STEM, spec, 4096, source_hash="0" * 16), Entry(old, 1.0, None, 1, "2026-01-01"))
+    db.put(TuneKey.make(H200, STEM, spec, 2048), Entry(near, 1.0, None, 1, "2026-01-01"))
+    runner = FakeRunner()
+    r = make_tuner(spec, tmp_path, runner, neighbours=1).tune(STEM, 4096, n_trials=3)
+    assert runner.calls[:3] == [KD.default(spec, 4096), old, near]
+    assert r.entry.config == old

@@ -222,7 +222,10 @@ class Tuner:
         """Configs to try first: the (fitting) heuristic default, the configs the DBs already
         hold for this very shape (so a new study measures the entry it may replace, and
         never swaps it for one it did not beat), winners of the nearest tuned shapes of the
-        same kernel source, spec and device, then the default's structural variants."""
+        same kernel source, spec and device, then the default's structural variants.
+        Entries of an earlier version of the template (same kernel, spec and device) count
+        too, after the current one's at the same distance: after an edit that keeps the
+        params, a retune starts from the old winners (re-measured, never copied)."""
         kd = kernel_def(stem)
         valid = set(keep)
         out: list[Config] = []
@@ -236,13 +239,15 @@ class Tuner:
         for cfg in (kd.default(self.spec, T), fitting_default(kd, self.spec, T, self.device)):
             add(cfg)
         me = TuneKey.make(self.device, stem, self.spec, T, B)
-        found = sorted(((shape_distance(me.shape, k.shape), kd.at_shape(self.spec, e.config, k.T, T))
+        found = sorted(((shape_distance(me.shape, k.shape), k.source_hash != me.source_hash,
+                         kd.at_shape(self.spec, e.config, k.T, T))
                         for db in self.seed_dbs
-                        for k, e in db.load(stem, self.device).items() if k.group == me.group),
-                       key=lambda x: x[0])
+                        for k, e in db.load(stem, self.device).items()
+                        if (k.kernel, k.spec) == (me.kernel, me.spec)),
+                       key=lambda x: x[:2])
         added = 0
-        own = [cfg for dist, cfg in found if dist == 0]
-        for dist, cfg in found:  # this very shape's entries (distance 0) first, all of them
+        own = [cfg for dist, _, cfg in found if dist == 0]
+        for dist, _, cfg in found:  # this very shape's entries (distance 0) first, all of them
             if dist == 0:
                 add(cfg)
             elif added < self.neighbours:
