@@ -41,7 +41,7 @@ def ablate(src: str, what: str) -> str:
              if not re.match(r"\s+(b_m = |b_a, b_b = |b_top = tl.reshape\(b_m)", ln)]
     out = "\n".join(lines).replace(SORT, "b_top = tl.maximum(b_top, b_key)")
     if what == "noexp":
-        out = out.replace("tl.exp2(b_s - b_lse[:, None])", "(b_s - b_lse[:, None])")
+        out = out.replace("tl.exp2(b_s * SCALE_LOG2 - b_lse[:, None])", "(b_s * SCALE_LOG2 - b_lse[:, None])")
     return out
 
 

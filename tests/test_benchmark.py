@@ -76,8 +76,8 @@ def test_topn_probe_cuts_what_it_says():
     assert topn_probe.ablate(src, "full") == src and topn_probe.SORT in src
     cut = {w: topn_probe.ablate(src, w) for w in ("nosort", "nomerge", "noexp")}
     assert topn_probe.SORT not in cut["nosort"] and "b_a, b_b = tl.split" in cut["nosort"]
-    assert "b_a, b_b" not in cut["nomerge"] and "tl.exp2(b_s - b_lse" in cut["nomerge"]
-    assert "tl.exp2(b_s - b_lse" not in cut["noexp"]
+    assert "b_a, b_b" not in cut["nomerge"] and "tl.exp2(b_s * SCALE_LOG2 - b_lse" in cut["nomerge"]
+    assert "tl.exp2(b_s * SCALE_LOG2 - b_lse" not in cut["noexp"]
     for text in cut.values():
         compile(text, "topn", "exec")
 
