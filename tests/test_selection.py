@@ -264,12 +264,14 @@ def test_topn_importance_variants(l, d, poison):  # noqa: E741
     assert torch.equal(got, case.run(base.replace(IMP="dot"))[0])
 
 
-@pytest.mark.parametrize("key", ["G4"])
-def test_topn_insert_path(key, poison):
+@pytest.mark.parametrize("forced", [(1, 2), (0, 0)])
+def test_topn_insert_path(forced, poison):
     """Chunks merged by insertion (INSERT: when no token of the tile has more than that many
     keys above its S-th best) keep exactly what sorting the union keeps. INSERT = BJ takes the
-    insertion path for every chunk, the first ones (every key new) included."""
-    spec = make_spec(key, selection={"block": 16, "top_n": 4, "initial_blocks": 1, "local_blocks": 2})
+    insertion path for every chunk, the first ones (every key new) included. Without forced
+    blocks every slot is scored, so a threshold one entry too high drops keys."""
+    spec = make_spec("G4", selection={"block": 16, "top_n": 4, "initial_blocks": forced[0],
+                                      "local_blocks": forced[1]})
     case = make_case("topn", spec, 600, B=1, dtype=torch.float32, seed=5)
     base = kernel_def("topn").default(spec, 93)
     want = case.run(base.replace(MERGE="sort"))[0]
