@@ -17,9 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nsa_gen.db.dispatch import default_dispatcher  # noqa: E402
-from nsa_gen.harness import make_case  # noqa: E402
-from nsa_gen.spec import load_spec  # noqa: E402
+from probe_main import dispatched_case  # noqa: E402
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
@@ -28,9 +26,7 @@ if __name__ == "__main__":
     ap.add_argument("--launches", type=int, default=2)
     args = ap.parse_args()
     name, stem = args.run.split(":")
-    spec = load_spec(name)
-    cfg = default_dispatcher().get(stem, spec, args.seqlen, 1)
-    case = make_case(stem, spec, args.seqlen, dtype=torch.bfloat16, device="cuda", seed=0)
+    _, cfg, case = dispatched_case(name, stem, args.seqlen)
     print(f"{name} {stem} T={args.seqlen}: {cfg}", flush=True)
     for _ in range(args.launches):
         case.run(cfg)

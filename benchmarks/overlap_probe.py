@@ -21,10 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nsa_gen.benchmark import _bench  # noqa: E402
-from nsa_gen.db.dispatch import default_dispatcher  # noqa: E402
-from nsa_gen.harness import make_case  # noqa: E402
-from nsa_gen.spec import load_spec  # noqa: E402
-from probe_main import probe_main  # noqa: E402
+from probe_main import dispatched_case, probe_main  # noqa: E402
 
 
 def concurrently(launches, streams):
@@ -33,15 +30,12 @@ def concurrently(launches, streams):
     main = torch.cuda.current_stream()
 
     def run():
-        outs = []
         for s in streams:
             s.wait_stream(main)
-        for i, launch in enumerate(launches):
-            if i == 0:
+        outs = [launches[0]()]
+        for s, launch in zip(streams, launches[1:]):
+            with torch.cuda.stream(s):
                 outs.append(launch())
-            else:
-                with torch.cuda.stream(streams[i - 1]):
-                    outs.append(launch())
         for s in streams:
             main.wait_stream(s)
         return outs
@@ -50,20 +44,18 @@ def concurrently(launches, streams):
 
 def probe(run: str, T: int) -> dict:
     name, stems = run.split(":")
-    spec = load_spec(name)
     stems = stems.split("+")
     row = {"spec": name, "stems": stems, "T": T}
     launches = []
     for i, stem in enumerate(stems):
-        cfg = default_dispatcher().get(stem, spec, T, 1)
-        case = make_case(stem, spec, T, dtype=torch.bfloat16, device="cuda", seed=i)
+        _, cfg, case = dispatched_case(name, stem, T, seed=i)
         launches.append(lambda case=case, cfg=cfg: case.run(cfg))
         row[f"{stem}_ms"] = _bench(launches[-1])
     serial = lambda: [launch() for launch in launches]  # noqa: E731
     row["serial_ms"] = _bench(serial)
     want = serial()
     torch.cuda.synchronize()
-    lo, hi = torch.cuda.Stream.priority_range()  # (lowest, highest): highest is the smaller
+    hi = torch.cuda.Stream.priority_range()[1]  # (lowest, highest): highest is the smaller
     for key, prio in (("overlap", 0), ("overlap_hi", hi)):
         streams = [torch.cuda.Stream(priority=prio) for _ in stems[1:]]
         fn = concurrently(launches, streams)

@@ -1,6 +1,7 @@
 """What the GPU timing probes share (slc_breakdown.py, topn_probe.py, ws_probe.py,
-variant_probe.py): the command line (a list of runs, each timed by the probe at --seqlen and
-printed as one JSON line; with --out, all of them written to OUT/<name>.json), and timing a
+variant_probe.py, overlap_probe.py, ncu_probe.py): the command line (a list of runs, each
+timed by the probe at --seqlen and printed as one JSON line; with --out, all of them written
+to OUT/<name>.json), a kernel's case with the config the dispatcher picks, and timing a
 variant of a kernel launch against the outputs of the original one."""
 from __future__ import annotations
 
@@ -24,6 +25,19 @@ def probe_main(name: str, runs_help: str, probe: Callable[[str, int], dict]) -> 
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / f"{name}.json").write_text(json.dumps(rows, indent=1))
     return 0
+
+
+def dispatched_case(name: str, stem: str, T: int, seed: int = 0):
+    """(spec, config, case) for kernel `stem` of built-in spec `name` at T tokens, B = 1: the
+    config the dispatcher picks there, and a `harness.Case` of fresh bf16 inputs on the GPU."""
+    import torch
+
+    from nsa_gen.db.dispatch import default_dispatcher
+    from nsa_gen.harness import make_case
+    from nsa_gen.spec import load_spec
+    spec = load_spec(name)
+    cfg = default_dispatcher().get(stem, spec, T, 1)
+    return spec, cfg, make_case(stem, spec, T, dtype=torch.bfloat16, device="cuda", seed=seed)
 
 
 def time_variant(row: dict, prefix: str, run: Callable[[], Sequence], want: Sequence) -> None:

@@ -14,23 +14,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nsa_gen.benchmark import _bench  # noqa: E402
 from nsa_gen.config import parse_assignments  # noqa: E402
-from nsa_gen.db.dispatch import default_dispatcher  # noqa: E402
-from nsa_gen.harness import make_case  # noqa: E402
-from nsa_gen.spec import load_spec  # noqa: E402
-from probe_main import probe_main, time_variant  # noqa: E402
+from probe_main import dispatched_case, probe_main, time_variant  # noqa: E402
 
 
 def probe(run: str, T: int) -> dict:
     name, stem, overrides = (run.split(":", 2) + [""])[:3]
-    spec = load_spec(name)
-    base = default_dispatcher().get(stem, spec, T, 1)
+    _, base, case = dispatched_case(name, stem, T)
     variant = base.replace(**parse_assignments(filter(None, overrides.split(","))))
-    case = make_case(stem, spec, T, dtype=torch.bfloat16, device="cuda", seed=0)
     row = {"spec": name, "stem": stem, "T": T, "base": str(base), "variant": str(variant)}
     want = [o.clone() for o in case.run(base)]
     row["base_ms"] = _bench(lambda: case.run(base))

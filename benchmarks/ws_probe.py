@@ -15,15 +15,10 @@ import re
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nsa_gen import kernels  # noqa: E402
 from nsa_gen.benchmark import _bench  # noqa: E402
-from nsa_gen.db.dispatch import default_dispatcher  # noqa: E402
-from nsa_gen.harness import make_case  # noqa: E402
-from nsa_gen.spec import load_spec  # noqa: E402
-from probe_main import probe_main, time_variant  # noqa: E402
+from probe_main import dispatched_case, probe_main, time_variant  # noqa: E402
 
 MAIN_LOOP = re.compile(r"for (i\w*) in range\((.*)\):")
 
@@ -34,9 +29,7 @@ def warp_specialized(src: str) -> str:
 
 def probe(run: str, T: int) -> dict:
     name, stem = run.split(":")
-    spec = load_spec(name)
-    cfg = default_dispatcher().get(stem, spec, T, 1)
-    case = make_case(stem, spec, T, dtype=torch.bfloat16, device="cuda", seed=0)
+    spec, cfg, case = dispatched_case(name, stem, T)
     row = {"spec": name, "stem": stem, "T": T, "config": str(cfg)}
     src = kernels.kernel_source(stem, spec, cfg)
     row["loops"] = len(MAIN_LOOP.findall(src))
