@@ -264,6 +264,23 @@ def test_topn_importance_variants(l, d, poison):  # noqa: E741
     assert torch.equal(got, case.run(base.replace(IMP="dot"))[0])
 
 
+@pytest.mark.parametrize("local", [0, 1])
+@pytest.mark.parametrize("l,d", [(16, 4), (16, 16)])
+def test_topn_diagonal_visibility(l, d, local, poison):  # noqa: E741
+    """Few forced local blocks: a compressed block not yet complete for a token overlaps a
+    selection block that is a candidate, so a chunk on the diagonal scored without its mask
+    would rank it by a probability the token never had. (With 2 local blocks, the default,
+    every such block falls in a forced or future selection block.) d = l' puts a chunk
+    boundary every 16 blocks, where the tiles' first rows meet it."""
+    spec = make_spec("G4", compression={"block": l, "stride": d},
+                     selection={"block": 16, "top_n": 4, "initial_blocks": 1, "local_blocks": local})
+    case = make_case("topn", spec, 300, B=1, dtype=torch.float32, seed=9)
+    base = kernel_def("topn").default(spec, 300).replace(BJ=16)
+    for imp in ("dot", "sum"):
+        got = case.run(base.replace(IMP=imp))[0]
+        assert case.rel_error((got,)) < 1e-4, imp
+
+
 @pytest.mark.parametrize("forced", [(1, 2), (0, 0)])
 def test_topn_insert_path(forced, poison):
     """Chunks merged by insertion (INSERT: when no token of the tile has more than that many
@@ -420,19 +437,3 @@ def test_query_segments_cover_every_pair_once(lens, seg):
         assert (row0[rows] + blocks * spec.BS == s[1]).all()  # the segment's block
         assert (rows < s[5]).all() and (rows >= row0[rows]).all()
 
-
-@pytest.mark.parametrize("local", [0, 1])
-@pytest.mark.parametrize("l,d", [(16, 4), (16, 16)])
-def test_topn_diagonal_visibility(l, d, local, poison):  # noqa: E741
-    """Few forced local blocks: a compressed block not yet complete for a token overlaps a
-    selection block that is a candidate, so a chunk on the diagonal scored without its mask
-    would rank it by a probability the token never had. (With 2 local blocks, the default,
-    every such block falls in a forced or future selection block.) d = l' puts a chunk
-    boundary every 16 blocks, where the tiles' first rows meet it."""
-    spec = make_spec("G4", compression={"block": l, "stride": d},
-                     selection={"block": 16, "top_n": 4, "initial_blocks": 1, "local_blocks": local})
-    case = make_case("topn", spec, 300, B=1, dtype=torch.float32, seed=9)
-    base = kernel_def("topn").default(spec, 300).replace(BJ=16)
-    for imp in ("dot", "sum"):
-        got = case.run(base.replace(IMP=imp))[0]
-        assert case.rel_error((got,)) < 1e-4, imp
