@@ -93,7 +93,7 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor |
             idx = topn(q.detach(), k_cmp.detach(), lse_cmp, spec, config("topn"),
                        cu_seqlens=cu_seqlens)
             o_slc = SelectionFunction.apply(q, *pairs["slc"], idx, spec, config("selection_fwd"),
-                                            config("selection_bwd"), cu_seqlens, True)
+                                            config("selection_bwd"), cu_seqlens, True, True)
             aux.update(indices=idx, o_slc=o_slc)
             outs["slc"] = o_slc
     if g_swa is not None:

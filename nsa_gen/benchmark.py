@@ -132,8 +132,11 @@ def bench_spec(spec: NSASpec, seqlens: list[int], *, dtype=torch.bfloat16, backw
         if spec.has("slc"):
             idx = topn(q, k_cmp, lse, spec, cfg("topn"))
             row["topn"] = _bench(lambda: topn(q, k_cmp, lse, spec, cfg("topn")))
-            outs["slc"] = selection_fwd(q, k, v, idx, spec, cfg("selection_fwd"))[0]
-            row["selection_fwd"] = _bench(lambda: selection_fwd(q, k, v, idx, spec, cfg("selection_fwd")))
+            # As nsa() runs it: topn's lists are canonical and hold every forced block.
+            slc = dict(canonical=True, forced_listed=True)
+            outs["slc"] = selection_fwd(q, k, v, idx, spec, cfg("selection_fwd"), **slc)[0]
+            row["selection_fwd"] = _bench(lambda: selection_fwd(q, k, v, idx, spec,
+                                                                cfg("selection_fwd"), **slc))
         if spec.has("swa"):
             outs["swa"] = window_fwd(q, k, v, spec, cfg("window_fwd"))[0]
             row["window_fwd"] = _bench(lambda: window_fwd(q, k, v, spec, cfg("window_fwd")))
@@ -194,7 +197,8 @@ def _bench_bwd_kernels(row, spec, cfg, q, k, v, k_cmp, v_cmp, o_cmp, lse, idx) -
     row["compression_bwd"] = _bench(lambda: compression_bwd(q, k_cmp, v_cmp, o_cmp, lse, do, spec,
                                                             cfg("compression_bwd")))
     if idx is not None:
-        o_s, lse_s = selection_fwd(q, k, v, idx, spec, cfg("selection_fwd"))
+        o_s, lse_s = selection_fwd(q, k, v, idx, spec, cfg("selection_fwd"), canonical=True,
+                                   forced_listed=True)
         row["selection_bwd"] = _bench(lambda: selection_bwd(q, k, v, o_s, lse_s, do, idx, spec,
                                                             cfg("selection_bwd")))
     if spec.has("swa"):

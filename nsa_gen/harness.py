@@ -148,7 +148,7 @@ def make_case(stem: str, spec: NSASpec, T: int, *, B: int = 1, dtype: torch.dtyp
     if stem == "selection_fwd":
         idx = _random_indices(spec, B, T, device, gen)
         return Case(stem, spec, B, T, dtype, device, dict(q=q, k=k, v=v, block_indices=idx),
-                    lambda c: selection.selection_fwd(q, k, v, idx, spec, c),
+                    lambda c: selection.selection_fwd(q, k, v, idx, spec, c, forced_listed=True),
                     lambda: (naive.naive_selection(*_f32(q, k, v), idx.long(), spec.BS, scale),),
                     lambda o, r: rel_error(o[0], r[0]))
 

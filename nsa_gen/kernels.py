@@ -110,7 +110,13 @@ def _slc_fwd_context(spec: NSASpec, cfg: Config) -> dict:
     gt = token_group_pad(spec)
     return dict(_common(spec), BLOCK_N=cfg["BLOCK_N"], BLOCK_Q=cfg["BLOCK_Q"], GT=gt,
                 ROWS=cfg["BLOCK_Q"] * gt, HQ_PAD=next_pow2(spec.HQ), S_PAD=next_pow2(spec.S),
-                DK_CHUNKS=dim_chunks(spec.DK), TMA=cfg["TMA"], SHARE=cfg["SHARE"])
+                DK_CHUNKS=dim_chunks(spec.DK), TMA=cfg["TMA"], SHARE=cfg["SHARE"],
+                FORCED=cfg["FORCED"], FORCED_T=cfg["FORCED"] // gt,
+                INITIAL=spec.initial_blocks, LOCAL=spec.local_blocks)
+
+
+def has_forced_blocks(spec: NSASpec) -> bool:
+    return spec.initial_blocks + spec.local_blocks > 0
 
 
 def _slc_fwd_space(spec: NSASpec) -> dict[str, list]:
@@ -118,12 +124,19 @@ def _slc_fwd_space(spec: NSASpec) -> dict[str, list]:
     one (one selected block and n of the tokens that chose it a program), with 16 to 128
     query rows. TMA: 1 loads K/V tiles through the tensor memory accelerator (sm90 and
     later), 0 through pointers. SHARE: tokens a group-centric program owns, each block
-    loaded once for all of them that selected it (the query-batched kernel ignores it)."""
+    loaded once for all of them that selected it (the query-batched kernel ignores it).
+    FORCED (one-token group-centric kernel only, which reads it): 0 loads the forced blocks
+    (initial and local) in the main loop, as every other; n > 0 runs them first in a
+    token-tile pass of n query rows (tokens * G rounded to a power of two), where adjacent
+    tokens share them, so each K/V tile is read once per tile instead of once per token."""
     gt, dmax = token_group_pad(spec), max(next_pow2(spec.DK), next_pow2(spec.DV))
+    forced = [r for r in (64, 128) if r >= gt and r * dmax <= MAX_TILE_ELEMS]
     return {"BLOCK_N": [b for b in (16, 32, 64, 128) if spec.BS % b == 0],
             "BLOCK_Q": [0] + [t for t in (1, 2, 4, 8, 16, 32, 64, 128)
                               if 16 <= t * gt <= 128 and t * gt * dmax <= MAX_TILE_ELEMS],
-            "TMA": [0, 1], "SHARE": [1, 2, 4], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3, 4]}
+            "TMA": [0, 1], "SHARE": [1, 2, 4],
+            "FORCED": [0] + (forced if has_forced_blocks(spec) else []),
+            "num_warps": [2, 4, 8], "num_stages": [1, 2, 3, 4]}
 
 
 def _slc_fwd_default(spec: NSASpec, T: int) -> Config:
@@ -137,7 +150,7 @@ def _slc_fwd_default(spec: NSASpec, T: int) -> Config:
     14.23 ms, deepseek-nsa 19.27 -> 18.35 at 64k)."""
     gt = token_group_pad(spec)
     block_q = 64 // gt if gt <= 4 and T >= 4096 else 0
-    return Config.make(BLOCK_N=min(64, spec.BS), BLOCK_Q=block_q, TMA=1, SHARE=1,
+    return Config.make(BLOCK_N=min(64, spec.BS), BLOCK_Q=block_q, TMA=1, SHARE=1, FORCED=0,
                        num_warps=4 if block_q else 2, num_stages=2)
 
 
@@ -150,7 +163,10 @@ def _slc_fwd_smem(spec: NSASpec, cfg: Config) -> int:
     bn, stages = cfg["BLOCK_N"], max(1, cfg.num_stages)
     # The group-centric kernel loads q and k in the exact pieces of dim_chunks(DK).
     bk, bv = spec.DK if not cfg["BLOCK_Q"] else next_pow2(spec.DK), next_pow2(spec.DV)
-    return 2 * (slc_fwd_rows(spec, cfg) * bk + stages * bn * (bk + bv))
+    main = 2 * (slc_fwd_rows(spec, cfg) * bk + stages * bn * (bk + bv))
+    # The forced pass: its query tile, the K/V stages and the probabilities for the P.V dot.
+    rows = cfg["FORCED"]
+    return max(main, 2 * (rows * bk + stages * bn * (bk + bv) + rows * bn))
 
 
 # ----------------------------------------------------------------------------- selection_bwd
@@ -507,8 +523,10 @@ TMA_ARCH = (("TMA", 90),)
 KERNELS: dict[str, KernelDef] = {
     "selection_fwd": KernelDef("selection_fwd", "slc", _slc_fwd_context, _slc_fwd_default,
                                _slc_fwd_space, _slc_fwd_smem, lambda s: s.has("slc"),
-                               structural=("BLOCK_Q", "TMA", "SHARE"), min_arch=TMA_ARCH,
-                               unread=(("SHARE", 1, lambda c: c["BLOCK_Q"] > 0),)),
+                               structural=("BLOCK_Q", "TMA", "SHARE", "FORCED"),
+                               min_arch=TMA_ARCH,
+                               unread=(("SHARE", 1, lambda c: c["BLOCK_Q"] > 0),
+                                       ("FORCED", 0, lambda c: c["BLOCK_Q"] > 0 or c["SHARE"] > 1))),
     "topn": KernelDef("topn", "slc", _topn_context, _topn_default, _topn_space, _topn_smem,
                       lambda s: s.has("slc"), structural=("MERGE", "INSERT", "TMA", "KEY", "IMP"),
                       min_arch=TMA_ARCH),

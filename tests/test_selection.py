@@ -28,12 +28,15 @@ def make_spec(key, **extra):
     return shrink(d.pop("name"), **d)
 
 
-def variant(spec, block_q: int, block_n: int = 16, tma: int = 0, share: int = 1) -> Config:
-    """BLOCK_Q 0: the group-centric kernel (share tokens a program); n > 0: query-batched,
-    n tokens a program. tma 1: K/V through tensor descriptors."""
-    assert block_q in kernel_def("selection_fwd").space(spec)["BLOCK_Q"]
-    return Config.make(BLOCK_N=block_n, BLOCK_Q=block_q, TMA=tma, SHARE=share, num_warps=4,
-                       num_stages=1)
+def variant(spec, block_q: int, block_n: int = 16, tma: int = 0, share: int = 1,
+            forced: int = 0) -> Config:
+    """BLOCK_Q 0: the group-centric kernel (share tokens a program; forced > 0: the forced
+    blocks first in a pass of that many query rows a tile); n > 0: query-batched, n tokens
+    a program. tma 1: K/V through tensor descriptors."""
+    space = kernel_def("selection_fwd").space(spec)
+    assert block_q in space["BLOCK_Q"] and forced in space["FORCED"]
+    return Config.make(BLOCK_N=block_n, BLOCK_Q=block_q, TMA=tma, SHARE=share, FORCED=forced,
+                       num_warps=4, num_stages=1)
 
 
 def overlapping_indices(spec, B: int, T: int, g: torch.Generator) -> torch.Tensor:
@@ -96,6 +99,74 @@ def test_selection_fwd_share(key, share, tma, poison):
     o = torch.full_like(ref, float("nan"))
     o, _ = selection_fwd(q, k, v, idx, spec, variant(spec, 0, tma=tma, share=share))
     assert (o - ref).norm() / ref.norm() < 1e-5
+
+
+# (initial, local) forced blocks: the paper's, none initial, two initial (overlapping the
+# local ones of early tokens), none local. Selection blocks of 16 tokens: T = 77 spans 5.
+FORCED_LAYOUTS = [(1, 2), (0, 2), (2, 1), (1, 0)]
+
+
+@pytest.mark.parametrize("key,rows,tma,dtype", [
+    ("G16", 64, 0, torch.float32), ("G16", 128, 1, torch.float16), ("G4", 64, 1, torch.float32),
+    ("G1", 128, 0, torch.float16)])
+@pytest.mark.parametrize("forced", FORCED_LAYOUTS)
+def test_selection_fwd_forced(key, rows, tma, dtype, forced, poison):
+    """FORCED: the forced blocks in a token-tile pass, the rest in the group-centric loop that
+    starts from its state. The reference's numbers on top-n-like lists (every forced block
+    listed), in two sequences of the batch, with tiles (64 / 128 rows: 4-128 tokens) that
+    cross selection blocks; each key counted once where initial and local blocks meet."""
+    init, local = forced
+    spec = make_spec(key, selection={"block": 16, "top_n": 5, "initial_blocks": init,
+                                     "local_blocks": local})
+    case = make_case("selection_fwd", spec, 77, B=2, dtype=dtype, seed=40 + init + 3 * local)
+    err = case.rel_error(case.run(variant(spec, 0, tma=tma, forced=rows)))
+    assert err < (1e-5 if dtype == torch.float32 else case.tolerance), err
+
+
+def test_selection_fwd_forced_varlen(poison):
+    """Packed sequences: a forced tile never crosses into the next sequence, and each
+    sequence's initial block is its own."""
+    spec = make_spec("G4", selection={"block": 16, "top_n": 5, "initial_blocks": 1,
+                                      "local_blocks": 2})
+    g = torch.Generator().manual_seed(12)
+    cu = torch.tensor([0, 37, 42, 92], dtype=torch.int32)
+    T = int(cu[-1])
+    q = torch.randn(1, T, spec.HQ, spec.DK, generator=g)
+    k = torch.randn(1, T, spec.H, spec.DK, generator=g)
+    v = torch.randn(1, T, spec.H, spec.DV, generator=g)
+    parts, idxs = [], []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        n = b - a
+        sc = torch.rand(1, n, spec.H, -(-n // spec.BS), generator=g)
+        ix = naive.naive_topn(sc, spec.BS, spec.S, spec.initial_blocks, spec.local_blocks)
+        idxs.append(ix)
+        parts.append(naive.naive_selection(q[:, a:b], k[:, a:b], v[:, a:b], ix.long(), spec.BS))
+    idx = torch.cat(idxs, 1).to(torch.int32)
+    ref = torch.cat(parts, 1)
+    for tma in (0, 1):
+        o, _ = selection_fwd(q, k, v, idx, spec, variant(spec, 0, tma=tma, forced=64),
+                             cu_seqlens=cu, forced_listed=True)
+        assert (o - ref).norm() / ref.norm() < 1e-5, tma
+
+
+def test_selection_fwd_forced_needs_listed_blocks(poison, caplog):
+    """Lists without their forced blocks (here: random blocks, never the token's own) must not
+    get them added: without forced_listed, FORCED runs as 0, with one warning."""
+    from nsa_gen.ops import common
+    spec = make_spec("G4")
+    g = torch.Generator().manual_seed(13)
+    B, T = 1, 70
+    q, k, v = (torch.randn(B, T, h, d, generator=g) for h, d in
+               ((spec.HQ, spec.DK), (spec.H, spec.DK), (spec.H, spec.DV)))
+    own = (torch.arange(T) // spec.BS)[None, :, None, None]
+    idx = torch.randint(0, 3, (B, T, spec.H, spec.S), generator=g)
+    idx = torch.where(idx < own, idx, -1).to(torch.int32)
+    ref = naive.naive_selection(q, k, v, idx.long(), spec.BS, spec.softmax_scale)
+    common._FALLBACKS_WARNED.clear()
+    with caplog.at_level("WARNING", logger="nsa_gen"):
+        o, _ = selection_fwd(q, k, v, idx, spec, variant(spec, 0, forced=64))
+    assert (o - ref).norm() / ref.norm() < 1e-5
+    assert "forced_listed" in caplog.text
 
 
 @pytest.mark.parametrize("key,block_q", [("G4", 0), ("G4", 8), ("G1", 0), ("G16", 1)])

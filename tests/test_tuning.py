@@ -31,8 +31,8 @@ FULL_KD = kernel_def(STEM)
 # The fake cost below is over tiles, warps and stages: these tests tune selection_fwd's
 # group-centric kernel alone (BLOCK_Q = 0, pointer loads), a space of 36 configs, from a
 # default pinned to 4 warps (the tests place neighbours' winners around it).
-KD = dataclasses.replace(FULL_KD, space=lambda s: dict(FULL_KD.space(s), BLOCK_Q=[0], TMA=[0], SHARE=[1]),
-                         default=lambda s, T: FULL_KD.default(s, T).replace(BLOCK_Q=0, TMA=0, SHARE=1,
+KD = dataclasses.replace(FULL_KD, space=lambda s: dict(FULL_KD.space(s), BLOCK_Q=[0], TMA=[0], SHARE=[1], FORCED=[0]),
+                         default=lambda s, T: FULL_KD.default(s, T).replace(BLOCK_Q=0, TMA=0, SHARE=1, FORCED=0,
                                                                             num_warps=4))
 
 
@@ -47,7 +47,7 @@ def spec():
 
 
 def cfg(block_n=64, warps=4, stages=2):
-    return Config.make(BLOCK_N=block_n, BLOCK_Q=0, TMA=0, SHARE=1, num_warps=warps, num_stages=stages)
+    return Config.make(BLOCK_N=block_n, BLOCK_Q=0, TMA=0, SHARE=1, FORCED=0, num_warps=warps, num_stages=stages)
 
 
 # ----------------------------------------------------------------------------- space
@@ -245,7 +245,8 @@ def test_structural_variants_of_the_default_are_seeded(spec, tmp_path, monkeypat
     want = [q for q in FULL_KD.space(spec)["BLOCK_Q"] if default.replace(BLOCK_Q=q) in keep]
     assert [c["BLOCK_Q"] for c in slc[:len(want)]] == want and len(want) > 2
     variants = [default.replace(TMA=1 - default["TMA"]),  # each structural param
-                default.replace(SHARE=2), default.replace(SHARE=4)]
+                default.replace(SHARE=2), default.replace(SHARE=4),
+                default.replace(FORCED=64), default.replace(FORCED=128)]
     # (SHARE 4 on the default's 2 warps is past the register model: pruned, not seeded)
     assert slc[len(want):] == [c for c in variants if c in keep] and len(slc) > len(want) + 1
 

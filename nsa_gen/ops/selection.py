@@ -7,7 +7,7 @@ import torch
 
 from ..config import Config
 from ..kernels import (TOPN_INDEX_BITS, kernel_def, kernel_fn, kernel_module, next_pow2,
-                       topn_index_bits)
+                       token_group_pad, topn_index_bits)
 from ..spec import NSASpec
 from .common import (check_grad_inputs, check_qkv, check_seqlens, check_tensor, launch_options,
                      dim_widths, fall_back, seq_end, seq_start, tile_args, tile_table,
@@ -17,14 +17,18 @@ from .common import (check_grad_inputs, check_qkv, check_seqlens, check_tensor, 
 def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
                   spec: NSASpec, config: Config | None = None,
                   cu_seqlens: torch.Tensor | None = None, *,
-                  canonical: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  canonical: bool = False,
+                  forced_listed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query over its selected key blocks.
 
     q [B, T, HQ, DK], k [B, T, H, DK], v [B, T, H, DV]; block_indices [B, T, H, S] int32,
     block j covering tokens [j*BS, (j+1)*BS) of the token's sequence, -1 = empty slot.
     Keys after the query are masked; a block listed twice counts once. cu_seqlens (int32
     [N+1], B = 1) packs sequences. config: defaults to the kernel's heuristic. canonical:
-    block_indices are already as `visible_blocks` returns them (skips that pass). Returns
+    block_indices are already as `visible_blocks` returns them (skips that pass).
+    forced_listed: every token's list holds all of the spec's forced blocks it can see (the
+    initial ones and the local ones up to its own), as `topn` writes them; a config with
+    FORCED > 0 needs this (without it, it runs as FORCED = 0, with a warning once). Returns
     o [B, T, HQ, DV] (q's dtype) and lse [B, T, HQ] (fp32, natural log; -inf where no key
     was visible).
     """
@@ -44,11 +48,23 @@ def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indic
     if config["BLOCK_Q"]:
         _selection_fwd_query(q, k, v, block_indices, spec, config, cu_seqlens, starts, o, lse)
         return o, lse
-    fn = kernel_fn("selection_fwd", spec, config)
+    config = kernel_def("selection_fwd").canonical(config)
+    if config["FORCED"] and not forced_listed:
+        config = fall_back("selection_fwd", config, "FORCED needs block lists that hold every "
+                           "forced block (forced_listed=True, as topn's do)", FORCED=0)
+    mod = kernel_module("selection_fwd", spec, config)
+    kv = _kv_args(k, v, spec, config)
+    if config["FORCED"]:
+        # The forced blocks first, a token tile a program; the kernel below starts from the
+        # state this leaves in o and lse.
+        tiles = tile_table(cu_seqlens, B, T, config["FORCED"] // token_group_pad(spec),
+                           spec.l, spec.d, q.device)
+        mod.nsa_selection_fwd_forced_kernel[(tiles.shape[0], spec.H)](
+            q, *kv, o, lse, tiles, num_warps=4, num_stages=config.num_stages)
     # Group-centric: SHARE consecutive tokens a program (kernels._slc_fwd_space).
-    fn[(-(-T // config["SHARE"]), B * spec.H)](q, *_kv_args(k, v, spec, config), block_indices, o, lse,
-                        starts if starts is not None else q, T, IS_VARLEN=starts is not None,
-                        **launch_options(config))
+    mod.nsa_selection_fwd_kernel[(-(-T // config["SHARE"]), B * spec.H)](
+        q, *kv, block_indices, o, lse, starts if starts is not None else q, T,
+        IS_VARLEN=starts is not None, **launch_options(config))
     return o, lse
 
 
@@ -313,13 +329,14 @@ class SelectionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, block_indices, spec, fwd_config, bwd_config, cu_seqlens,
-                canonical=False):
-        # Made canonical once, for both passes; `topn`'s output already is (canonical=True).
+                canonical=False, forced_listed=False):
+        # Made canonical once, for both passes; `topn`'s output already is (canonical=True,
+        # forced_listed=True).
         if not canonical:
             starts = seq_start(cu_seqlens, q.shape[0], q.shape[1], q.device)
             block_indices = visible_blocks(block_indices, spec, starts)
         o, lse = selection_fwd(q, k, v, block_indices, spec, fwd_config, cu_seqlens,
-                               canonical=True)
+                               canonical=True, forced_listed=forced_listed)
         ctx.save_for_backward(q, k, v, o, lse, block_indices, cu_seqlens)
         ctx.spec, ctx.bwd_config = spec, bwd_config
         return o
@@ -329,4 +346,4 @@ class SelectionFunction(torch.autograd.Function):
         q, k, v, o, lse, block_indices, cu_seqlens = ctx.saved_tensors
         dq, dk, dv = selection_bwd(q, k, v, o, lse, do, block_indices, ctx.spec, ctx.bwd_config,
                                    cu_seqlens, canonical=True)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
