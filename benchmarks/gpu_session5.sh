@@ -10,6 +10,8 @@
 #   TUNE="KERNELS|SPECS|SEQLENS|TRIALS|SECONDS ..."  gpu_tune_all.sh runs (one per word, in
 #             order, each within its seconds and resuming the DB and studies of the one
 #             before; RESUME=DIR for the first; lists comma-separated);
+#   FORCED="SPEC:P=V[,P=V] ..."  benchmarks/forced_probe.py at 64k: selection_fwd's FORCED
+#             variant, its forced pass and group-centric kernel timed apart;
 #   OVERLAP="SPEC:STEM+STEM ..."  benchmarks/overlap_probe.py at 64k: kernels on two streams;
 #   NCU="SPEC:STEM ..."  benchmarks/ncu_probe.py under Nsight Compute: one launch's counters
 #             (NCU_SECTIONS), each report in $OUT/ncu_SPEC_STEM.txt;
@@ -39,6 +41,10 @@ fi
 if [ -n "$VARIANTS" ]; then
   timeout ${VARIANTS_S:-200} python3 benchmarks/variant_probe.py --out "$OUT" $VARIANTS 2>&1 | quiet | cut -c1-500
   echo "variant probe done after ${SECONDS}s"
+fi
+if [ -n "$FORCED" ]; then
+  timeout ${FORCED_S:-200} python3 benchmarks/forced_probe.py --out "$OUT" $FORCED 2>&1 | quiet | cut -c1-900
+  echo "forced probe done after ${SECONDS}s"
 fi
 if [ -n "$OVERLAP" ]; then
   timeout ${OVERLAP_S:-200} python3 benchmarks/overlap_probe.py --out "$OUT" $OVERLAP 2>&1 | quiet | cut -c1-500
