@@ -237,8 +237,8 @@ def varlen_offsets(T: int) -> list[int]:
 
 
 def _op_case(spec, B, T, dtype, device, gen, q, k, v, varlen: bool = False) -> Case:
-    """nsa() end to end: output and the gradients of q, k, v and the gates, against autograd
-    through naive_nsa. The configs come from the dispatcher (`run` ignores its argument).
+    """nsa() end to end: output (with autograd, and without), and the gradients of q, k, v
+    and the gates, against autograd through naive_nsa. The configs come from the dispatcher (`run` ignores its argument).
     varlen: the B = 1 row holds the packed sequences of `varlen_offsets(T)`."""
     from .api import nsa
 
@@ -258,7 +258,10 @@ def _op_case(spec, B, T, dtype, device, gen, q, k, v, varlen: bool = False) -> C
         it = iter(leaves[3:])
         gl = [next(it) if g is not None else None for g in gates]
         out = fn(*leaves[:3], *gl)
-        return (out.detach(), *torch.autograd.grad(out, leaves, cast(do)))
+        # Also the output without autograd, where nsa() may gate inside the selected kernel.
+        with torch.no_grad():
+            infer = fn(*leaves[:3], *gl)
+        return (out.detach(), infer, *torch.autograd.grad(out, leaves, cast(do)))
 
     return Case(OP_VARLEN if varlen else OP, spec, B, T, dtype, device, dict(q=q, k=k, v=v),
                 lambda c: both(lambda *a: nsa(*a, spec=spec, cu_seqlens=cu), lambda x: x),

@@ -168,6 +168,17 @@ def test_bad_calls():
         nsa(q, k, v, *gates, spec=spec.replace(window=0, branches=["cmp", "slc"]))
     with pytest.raises(TypeError, match="dtype"):
         nsa(q, k.half(), v, *gates, spec=spec)
+    from nsa_gen.ops.selection import selection_fwd, topn  # noqa: F401
+    from nsa_gen.config import Config
+    idx = torch.zeros(1, 20, spec.H, spec.S, dtype=torch.int32)
+    batched = Config.make(BLOCK_N=16, BLOCK_Q=4, TMA=0, SHARE=1, FORCED=0)
+    x = [t.detach() for t in (q, k, v, *gates)]
+    with pytest.raises(ValueError, match="group-centric"):
+        selection_fwd(*x[:3], idx, spec, batched, gates={"slc": x[4]}, outs={})
+    with pytest.raises(ValueError, match="every gated branch"):
+        selection_fwd(*x[:3], idx, spec, gates={"slc": x[4], "cmp": x[3]}, outs={})
+    with pytest.raises(ValueError, match="gates\\['slc'\\] has shape"):
+        selection_fwd(*x[:3], idx, spec, gates={"slc": x[4][:, :5]}, outs={})
 
 
 def test_varlen_op_case_matches_reference(poison):
@@ -183,3 +194,43 @@ def test_varlen_op_case_matches_reference(poison):
     assert case.rel_error(case.run()) < 1e-4
     with pytest.raises(ValueError, match="B = 1"):
         make_case(OP_VARLEN, spec, 60, B=2, dtype=torch.float32)
+
+
+class _Pinned:
+    """A dispatcher: the kernels' heuristic defaults, selection_fwd's replaced by `slc`."""
+
+    def __init__(self, slc):
+        self.slc = slc
+
+    def get(self, stem, spec, T, B=1, device=None):
+        from nsa_gen.kernels import kernel_def
+        return self.slc if stem == "selection_fwd" else kernel_def(stem).default(spec, T)
+
+
+@pytest.mark.parametrize("G,slc,branches", [
+    (16, dict(SHARE=1), (0, 1, 2)), (16, dict(SHARE=2), (0, 1, 2)),
+    (16, dict(FORCED=64), (1,)), (4, dict(FORCED=64, TMA=1), (0, 1)), (4, dict(SHARE=4), (1, 2)),
+    (4, dict(BLOCK_Q=4), (0, 1, 2))])
+def test_nsa_inference_gates_in_the_selected_kernel(G, slc, branches, poison, monkeypatch):
+    """Without autograd, a group-centric selected kernel stores the gated sum itself: the
+    reference's numbers, with the gate pass never run (SHARE 1 and 2-4, FORCED, any subset of
+    branches with slc); a query-batched config (BLOCK_Q 4) falls back to the gate pass."""
+    from nsa_gen import api
+    from nsa_gen.config import Config
+    spec = SPECS[G]
+    B, T = 2, 61
+    q, k, v, gates, _ = inputs(spec, B, T, seed=20 + G)
+    q, k, v = (x.detach() for x in (q, k, v))
+    gates = [g.detach() if i in branches else None for i, g in enumerate(gates)]
+    cfg = Config.make(**{**dict(BLOCK_N=16, BLOCK_Q=0, TMA=0, SHARE=1, FORCED=0), **slc},
+                      num_warps=4, num_stages=1)
+    ref = naive.naive_nsa(spec, q, k, v, *gates)
+    runs = []
+    real_gate = api.GateFunction.apply
+    monkeypatch.setattr(api.GateFunction, "apply", lambda *a: runs.append(1) or real_gate(*a))
+    o = nsa(q, k, v, *gates, spec=spec, dispatcher=_Pinned(cfg))
+    assert rel(o, ref) < 1e-4
+    assert len(runs) == (1 if cfg["BLOCK_Q"] else 0)
+    # With return_aux (branch outputs wanted), the gate pass runs: the same numbers.
+    o_aux, aux = nsa(q, k, v, *gates, spec=spec, dispatcher=_Pinned(cfg), return_aux=True)
+    assert "o_slc" in aux and rel(o, o_aux) < 1e-5

@@ -9,7 +9,7 @@ from ..config import Config
 from ..kernels import (TOPN_INDEX_BITS, kernel_def, kernel_fn, kernel_module, next_pow2,
                        token_group_pad, topn_index_bits)
 from ..spec import NSASpec
-from .common import (check_grad_inputs, check_qkv, check_seqlens, check_tensor, launch_options,
+from .common import (check, check_grad_inputs, check_qkv, check_seqlens, check_tensor, launch_options,
                      dim_widths, fall_back, seq_end, seq_start, tile_args, tile_table,
                      tma_config)
 
@@ -17,8 +17,9 @@ from .common import (check_grad_inputs, check_qkv, check_seqlens, check_tensor, 
 def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
                   spec: NSASpec, config: Config | None = None,
                   cu_seqlens: torch.Tensor | None = None, *,
-                  canonical: bool = False,
-                  forced_listed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  canonical: bool = False, forced_listed: bool = False,
+                  gates: dict[str, torch.Tensor] | None = None,
+                  outs: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query over its selected key blocks.
 
     q [B, T, HQ, DK], k [B, T, H, DK], v [B, T, H, DV]; block_indices [B, T, H, S] int32,
@@ -28,14 +29,20 @@ def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indic
     block_indices are already as `visible_blocks` returns them (skips that pass).
     forced_listed: every token's list holds all of the spec's forced blocks it can see (the
     initial ones and the local ones up to its own), as `topn` writes them; a config with
-    FORCED > 0 needs this (without it, it runs as FORCED = 0, with a warning once). Returns
-    o [B, T, HQ, DV] (q's dtype) and lse [B, T, HQ] (fp32, natural log; -inf where no key
-    was visible).
+    FORCED > 0 needs this (without it, it runs as FORCED = 0, with a warning once).
+    gates, outs (group-centric configs only, `fuses_gate`): store NSA's gated sum instead of
+    this branch's output, o = sum over the branches b of gates[b][..., None] * o_b, as
+    gate_fwd computes it; gates holds "slc" and the other branches' gates [B, T, HQ], outs
+    those branches' outputs [B, T, HQ, DV] (q's dtype). Not differentiable: for inference.
+    Returns o [B, T, HQ, DV] (q's dtype) and lse [B, T, HQ] (fp32, natural log; -inf where
+    no key was visible).
     """
     B, T = check_qkv(spec, q, k, v)
     check_tensor("block_indices", block_indices, (B, T, spec.H, spec.S),
                  dtypes=(torch.int32,))
     config = config or kernel_def("selection_fwd").default(spec, T)
+    check(gates is None or fuses_gate(config),
+          "the gated sum needs a group-centric config (BLOCK_Q = 0)")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     starts = seq_start(cu_seqlens, B, T, q.device)
     if not canonical:
@@ -49,6 +56,10 @@ def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indic
         _selection_fwd_query(q, k, v, block_indices, spec, config, cu_seqlens, starts, o, lse)
         return o, lse
     config = kernel_def("selection_fwd").canonical(config)
+    gate_args = {}
+    if gates is not None:
+        gate_args = _gate_args(gates, outs or {}, spec, o)
+        config = config.replace(GATED=1)
     if config["FORCED"] and not forced_listed:
         config = fall_back("selection_fwd", config, "FORCED needs block lists that hold every "
                            "forced block (forced_listed=True, as topn's do)", FORCED=0)
@@ -64,8 +75,35 @@ def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indic
     # Group-centric: SHARE consecutive tokens a program (kernels._slc_fwd_space).
     mod.nsa_selection_fwd_kernel[(-(-T // config["SHARE"]), B * spec.H)](
         q, *kv, block_indices, o, lse, starts if starts is not None else q, T,
-        IS_VARLEN=starts is not None, **launch_options(config))
+        IS_VARLEN=starts is not None, **gate_args, **launch_options(config))
     return o, lse
+
+
+def fuses_gate(config: Config) -> bool:
+    """Whether selection_fwd with this config can store the gated sum (its gates/outs)."""
+    return config["BLOCK_Q"] == 0
+
+
+def _gate_args(gates: dict, outs: dict, spec: NSASpec, o: torch.Tensor) -> dict:
+    """The gated kernel's extra arguments by name: g_slc, o_cmp, g_cmp, o_swa, g_swa (o
+    standing in for an absent branch's, never read), and their HAS_ flags."""
+    check("slc" in gates, "the gated sum needs the selection branch's gate (gates['slc'])")
+    check(set(outs) == set(gates) - {"slc"}, "outs must hold the output of every gated branch "
+          "but slc")
+    shape = tuple(o.shape[:3])
+    args = {"g_slc": _gate_tensor("gates['slc']", gates["slc"], shape, o)}
+    for name in ("cmp", "swa"):
+        check(name not in gates or spec.has(name), f"the spec has no '{name}' branch")
+        has = name in gates
+        args[f"o_{name}"] = _gate_tensor(f"outs['{name}']", outs[name], shape + (spec.DV,), o) if has else o
+        args[f"g_{name}"] = _gate_tensor(f"gates['{name}']", gates[name], shape, o) if has else o
+        args[f"HAS_{name.upper()}"] = int(has)
+    return args
+
+
+def _gate_tensor(name: str, x: torch.Tensor, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    check_tensor(name, x, shape, like=like)
+    return x.contiguous()
 
 
 def _kv_args(k: torch.Tensor, v: torch.Tensor, spec: NSASpec, config: Config) -> list:
