@@ -95,11 +95,14 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor |
         aux.update(o_cmp=o_cmp, lse_cmp=lse_cmp, k_cmp=k_cmp, v_cmp=v_cmp)
         if g_cmp is not None:
             outs["cmp"] = o_cmp
-    if g_swa is not None:
-        o_swa = WindowFunction.apply(q, *pairs["swa"], spec, config("window_fwd"),
-                                     config("window_bwd"), cu_seqlens)
-        aux["o_swa"] = o_swa
-        outs["swa"] = o_swa
+
+    def window() -> None:
+        outs["swa"] = aux["o_swa"] = WindowFunction.apply(q, *pairs["swa"], spec, config("window_fwd"),
+                                                          config("window_bwd"), cu_seqlens)
+    # The fused selected kernel reads o_swa, so the window goes first; otherwise last, so
+    # that o_swa is not held while the query-batched selection keeps its partials.
+    if g_swa is not None and fused:
+        window()
     if g_slc is not None:
         # Block choice is discrete: no gradient flows through the indices (as in the paper).
         idx = topn(q.detach(), k_cmp.detach(), lse_cmp, spec, config("topn"), cu_seqlens=cu_seqlens)
@@ -113,6 +116,8 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor |
                                         config("selection_bwd"), cu_seqlens, True, True)
         aux["o_slc"] = o_slc
         outs["slc"] = o_slc
+    if g_swa is not None and not fused:
+        window()
     # One fused pass: reads each branch output and gate once, writes o once.
     names = tuple(b for b in ("cmp", "slc", "swa") if b in outs)
     o = GateFunction.apply(spec, config("gate_fwd"), names,
