@@ -61,6 +61,25 @@ def overlapping_indices(spec, B: int, T: int, g: torch.Generator) -> torch.Tenso
     return idx
 
 
+def packed_case(spec, seed: int):
+    """Three packed sequences (37, 5 and 50 tokens) with top-n-like lists of their own:
+    (q, k, v, block indices, cu_seqlens, naive_selection of each sequence, concatenated)."""
+    g = torch.Generator().manual_seed(seed)
+    cu = torch.tensor([0, 37, 42, 92], dtype=torch.int32)
+    T = int(cu[-1])
+    q = torch.randn(1, T, spec.HQ, spec.DK, generator=g)
+    k = torch.randn(1, T, spec.H, spec.DK, generator=g)
+    v = torch.randn(1, T, spec.H, spec.DV, generator=g)
+    parts, idxs = [], []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        n = b - a
+        sc = torch.rand(1, n, spec.H, -(-n // spec.BS), generator=g)
+        ix = naive.naive_topn(sc, spec.BS, spec.S, spec.initial_blocks, spec.local_blocks)
+        idxs.append(ix)
+        parts.append(naive.naive_selection(q[:, a:b], k[:, a:b], v[:, a:b], ix.long(), spec.BS))
+    return q, k, v, torch.cat(idxs, 1).to(torch.int32), cu, torch.cat(parts, 1)
+
+
 # The group-centric kernel and the query-batched one at its fewest (16 rows) and most tokens.
 VARIANTS = {"G1": [0, 16, 128], "G4": [0, 4, 32], "G16": [0, 1, 8]}
 
@@ -128,21 +147,7 @@ def test_selection_fwd_forced_varlen(poison):
     sequence's initial block is its own."""
     spec = make_spec("G4", selection={"block": 16, "top_n": 5, "initial_blocks": 1,
                                       "local_blocks": 2})
-    g = torch.Generator().manual_seed(12)
-    cu = torch.tensor([0, 37, 42, 92], dtype=torch.int32)
-    T = int(cu[-1])
-    q = torch.randn(1, T, spec.HQ, spec.DK, generator=g)
-    k = torch.randn(1, T, spec.H, spec.DK, generator=g)
-    v = torch.randn(1, T, spec.H, spec.DV, generator=g)
-    parts, idxs = [], []
-    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        n = b - a
-        sc = torch.rand(1, n, spec.H, -(-n // spec.BS), generator=g)
-        ix = naive.naive_topn(sc, spec.BS, spec.S, spec.initial_blocks, spec.local_blocks)
-        idxs.append(ix)
-        parts.append(naive.naive_selection(q[:, a:b], k[:, a:b], v[:, a:b], ix.long(), spec.BS))
-    idx = torch.cat(idxs, 1).to(torch.int32)
-    ref = torch.cat(parts, 1)
+    q, k, v, idx, cu, ref = packed_case(spec, seed=12)
     for tma in (0, 1):
         o, _ = selection_fwd(q, k, v, idx, spec, variant(spec, 0, tma=tma, forced=64),
                              cu_seqlens=cu, forced_listed=True)
@@ -262,24 +267,9 @@ def test_selection_fwd_lse_and_empty_rows(block_q, share, poison):
 @pytest.mark.parametrize("block_q,share", [(0, 1), (4, 1), (0, 4)])
 def test_selection_fwd_varlen(block_q, share, poison):
     spec = make_spec("G4")
-    g = torch.Generator().manual_seed(9)
-    lens = [37, 5, 50]
-    cu = torch.tensor([0, 37, 42, 92], dtype=torch.int32)
-    T = sum(lens)
-    q = torch.randn(1, T, spec.HQ, spec.DK, generator=g)
-    k = torch.randn(1, T, spec.H, spec.DK, generator=g)
-    v = torch.randn(1, T, spec.H, spec.DV, generator=g)
-    parts, idxs = [], []
-    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        n = b - a
-        sc = torch.rand(1, n, spec.H, -(-n // spec.BS), generator=g)
-        ix = naive.naive_topn(sc, spec.BS, spec.S, spec.initial_blocks, spec.local_blocks)
-        idxs.append(ix)
-        parts.append(naive.naive_selection(q[:, a:b], k[:, a:b], v[:, a:b], ix.long(), spec.BS))
-    idx = torch.cat(idxs, 1).to(torch.int32)
+    q, k, v, idx, cu, ref = packed_case(spec, seed=9)
     # SHARE 4: programs of tokens 36-39 and 40-43 cross into the next sequence.
     o, _ = selection_fwd(q, k, v, idx, spec, variant(spec, block_q, share=share), cu_seqlens=cu)
-    ref = torch.cat(parts, 1)
     assert (o - ref).norm() / ref.norm() < 1e-5
 
 
