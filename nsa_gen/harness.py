@@ -238,8 +238,8 @@ def varlen_offsets(T: int) -> list[int]:
 
 def _op_case(spec, B, T, dtype, device, gen, q, k, v, varlen: bool = False) -> Case:
     """nsa() end to end: output (with autograd, and without), and the gradients of q, k, v
-    and the gates, against autograd through naive_nsa. The configs come from the dispatcher (`run` ignores its argument).
-    varlen: the B = 1 row holds the packed sequences of `varlen_offsets(T)`."""
+    and the gates, against autograd through naive_nsa. The configs come from the dispatcher
+    (`run` ignores its argument). varlen: the B = 1 row holds the packed sequences of `varlen_offsets(T)`."""
     from .api import nsa
 
     cu = None
@@ -253,20 +253,23 @@ def _op_case(spec, B, T, dtype, device, gen, q, k, v, varlen: bool = False) -> C
     do = torch.randn(B, T, spec.HQ, spec.DV, generator=gen, device=device).to(dtype=dtype)
     inputs = [q, k, v] + [g for g in gates if g is not None]
 
-    def both(fn, cast):
+    def both(fn, cast, again: bool):
         leaves = [cast(x).detach().requires_grad_(True) for x in inputs]
         it = iter(leaves[3:])
         gl = [next(it) if g is not None else None for g in gates]
         out = fn(*leaves[:3], *gl)
-        # Also the output without autograd, where nsa() may gate inside the selected kernel.
-        with torch.no_grad():
-            infer = fn(*leaves[:3], *gl)
+        # Also the output without autograd, where nsa() may gate inside the selected kernel
+        # (again=False: the reference computes it the same way, so `out` serves).
+        infer = out.detach()
+        if again:
+            with torch.no_grad():
+                infer = fn(*leaves[:3], *gl)
         return (out.detach(), infer, *torch.autograd.grad(out, leaves, cast(do)))
 
     return Case(OP_VARLEN if varlen else OP, spec, B, T, dtype, device, dict(q=q, k=k, v=v),
-                lambda c: both(lambda *a: nsa(*a, spec=spec, cu_seqlens=cu), lambda x: x),
+                lambda c: both(lambda *a: nsa(*a, spec=spec, cu_seqlens=cu), lambda x: x, True),
                 lambda: both(lambda *a: naive.naive_nsa(spec, *a, cu_seqlens=cu),
-                             lambda x: x.float()),
+                             lambda x: x.float(), False),
                 worst_error)
 
 

@@ -175,8 +175,12 @@ def test_bad_calls():
     x = [t.detach() for t in (q, k, v, *gates)]
     with pytest.raises(ValueError, match="group-centric"):
         selection_fwd(*x[:3], idx, spec, batched, gates={"slc": x[4]}, outs={})
-    with pytest.raises(ValueError, match="every gated branch"):
+    with pytest.raises(ValueError, match="branch 'cmp' has a gate but no output"):
         selection_fwd(*x[:3], idx, spec, gates={"slc": x[4], "cmp": x[3]}, outs={})
+    with pytest.raises(ValueError, match="has an output but no gate \\(gates\\['slc'\\]"):
+        selection_fwd(*x[:3], idx, spec, gates={"cmp": x[3]}, outs={"cmp": x[0][..., :spec.DV]})
+    with pytest.raises(ValueError, match="this kernel computes o_slc"):
+        selection_fwd(*x[:3], idx, spec, gates={"slc": x[4]}, outs={"slc": x[0][..., :spec.DV]})
     with pytest.raises(ValueError, match="gates\\['slc'\\] has shape"):
         selection_fwd(*x[:3], idx, spec, gates={"slc": x[4][:, :5]}, outs={})
 

@@ -14,7 +14,7 @@ from .common import check, check_tensor, launch_options
 _DOT_CHUNK_ELEMS = 1 << 24
 
 
-def _check_branches(outs: dict, gates: dict, spec: NSASpec) -> tuple[str, ...]:
+def check_branches(outs: dict, gates: dict, spec: NSASpec) -> tuple[str, ...]:
     """The branches in `outs`, in canonical order; each needs a gate, and only the spec's."""
     check(isinstance(outs, dict) and isinstance(gates, dict),
           "outs and gates must be dicts keyed by branch name (cmp, slc, swa)")
@@ -40,7 +40,7 @@ def gate_fwd(outs: dict[str, torch.Tensor], gates: dict[str, torch.Tensor], spec
     contiguous [B, T, HQ, DV] of that dtype to write into. Returns o [B, T, HQ, DV] in the
     outputs' dtype.
     """
-    names = _check_branches(outs, gates, spec)
+    names = check_branches(outs, gates, spec)
     first = outs[names[0]]
     check_tensor(f"outs['{names[0]}']", first, (None, None, spec.HQ, spec.DV))
     B, T = first.shape[:2]

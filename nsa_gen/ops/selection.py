@@ -12,6 +12,7 @@ from ..spec import NSASpec
 from .common import (check, check_grad_inputs, check_qkv, check_seqlens, check_tensor, launch_options,
                      dim_widths, fall_back, seq_end, seq_start, tile_args, tile_table,
                      tma_config)
+from .gate import check_branches
 
 
 def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
@@ -70,6 +71,7 @@ def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indic
         # state this leaves in o and lse.
         tiles = tile_table(cu_seqlens, B, T, config["FORCED"] // token_group_pad(spec),
                            spec.l, spec.d, q.device)
+        # 4 warps: the best of 2, 4 and 8 for both G = 16 specs at 64k (H200, RESULTS run 26).
         mod.nsa_selection_fwd_forced_kernel[(tiles.shape[0], spec.H)](
             q, *kv, o, lse, tiles, num_warps=4, num_stages=config.num_stages)
     # Group-centric: SHARE consecutive tokens a program (kernels._slc_fwd_space).
@@ -87,13 +89,13 @@ def fuses_gate(config: Config) -> bool:
 def _gate_args(gates: dict, outs: dict, spec: NSASpec, o: torch.Tensor) -> dict:
     """The gated kernel's extra arguments by name: g_slc, o_cmp, g_cmp, o_swa, g_swa (o
     standing in for an absent branch's, never read), and their HAS_ flags."""
-    check("slc" in gates, "the gated sum needs the selection branch's gate (gates['slc'])")
-    check(set(outs) == set(gates) - {"slc"}, "outs must hold the output of every gated branch "
-          "but slc")
+    check(isinstance(outs, dict) and "slc" not in outs,
+          "outs holds the other branches' outputs: this kernel computes o_slc")
+    # The gated sum's own rules (gate_fwd's): the spec's branches, a gate for each output.
+    check_branches({**outs, "slc": o}, gates, spec)
     shape = tuple(o.shape[:3])
     args = {"g_slc": _gate_tensor("gates['slc']", gates["slc"], shape, o)}
     for name in ("cmp", "swa"):
-        check(name not in gates or spec.has(name), f"the spec has no '{name}' branch")
         has = name in gates
         args[f"o_{name}"] = _gate_tensor(f"outs['{name}']", outs[name], shape + (spec.DV,), o) if has else o
         args[f"g_{name}"] = _gate_tensor(f"gates['{name}']", gates[name], shape, o) if has else o
