@@ -12,8 +12,6 @@
 #             before; RESUME=DIR for the first; lists comma-separated);
 #   FORCED="SPEC:P=V[,P=V] ..."  benchmarks/forced_probe.py at 64k: selection_fwd's FORCED
 #             variant, its forced pass and group-centric kernel timed apart;
-#   STATE="SPEC[:P=V,...] ..."  benchmarks/forced_state_probe.py at each of STATE_SEQLENS
-#             (default 65536): the forced state computed by top-n, against the dispatched path;
 #   OVERLAP="SPEC:STEM+STEM ..."  benchmarks/overlap_probe.py at 64k: kernels on two streams;
 #   NCU="SPEC:STEM ..."  benchmarks/ncu_probe.py under Nsight Compute: one launch's counters
 #             (NCU_SECTIONS), each report in $OUT/ncu_SPEC_STEM.txt;
@@ -47,12 +45,6 @@ fi
 if [ -n "$FORCED" ]; then
   timeout ${FORCED_S:-200} python3 benchmarks/forced_probe.py --out "$OUT" $FORCED 2>&1 | quiet | cut -c1-900
   echo "forced probe done after ${SECONDS}s"
-fi
-if [ -n "$STATE" ]; then
-  for t in ${STATE_SEQLENS:-65536}; do
-    timeout ${STATE_S:-200} python3 benchmarks/forced_state_probe.py --seqlen $t --out "$OUT/state_$t" $STATE 2>&1 | quiet | cut -c1-1200
-  done
-  echo "state probe done after ${SECONDS}s"
 fi
 if [ -n "$OVERLAP" ]; then
   timeout ${OVERLAP_S:-200} python3 benchmarks/overlap_probe.py --out "$OUT" $OVERLAP 2>&1 | quiet | cut -c1-500

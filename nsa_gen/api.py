@@ -10,8 +10,7 @@ from .db.dispatch import default_dispatcher
 from .ops.common import check, check_tensor
 from .ops.compression import CompressionFunction, compress_mean
 from .ops.gate import GateFunction
-from .ops.selection import (SelectionFunction, fuses_gate, selection_fwd, takes_forced_state, topn,
-                            topn_forced)
+from .ops.selection import SelectionFunction, fuses_gate, selection_fwd, topn
 from .ops.window import WindowFunction
 from .spec import NSASpec, load_spec
 
@@ -106,22 +105,15 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor |
         window()
     if g_slc is not None:
         # Block choice is discrete: no gradient flows through the indices (as in the paper).
-        slc_config, state = config("selection_fwd"), None
-        if forced_in_topn(spec, slc_config):
-            # Top-n's kernel computes each token's forced blocks' attention on the query tile
-            # it holds; the selected kernel starts from that state and loops over the rest.
-            idx, state = topn_forced(q.detach(), *(t.detach() for t in pairs["slc"]), k_cmp.detach(),
-                                     lse_cmp, spec, config("topn"), cu_seqlens=cu_seqlens)
-        else:
-            idx = topn(q.detach(), k_cmp.detach(), lse_cmp, spec, config("topn"), cu_seqlens=cu_seqlens)
+        idx = topn(q.detach(), k_cmp.detach(), lse_cmp, spec, config("topn"), cu_seqlens=cu_seqlens)
         aux["indices"] = idx
         if fused:
             # topn's lists are canonical and hold every forced block.
-            return selection_fwd(q, *pairs["slc"], idx, spec, slc_config, cu_seqlens,
-                                 canonical=True, forced_listed=True, forced_state=state,
+            return selection_fwd(q, *pairs["slc"], idx, spec, config("selection_fwd"), cu_seqlens,
+                                 canonical=True, forced_listed=True,
                                  gates={b: gates[b] for b in (*outs, "slc")}, outs=outs)[0]
-        o_slc = SelectionFunction.apply(q, *pairs["slc"], idx, spec, slc_config,
-                                        config("selection_bwd"), cu_seqlens, True, True, state)
+        o_slc = SelectionFunction.apply(q, *pairs["slc"], idx, spec, config("selection_fwd"),
+                                        config("selection_bwd"), cu_seqlens, True, True)
         aux["o_slc"] = o_slc
         outs["slc"] = o_slc
     if g_swa is not None and not fused:
@@ -132,12 +124,6 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor |
                            *(t for b in names for t in (outs[b], gates[b])))
     o = o.to(q.dtype)
     return (o, aux) if return_aux else o
-
-
-def forced_in_topn(spec: NSASpec, slc_config: Config) -> bool:
-    """Whether nsa() has top-n compute the forced blocks' attention state (`topn_forced`) for
-    the selected kernel to start from: wherever that kernel can (`takes_forced_state`). """
-    return takes_forced_state(spec, slc_config)
 
 
 class NativeSparseAttention(torch.nn.Module):

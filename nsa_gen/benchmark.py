@@ -90,7 +90,7 @@ def bench_spec(spec: NSASpec, seqlens: list[int], *, dtype=torch.bfloat16, backw
     from . import api
     from .ops.compression import compress_mean, compression_fwd
     from .ops.gate import gate_fwd
-    from .ops.selection import selection_fwd, topn, topn_forced
+    from .ops.selection import selection_fwd, topn
     from .ops.window import window_fwd
 
     dev = device
@@ -130,17 +130,10 @@ def bench_spec(spec: NSASpec, seqlens: list[int], *, dtype=torch.bfloat16, backw
         outs = {"cmp": o_cmp} if spec.has("cmp") else {}
         idx = None
         if spec.has("slc"):
-            # As nsa() runs them: topn's lists are canonical and hold every forced block; where
-            # top-n computes the forced state, its column times that and `slc` the rest.
+            idx = topn(q, k_cmp, lse, spec, cfg("topn"))
+            row["topn"] = _bench(lambda: topn(q, k_cmp, lse, spec, cfg("topn")))
+            # As nsa() runs it: topn's lists are canonical and hold every forced block.
             slc = dict(canonical=True, forced_listed=True)
-            if api.forced_in_topn(spec, cfg("selection_fwd")):
-                row["forced_in_topn"] = True
-                idx, state = topn_forced(q, k, v, k_cmp, lse, spec, cfg("topn"))
-                row["topn"] = _bench(lambda: topn_forced(q, k, v, k_cmp, lse, spec, cfg("topn")))
-                slc["forced_state"] = state  # overwritten by each run: the same work
-            else:
-                idx = topn(q, k_cmp, lse, spec, cfg("topn"))
-                row["topn"] = _bench(lambda: topn(q, k_cmp, lse, spec, cfg("topn")))
             outs["slc"] = selection_fwd(q, k, v, idx, spec, cfg("selection_fwd"), **slc)[0]
             row["selection_fwd"] = _bench(lambda: selection_fwd(q, k, v, idx, spec,
                                                                 cfg("selection_fwd"), **slc))

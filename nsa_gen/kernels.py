@@ -121,12 +121,6 @@ def has_forced_blocks(spec: NSASpec) -> bool:
     return spec.initial_blocks + spec.local_blocks > 0
 
 
-def forced_block_n(spec: NSASpec) -> int:
-    """Key rows of a forced-state tile that topn computes (FORCED_STATE): 64, as the selected
-    kernels' tuned BLOCK_N, or the whole selection block when it is smaller."""
-    return min(64, spec.BS)
-
-
 def _slc_fwd_space(spec: NSASpec) -> dict[str, list]:
     """BLOCK_Q: 0 is the group-centric kernel (one token a program); n > 0 the query-batched
     one (one selected block and n of the tokens that chose it a program), with 16 to 128
@@ -222,10 +216,7 @@ def _topn_context(spec: NSASpec, cfg: Config) -> dict:
                 M_CHUNKS=spec.l // spec.d, INITIAL=spec.initial_blocks, LOCAL=spec.local_blocks,
                 BLOCK_T=cfg["BLOCK_T"], BJ=cfg["BJ"], SCALE_LOG2=c["SCALE_LOG2"],
                 MERGE=cfg["MERGE"], MERGE_STEPS=_half_cleaners(cfg["BJ"]), TMA=cfg["TMA"],
-                INSERT=cfg["INSERT"], KEY=cfg["KEY"], IMP=cfg["IMP"], **KEY32_BOUNDS,
-                # Not a tuning param: topn_forced sets it to also store the forced state.
-                FORCED_STATE=cfg.get("FORCED_STATE", 0), DV=spec.DV, BV=next_pow2(spec.DV),
-                BLOCK_N=forced_block_n(spec))
+                INSERT=cfg["INSERT"], KEY=cfg["KEY"], IMP=cfg["IMP"], **KEY32_BOUNDS)
 
 
 # 32-bit top-n keys (KEY = 32): a chunk's non-candidate keys are -1 - j >= -2^TOPN_INDEX_BITS;

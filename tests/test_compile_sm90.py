@@ -31,14 +31,11 @@ def topn_configs(spec):
              for m, i, k in itertools.product(space["MERGE"], space["INSERT"], space["KEY"])]
             + [base.replace(TMA=1, KEY=k) for k in space["KEY"]]
             + [base.replace(IMP="sum", MERGE=m, KEY=k)
-               for m, k in itertools.product(space["MERGE"], space["KEY"])]
-            # topn_forced: the forced state after the lists, pointer and TMA loads.
-            + [base.replace(TMA=t, FORCED_STATE=1) for t in space["TMA"]])
+               for m, k in itertools.product(space["MERGE"], space["KEY"])])
 
 
 def topn_signature(spec, config) -> dict:
     """Argument types of nsa_topn_kernel as its launcher passes them (bf16 inputs)."""
-    from nsa_gen.kernels import forced_block_n
     sig = {"q": "*bf16", "lse": "*fp32", "block_idx": "*i32", "tiles": "*i32", "key_mask": "i32"}
     if config["TMA"]:
         from nsa_gen.ops.common import dim_widths
@@ -47,20 +44,6 @@ def topn_signature(spec, config) -> dict:
                     for i, w in enumerate(dim_widths(spec.DK))})
     else:
         sig["k_cmp"] = "*bf16"
-    if config.get("FORCED_STATE", 0):
-        sig.update(kv_signature(spec, config, forced_block_n(spec)), o_slc="*bf16", lse_slc="*fp32")
-    return sig
-
-
-def kv_signature(spec, config, rows: int) -> dict:
-    """Types of a kernel's raw K/V arguments: pointers, or with TMA descriptors with `rows`-row
-    boxes (one per DK piece, one for V)."""
-    from nsa_gen.kernels import next_pow2
-    from nsa_gen.ops.common import dim_widths
-    if not config["TMA"]:
-        return {"k": "*bf16", "v": "*bf16"}
-    sig = {f"k{i}": f"tensordesc<bf16[{rows}, {w}]>" for i, w in enumerate(dim_widths(spec.DK))}
-    sig["v"] = f"tensordesc<bf16[{rows}, {next_pow2(spec.DV)}]>"
     return sig
 
 
@@ -68,15 +51,21 @@ def share_configs(spec):
     """The group-centric selected forward with SHARE 2 and 4, pointer and TMA loads."""
     from nsa_gen.kernels import kernel_def
     base = kernel_def("selection_fwd").default(spec, 65536).replace(BLOCK_Q=0)
-    # FORCED 64: the one-token kernel that starts from the forced state.
-    return [base.replace(SHARE=n, TMA=t) for n in (2, 4) for t in (0, 1)] + [base.replace(FORCED=64, TMA=1)]
+    return [base.replace(SHARE=n, TMA=t) for n in (2, 4) for t in (0, 1)]
 
 
 def share_signature(spec, config) -> tuple[dict, dict]:
     """Argument types and constexprs of the group-centric nsa_selection_fwd_kernel."""
+    from nsa_gen.kernels import next_pow2
+    from nsa_gen.ops.common import dim_widths
     sig = {"q": "*bf16", "block_idx": "*i32", "o": "*bf16", "lse": "*fp32", "seq_start": "*i32",
            "T": "i32"}
-    sig.update(kv_signature(spec, config, config["BLOCK_N"]))
+    bn = config["BLOCK_N"]
+    if config["TMA"]:
+        sig.update({f"k{i}": f"tensordesc<bf16[{bn}, {w}]>" for i, w in enumerate(dim_widths(spec.DK))})
+        sig["v"] = f"tensordesc<bf16[{bn}, {next_pow2(spec.DV)}]>"
+    else:
+        sig.update(k="*bf16", v="*bf16")
     return sig, {"IS_VARLEN": True}
 
 

@@ -2,14 +2,13 @@
 import pytest
 import torch
 
-from conftest import rel_err, shrink
+from conftest import shrink
 from nsa_gen import naive
 from nsa_gen.config import Config
 from nsa_gen.harness import make_case
 from nsa_gen.kernels import kernel_def
 from nsa_gen.ops.common import seq_start
-from nsa_gen.ops.selection import (selection_bwd, selection_fwd, takes_forced_state, topn, topn_forced,
-                                   visible_blocks)
+from nsa_gen.ops.selection import selection_bwd, selection_fwd, topn, visible_blocks
 
 # G in {1, 4, 16}, DK != DV, ragged T (not a multiple of l, d or l').
 SPECS = {
@@ -426,83 +425,6 @@ def test_tma_falls_back_on_misaligned_inputs(poison, monkeypatch, caplog):
             assert torch.equal(topn(q, shifted, lse, spec, base.replace(TMA=1)), want)
     warnings = [r.getMessage() for r in caplog.records if "TMA=0" in r.getMessage()]
     assert len(warnings) == 1 and "16-byte aligned" in warnings[0], caplog.text
-
-
-def forced_lists(spec, B: int, T: int, starts=None) -> torch.Tensor:
-    """Each token's forced blocks alone ([B, T, H, S] int32, -1 padded): the initial ones and
-    the local ones up to its own block, each once."""
-    pos = torch.arange(T) - (starts if starts is not None else 0)
-    idx = torch.full((B, T, spec.H, spec.S), -1, dtype=torch.int32)
-    for t in range(T):
-        blk = int(pos[t]) // spec.BS
-        own = sorted(set(range(min(spec.initial_blocks, blk + 1)))
-                     | set(range(max(0, blk - spec.local_blocks + 1), blk + 1)))
-        idx[:, t, :, : len(own)] = torch.tensor(own, dtype=torch.int32)
-    return idx
-
-
-def forced_lse2(q, k, spec, lists) -> torch.Tensor:
-    """log2 of the softmax denominator over each token's listed keys up to itself (the forced
-    state's lse, [B, T, HQ]); -inf where none."""
-    B, T = q.shape[:2]
-    t = torch.arange(T)
-    in_list = torch.zeros(B, T, spec.H, T, dtype=torch.bool)
-    for b in range(B):
-        for h in range(spec.H):
-            for i in range(T):
-                for j in lists[b, i, h].tolist():
-                    if j >= 0:
-                        in_list[b, i, h, j * spec.BS:(j + 1) * spec.BS] = True
-    mask = in_list & (t[None, :] <= t[:, None])[None, :, None, :]
-    logits = torch.einsum("bthd,bnhd->bthn", q.float(), k.float().repeat_interleave(spec.G, 2))
-    logits = logits * spec.softmax_scale
-    logits = logits.masked_fill(~mask.repeat_interleave(spec.G, 2), float("-inf"))
-    return torch.logsumexp(logits, -1) / torch.log(torch.tensor(2.0))
-
-
-def topn_inputs(spec, B: int, T: int, dtype, seed: int):
-    case = make_case("topn", spec, T, B=B, dtype=dtype, seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    k = torch.randn(B, T, spec.H, spec.DK, generator=g).to(dtype)
-    v = torch.randn(B, T, spec.H, spec.DV, generator=g).to(dtype)
-    return case.inputs["q"], k, v, case.inputs["k_cmp"], case.inputs["lse"]
-
-
-@pytest.mark.parametrize("key,tma,dtype,forced", [
-    ("G16", 0, torch.float32, (1, 2)), ("G16", 1, torch.float32, (2, 1)),
-    ("G4", 1, torch.float32, (0, 2)), ("G4", 0, torch.float16, (1, 2)),
-    ("G1", 0, torch.float16, (1, 0)), ("G1", 1, torch.float32, (1, 2)),
-    ("fla", 1, torch.float16, (1, 2)), ("fla", 0, torch.float32, (2, 1))])
-def test_topn_forced(key, tma, dtype, forced, poison):
-    """topn_forced: the same lists as topn, and each token's attention over its forced blocks
-    (o and the log2 lse against the reference), which selection_fwd then starts from: the
-    reference's numbers over the whole lists. Two sequences of the batch, T = 77 (5 selection
-    blocks of 16), tiles of 64 rows crossing selection blocks at G = 1."""
-    init, local = forced
-    spec = make_spec(key, selection={"block": 16, "top_n": 5, "initial_blocks": init,
-                                     "local_blocks": local})
-    B, T = 2, 77
-    q, k, v, k_cmp, lse_cmp = topn_inputs(spec, B, T, dtype, seed=50 + init + 3 * local)
-    cfg = kernel_def("topn").default(spec, T).replace(TMA=tma)
-    idx, (o_f, lse_f) = topn_forced(q, k, v, k_cmp, lse_cmp, spec, cfg)
-    assert torch.equal(idx, topn(q, k_cmp, lse_cmp, spec, cfg))
-    lists = forced_lists(spec, B, T)
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
-    ref = naive.naive_selection(q.float(), k.float(), v.float(), lists.long(), spec.BS, spec.softmax_scale)
-    assert not o_f.isnan().any() and not lse_f.isnan().any(), "unwritten (NaN-poisoned) state"
-    assert rel_err(o_f.float(), ref) < (tol if dtype == torch.float32 else 2e-2)
-    want = forced_lse2(q, k, spec, lists)
-    assert torch.equal(torch.isinf(lse_f), torch.isinf(want))
-    fin = torch.isfinite(want)
-    assert (lse_f[fin] - want[fin]).abs().max() < tol * 100
-    slc = variant(spec, 0, tma=tma)
-    assert takes_forced_state(spec, slc)
-    o, lse = selection_fwd(q, k, v, idx, spec, slc, forced_listed=True, forced_state=(o_f, lse_f))
-    assert o is o_f
-    full = naive.naive_selection(q.float(), k.float(), v.float(), idx.long(), spec.BS, spec.softmax_scale)
-    assert rel_err(o.float(), full) < (1e-5 if dtype == torch.float32 else 2e-2)
-    ref_o, ref_lse = selection_fwd(q, k, v, idx, spec, slc, forced_listed=True)
-    assert (lse - ref_lse).abs().max() < 1e-3
 
 
 def test_topn_varlen(poison):

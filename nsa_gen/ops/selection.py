@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import torch
 
 from ..config import Config
-from ..kernels import (TOPN_INDEX_BITS, forced_block_n, has_forced_blocks, kernel_def,
-                       kernel_fn, kernel_module, next_pow2, token_group_pad, topn_index_bits)
+from ..kernels import (TOPN_INDEX_BITS, kernel_def, kernel_fn, kernel_module, next_pow2,
+                       token_group_pad, topn_index_bits)
 from ..spec import NSASpec
 from .common import (check, check_grad_inputs, check_qkv, check_seqlens, check_tensor, launch_options,
                      dim_widths, fall_back, seq_end, seq_start, tile_args, tile_table,
@@ -20,9 +20,7 @@ def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indic
                   cu_seqlens: torch.Tensor | None = None, *,
                   canonical: bool = False, forced_listed: bool = False,
                   gates: dict[str, torch.Tensor] | None = None,
-                  outs: dict[str, torch.Tensor] | None = None,
-                  forced_state: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  outs: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query over its selected key blocks.
 
     q [B, T, HQ, DK], k [B, T, H, DK], v [B, T, H, DV]; block_indices [B, T, H, S] int32,
@@ -37,10 +35,6 @@ def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indic
     this branch's output, o = sum over the branches b of gates[b][..., None] * o_b, as
     gate_fwd computes it; gates holds "slc" and the other branches' gates [B, T, HQ], outs
     those branches' outputs [B, T, HQ, DV] (q's dtype). Not differentiable: for inference.
-    forced_state: (o, lse) as `topn_forced` returns them, each token's attention over its
-    forced blocks; the kernel starts from it and its forced pass does not run (configs that
-    `takes_forced_state`, with forced_listed=True). The returned o and lse are these tensors,
-    overwritten.
     Returns o [B, T, HQ, DV] (q's dtype) and lse [B, T, HQ] (fp32, natural log; -inf where
     no key was visible).
     """
@@ -54,20 +48,8 @@ def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indic
     starts = seq_start(cu_seqlens, B, T, q.device)
     if not canonical:
         block_indices = visible_blocks(block_indices, spec, starts)
-    if forced_state is not None:
-        check(takes_forced_state(spec, config), "forced_state needs a spec with forced blocks "
-              "and a one-token group-centric config (BLOCK_Q = 0, SHARE = 1)")
-        check(forced_listed, "forced_state needs lists that hold every forced block "
-              "(forced_listed=True, as topn's do)")
-        o, lse = forced_state
-        check_tensor("forced_state o", o, (B, T, spec.HQ, spec.DV), like=q)
-        check_tensor("forced_state lse", lse, (B, T, spec.HQ), dtypes=(torch.float32,))
-        check(o.is_contiguous() and lse.is_contiguous(), "forced_state must be contiguous")
-        # The main kernel of any FORCED value reads the state; its own pass is not launched.
-        config = config.replace(FORCED=config["FORCED"] or _forced_rows(spec)[0])
-    else:
-        o = torch.empty(B, T, spec.HQ, spec.DV, device=q.device, dtype=q.dtype)
-        lse = torch.empty(B, T, spec.HQ, device=q.device, dtype=torch.float32)
+    o = torch.empty(B, T, spec.HQ, spec.DV, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, T, spec.HQ, device=q.device, dtype=torch.float32)
     if B * T == 0:
         return o, lse
     config = tma_config("selection_fwd", config, k, v)
@@ -84,7 +66,7 @@ def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indic
                            "forced block (forced_listed=True, as topn's do)", FORCED=0)
     mod = kernel_module("selection_fwd", spec, config)
     kv = _kv_args(k, v, spec, config)
-    if config["FORCED"] and forced_state is None:
+    if config["FORCED"]:
         # The forced blocks first, a token tile a program; the kernel below starts from the
         # state this leaves in o and lse.
         tiles = tile_table(cu_seqlens, B, T, config["FORCED"] // token_group_pad(spec),
@@ -97,17 +79,6 @@ def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indic
         q, *kv, block_indices, o, lse, starts if starts is not None else q, T,
         IS_VARLEN=starts is not None, **gate_args, **launch_options(config))
     return o, lse
-
-
-def _forced_rows(spec: NSASpec) -> list[int]:
-    return [r for r in kernel_def("selection_fwd").space(spec)["FORCED"] if r]
-
-
-def takes_forced_state(spec: NSASpec, config: Config) -> bool:
-    """Whether selection_fwd with this config can start from `topn_forced`'s state: the
-    one-token group-centric kernel (BLOCK_Q = 0, SHARE = 1; the others do not read FORCED)
-    and a spec with forced blocks."""
-    return config["BLOCK_Q"] == 0 and config["SHARE"] == 1 and bool(_forced_rows(spec))
 
 
 def fuses_gate(config: Config) -> bool:
@@ -270,27 +241,6 @@ def topn(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, spec: NSAS
     [B, T, H, S]: the forced initial and local blocks plus the best-scoring others
     (overlap-weighted importance summed over the group), ascending, -1 slots last.
     """
-    return _topn(q, k_cmp, lse_cmp, spec, config, cu_seqlens, None)[0]
-
-
-def topn_forced(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.Tensor,
-                lse_cmp: torch.Tensor, spec: NSASpec, config: Config | None = None,
-                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple]:
-    """`topn`, whose kernel also computes each token's attention over its forced blocks
-    (the initial ones and its local ones, up to itself) on the query tile it holds: the
-    state selection_fwd's forced pass would leave, for `selection_fwd(forced_state=...)`.
-
-    k [B, T, H, DK], v [B, T, H, DV]: the selected branch's keys and values; the rest as
-    `topn`. Returns (block indices as `topn` returns them, (o [B, T, HQ, DV] in q's dtype,
-    normalised over the forced keys, lse [B, T, HQ] fp32 in log2 units, -inf where a token
-    sees no forced key)).
-    """
-    check(has_forced_blocks(spec), "the spec has no forced blocks (initial or local)")
-    check_qkv(spec, q, k, v)
-    return _topn(q, k_cmp, lse_cmp, spec, config, cu_seqlens, (k, v))
-
-
-def _topn(q, k_cmp, lse_cmp, spec, config, cu_seqlens, kv):
     check_tensor("q", q, (None, None, spec.HQ, spec.DK))
     B, T = q.shape[:2]
     check_tensor("k_cmp", k_cmp, (B, None, spec.H, spec.DK), like=q)
@@ -299,15 +249,10 @@ def _topn(q, k_cmp, lse_cmp, spec, config, cu_seqlens, kv):
     check_seqlens(cu_seqlens, B, T, q.device)
     q, k_cmp, lse_cmp = q.contiguous(), k_cmp.contiguous(), lse_cmp.contiguous()
     idx = torch.empty(B, T, spec.H, spec.S, device=q.device, dtype=torch.int32)
-    state = None
-    if kv is not None:
-        kv = [x.contiguous() for x in kv]
-        state = (torch.empty(B, T, spec.HQ, spec.DV, device=q.device, dtype=q.dtype),
-                 torch.empty(B, T, spec.HQ, device=q.device, dtype=torch.float32))
     if B * T == 0:
-        return idx, state
+        return idx
     tiles = tile_table(cu_seqlens, B, T, config["BLOCK_T"], spec.l, spec.d, q.device)
-    config = tma_config("topn", config, k_cmp, *(kv or []))
+    config = tma_config("topn", config, k_cmp)
     key_args = []
     if config["KEY"] == 32:
         # T bounds every packed sequence's length: no host sync for the longest one.
@@ -320,15 +265,10 @@ def _topn(q, k_cmp, lse_cmp, spec, config, cu_seqlens, kv):
                 f"{T} tokens: {bits} bits", KEY=64)
         else:
             key_args = [(1 << bits) - 1]
-    state_args = []
-    if kv is not None:
-        config = config.replace(FORCED_STATE=1)
-        state_args = [*tile_args(config, forced_block_n(spec), (kv[0], dim_widths(spec.DK)),
-                                 (kv[1], [next_pow2(spec.DV)])), *state]
     fn = kernel_fn("topn", spec, config)
     fn[(tiles.shape[0], spec.H)](q, *_cmp_key_args(k_cmp, spec, config), lse_cmp, idx, tiles,
-                                 *key_args, *state_args, **launch_options(config))
-    return idx, state
+                                 *key_args, **launch_options(config))
+    return idx
 
 
 def _cmp_key_args(k_cmp: torch.Tensor, spec: NSASpec, config: Config) -> list:
@@ -429,15 +369,14 @@ class SelectionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, block_indices, spec, fwd_config, bwd_config, cu_seqlens,
-                canonical=False, forced_listed=False, forced_state=None):
+                canonical=False, forced_listed=False):
         # Made canonical once, for both passes; `topn`'s output already is (canonical=True,
-        # forced_listed=True). forced_state: `topn_forced`'s, see selection_fwd.
+        # forced_listed=True).
         if not canonical:
             starts = seq_start(cu_seqlens, q.shape[0], q.shape[1], q.device)
             block_indices = visible_blocks(block_indices, spec, starts)
         o, lse = selection_fwd(q, k, v, block_indices, spec, fwd_config, cu_seqlens,
-                               canonical=True, forced_listed=forced_listed,
-                               forced_state=forced_state)
+                               canonical=True, forced_listed=forced_listed)
         ctx.save_for_backward(q, k, v, o, lse, block_indices, cu_seqlens)
         ctx.spec, ctx.bwd_config = spec, bwd_config
         return o
@@ -447,4 +386,4 @@ class SelectionFunction(torch.autograd.Function):
         q, k, v, o, lse, block_indices, cu_seqlens = ctx.saved_tensors
         dq, dk, dv = selection_bwd(q, k, v, o, lse, do, block_indices, ctx.spec, ctx.bwd_config,
                                    cu_seqlens, canonical=True)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
