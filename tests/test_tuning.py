@@ -218,6 +218,37 @@ def test_existing_entry_of_the_shape_is_seeded(spec, tmp_path):
     assert r.entry.config == shipped
 
 
+@pytest.mark.parametrize("slower,kept", [(1.005, True), (1.02, False)])
+def test_entry_is_replaced_only_beyond_the_noise_margin(spec, tmp_path, slower, kept):
+    """A study keeps the shape's entry unless a config beats it by more than REPLACE_MARGIN
+    (1%) in the same study; the runner-up margin is then the best one's, relative."""
+    from nsa_gen.tuning import tuner as tuner_mod
+    best = min(search_space(STEM, spec).configs(), key=cost)
+    held = cfg(32, 8, 2)  # cost 1.3
+    db = TuningDB(tmp_path / "db")
+    key = TuneKey.make(H200, STEM, spec, 4096)
+    db.put(key, Entry(held, 1.0, None, 1, "2026-01-01"))
+
+    orig = globals()["cost"]
+
+    def scaled(c):  # the entry `slower` times the best's cost, the rest as cost() has them
+        return slower if c == held else orig(c)
+    runner = FakeRunner()
+    globals()["cost"] = scaled
+    try:
+        r = make_tuner(spec, tmp_path, runner).tune(STEM, 4096, n_trials=12)
+    finally:
+        globals()["cost"] = orig
+    assert best in runner.calls and held in runner.calls and r.failed == 0
+    assert tuner_mod.REPLACE_MARGIN == 0.01
+    if kept:
+        assert r.entry.config == held and r.entry.ms == pytest.approx(slower)
+        assert r.entry.margin == pytest.approx(1.0 / slower - 1)  # the best, 0.5% below
+    else:
+        assert r.entry.config == best and r.entry.ms == pytest.approx(1.0)
+    assert db.get(key) == r.entry
+
+
 def test_structural_variants_of_the_default_are_seeded(spec, tmp_path, monkeypatch):
     # Each other value of a structural param, on the default's tiles, comes right after the
     # neighbours' winners: a 4-trial study at 128k had never tried the unsplit dk/dv pass.
