@@ -202,6 +202,17 @@ def _slc_bwd_smem(spec: NSASpec, cfg: Config) -> int:
 
 # ----------------------------------------------------------------------------- topn
 
+def topn_r(spec: NSASpec) -> int:
+    """R = l' / d: the compressed blocks that start inside one selection block (the spec
+    validates that d divides l')."""
+    return spec.BS // spec.d
+
+
+def topn_bc(spec: NSASpec, cfg: Config) -> int:
+    """BC: the compressed blocks one top-n chunk scores (BJ selection blocks of R each)."""
+    return cfg["BJ"] * topn_r(spec)
+
+
 def topn_bj(spec: NSASpec) -> int:
     """Selection blocks per merge step: the running list must hold S, and tl.dot needs 16."""
     return max(16, next_pow2(spec.S))
@@ -212,7 +223,7 @@ def _topn_context(spec: NSASpec, cfg: Config) -> dict:
     # Token-tile rows (G rounded to a power of two, no floor of 16): the tile reaches 16
     # rows through BLOCK_T, so small groups waste no tensor-core work on padding heads.
     return dict(H=c["H"], HQ=c["HQ"], G=c["G"], G_PAD=token_group_pad(spec), DK=c["DK"],
-                DK_CHUNKS=dim_chunks(spec.DK), L=spec.l, D=spec.d, BS=spec.BS, S=spec.S, R=spec.BS // spec.d,
+                DK_CHUNKS=dim_chunks(spec.DK), L=spec.l, D=spec.d, BS=spec.BS, S=spec.S, R=topn_r(spec),
                 M_CHUNKS=spec.l // spec.d, INITIAL=spec.initial_blocks, LOCAL=spec.local_blocks,
                 BLOCK_T=cfg["BLOCK_T"], BJ=cfg["BJ"], SCALE_LOG2=c["SCALE_LOG2"],
                 MERGE=cfg["MERGE"], MERGE_STEPS=_half_cleaners(cfg["BJ"]), TMA=cfg["TMA"],
@@ -240,7 +251,7 @@ def _half_cleaners(n: int) -> tuple[tuple[int, int], ...]:
 def _topn_space(spec: NSASpec) -> dict[str, list]:
     gp, bj = token_group_pad(spec), topn_bj(spec)
     return {"BLOCK_T": [t for t in (1, 2, 4, 8, 16, 32, 64, 128) if 16 <= t * gp <= 256],
-            "BJ": [b for b in (bj, 2 * bj) if b * spec.BS // spec.d <= 256] or [bj],
+            "BJ": [b for b in (bj, 2 * bj) if b * topn_r(spec) <= 256] or [bj],
             "MERGE": ["sort", "bitonic", "rank"], "INSERT": [0, 2, 4, 8], "TMA": [0, 1],
             "KEY": [64, 32], "IMP": ["dot", "sum"], "num_warps": [2, 4, 8],
             "num_stages": [1, 2, 3]}
@@ -260,7 +271,7 @@ def _topn_default(spec: NSASpec, T: int) -> Config:
     5.35 -> 4.47 ms, small-group 8.60 -> 7.63; deepseek-nsa 12.74 -> 24.37, mqa 5.89 -> 8.82.
     Chunks of at least 32 compressed blocks (BJ 32 at R = 1): fla-compat 4.47 -> 4.01."""
     block_t = max(1, 64 // token_group_pad(spec))
-    r = spec.BS // spec.d
+    r = topn_r(spec)
     imp = "sum" if r == 1 or 2 <= token_group_pad(spec) <= 4 else "dot"
     bj = next((b for b in _topn_space(spec)["BJ"] if b * r >= 32), topn_bj(spec))
     return Config.make(BLOCK_T=block_t, BJ=bj, MERGE="bitonic",
@@ -271,7 +282,7 @@ def _topn_default(spec: NSASpec, T: int) -> Config:
 def _topn_smem(spec: NSASpec, cfg: Config) -> int:
     # The kernel loads q and k_cmp in the exact pieces of dim_chunks(DK), so DK, not its
     # power-of-two padding, sets the tile bytes.
-    rows, bc = cfg["BLOCK_T"] * token_group_pad(spec), cfg["BJ"] * spec.BS // spec.d
+    rows, bc = cfg["BLOCK_T"] * token_group_pad(spec), topn_bc(spec, cfg)
     dk = spec.DK
     # IMP "dot" feeds the probabilities and the weights to tl.dot through shared memory.
     weights = 4 * (rows * bc + bc * cfg["BJ"]) if cfg["IMP"] == "dot" else 0

@@ -38,8 +38,9 @@ def topn_signature(spec, config) -> dict:
     """Argument types of nsa_topn_kernel as its launcher passes them (bf16 inputs)."""
     sig = {"q": "*bf16", "lse": "*fp32", "block_idx": "*i32", "tiles": "*i32", "key_mask": "i32"}
     if config["TMA"]:
+        from nsa_gen.kernels import topn_bc
         from nsa_gen.ops.common import dim_widths
-        rows = config["BJ"] * spec.BS // spec.d
+        rows = topn_bc(spec, config)
         sig.update({f"k_cmp{i}": f"tensordesc<bf16[{rows}, {w}]>"
                     for i, w in enumerate(dim_widths(spec.DK))})
     else:

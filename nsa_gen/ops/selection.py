@@ -7,7 +7,7 @@ import torch
 
 from ..config import Config
 from ..kernels import (TOPN_INDEX_BITS, kernel_def, kernel_fn, kernel_module, next_pow2,
-                       token_group_pad, topn_index_bits)
+                       token_group_pad, topn_bc, topn_index_bits)
 from ..spec import NSASpec
 from .common import (check, check_grad_inputs, check_qkv, check_seqlens, check_tensor, launch_options,
                      dim_widths, fall_back, seq_end, seq_start, tile_args, tile_table,
@@ -133,10 +133,13 @@ def visible_blocks(block_indices: torch.Tensor, spec: NSASpec,
     empty = torch.iinfo(torch.int32).max
     idx = torch.where((block_indices < 0) | (block_indices > own), empty, block_indices)
     idx = idx.sort(-1).values
-    repeat = torch.zeros_like(idx, dtype=torch.bool)
-    repeat[..., 1:] = idx[..., 1:] == idx[..., :-1]
-    idx = torch.where(repeat, empty, idx).sort(-1).values
-    return torch.where(idx == empty, -1, idx).contiguous()
+    keep = idx != empty
+    keep[..., 1:] &= idx[..., 1:] != idx[..., :-1]
+    # Each kept block to the next free slot, in order (a stable compaction, not a 2nd sort).
+    out = torch.full_like(idx, -1)
+    slot = torch.where(keep, keep.cumsum(-1) - 1, idx.shape[-1] - 1)
+    out.scatter_(-1, slot, torch.where(keep, idx, -1))
+    return out
 
 
 # Most bytes of (token, slot) partials the query-batched forward keeps at once; longer inputs
@@ -274,7 +277,7 @@ def topn(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, spec: NSAS
 def _cmp_key_args(k_cmp: torch.Tensor, spec: NSASpec, config: Config) -> list:
     """topn's compressed-key argument: k_cmp, or with config TMA one descriptor per
     dim_chunks(DK) piece, boxes of the BJ * l' / d compressed blocks a chunk scores."""
-    return tile_args(config, config["BJ"] * spec.BS // spec.d, (k_cmp, dim_widths(spec.DK)))
+    return tile_args(config, topn_bc(spec, config), (k_cmp, dim_widths(spec.DK)))
 
 
 def _inverse_selection(block_indices: torch.Tensor, spec: NSASpec, T: int,
