@@ -229,7 +229,9 @@ class TuneKey:
 @dataclass(frozen=True)
 class Entry:
     """A tuned result: the winning config, its median time in ms, how much slower the
-    runner-up was as a fraction of it (None if nothing else ran), trials run, ISO date."""
+    runner-up was as a fraction of it (None if nothing else ran; negative where a retune kept
+    the entry it measured within the tuner's REPLACE_MARGIN of a faster config), trials run,
+    ISO date."""
 
     config: Config
     ms: float
