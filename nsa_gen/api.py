@@ -10,7 +10,7 @@ from .db.dispatch import default_dispatcher
 from .ops.common import check, check_tensor
 from .ops.compression import CompressionFunction, compress_mean
 from .ops.gate import GateFunction
-from .ops.selection import SelectionFunction, fuses_gate, selection_fwd, topn
+from .ops.selection import SelectionFunction, selection_fwd, topn
 from .ops.window import WindowFunction
 from .spec import NSASpec, load_spec
 
@@ -76,12 +76,13 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor |
         check_tensor(f"k ({name})", kk, (B, T, spec.H, spec.DK), like=q)
         check_tensor(f"v ({name})", vv, (B, T, spec.H, spec.DV), like=q)
     config = _configs(spec, T, B, dispatcher)
-    # Without autograd (inference), a group-centric selected kernel stores the gated sum
-    # itself, which saves the gate's pass over every branch output (0.5-1 ms at 64k, H200).
+    # Without autograd (inference), the selected kernel (the group-centric one, or the
+    # query-batched one's combine) stores the gated sum itself, which saves the gate's pass
+    # over every branch output (0.5-1 ms at 64k, H200).
     params = [p for m in (mlp_k, mlp_v) if m is not None for p in m.parameters()]
     leaves = [q, *(t for kv in pairs.values() for t in kv), *(g for g in gates.values() if g is not None),
               *params]
-    fused = (g_slc is not None and not return_aux and fuses_gate(config("selection_fwd"))
+    fused = (g_slc is not None and not return_aux
              and not (torch.is_grad_enabled() and any(t.requires_grad for t in leaves)))
 
     aux: dict = {}
@@ -100,7 +101,8 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor |
         outs["swa"] = aux["o_swa"] = WindowFunction.apply(q, *pairs["swa"], spec, config("window_fwd"),
                                                           config("window_bwd"), cu_seqlens)
     # The fused selected kernel reads o_swa, so the window goes first; otherwise last, so
-    # that o_swa is not held while the query-batched selection keeps its partials.
+    # that o_swa is not held while the query-batched selection keeps its partials (with the
+    # gate fused, the query-batched forward holds both: peak memory is still linear in T).
     if g_swa is not None and fused:
         window()
     if g_slc is not None:

@@ -173,10 +173,9 @@ def test_bad_calls():
     idx = torch.zeros(1, 20, spec.H, spec.S, dtype=torch.int32)
     batched = Config.make(BLOCK_N=16, BLOCK_Q=4, TMA=0, SHARE=1, FORCED=0)
     x = [t.detach() for t in (q, k, v, *gates)]
-    with pytest.raises(ValueError, match="group-centric"):
-        selection_fwd(*x[:3], idx, spec, batched, gates={"slc": x[4]}, outs={})
-    with pytest.raises(ValueError, match="branch 'cmp' has a gate but no output"):
-        selection_fwd(*x[:3], idx, spec, gates={"slc": x[4], "cmp": x[3]}, outs={})
+    for cfg in (None, batched):  # group-centric (the default here) and query-batched
+        with pytest.raises(ValueError, match="branch 'cmp' has a gate but no output"):
+            selection_fwd(*x[:3], idx, spec, cfg, gates={"slc": x[4], "cmp": x[3]}, outs={})
     with pytest.raises(ValueError, match="has an output but no gate \\(gates\\['slc'\\]"):
         selection_fwd(*x[:3], idx, spec, gates={"cmp": x[3]}, outs={"cmp": x[0][..., :spec.DV]})
     with pytest.raises(ValueError, match="this kernel computes o_slc"):
@@ -214,11 +213,12 @@ class _Pinned:
 @pytest.mark.parametrize("G,slc,branches", [
     (16, dict(SHARE=1), (0, 1, 2)), (16, dict(SHARE=2), (0, 1, 2)),
     (16, dict(FORCED=64), (1,)), (4, dict(FORCED=64, TMA=1), (0, 1)), (4, dict(SHARE=4), (1, 2)),
-    (4, dict(BLOCK_Q=4), (0, 1, 2))])
+    (4, dict(BLOCK_Q=4), (0, 1, 2)), (4, dict(BLOCK_Q=8, TMA=1), (1, 2)),
+    (16, dict(BLOCK_Q=1), (0, 1))])
 def test_nsa_inference_gates_in_the_selected_kernel(G, slc, branches, poison, monkeypatch):
-    """Without autograd, a group-centric selected kernel stores the gated sum itself: the
-    reference's numbers, with the gate pass never run (SHARE 1 and 2-4, FORCED, any subset of
-    branches with slc); a query-batched config (BLOCK_Q 4) falls back to the gate pass."""
+    """Without autograd, the selected kernel stores the gated sum itself: the reference's
+    numbers, with the gate pass never run (group-centric SHARE 1 and 2-4, FORCED; the
+    query-batched combine kernel; any subset of branches with slc)."""
     from nsa_gen import api
     from nsa_gen.config import Config
     spec = SPECS[G]
@@ -234,7 +234,7 @@ def test_nsa_inference_gates_in_the_selected_kernel(G, slc, branches, poison, mo
     monkeypatch.setattr(api.GateFunction, "apply", lambda *a: runs.append(1) or real_gate(*a))
     o = nsa(q, k, v, *gates, spec=spec, dispatcher=_Pinned(cfg))
     assert rel(o, ref) < 1e-4
-    assert len(runs) == (1 if cfg["BLOCK_Q"] else 0)
+    assert not runs
     # With return_aux (branch outputs wanted), the gate pass runs: the same numbers.
     o_aux, aux = nsa(q, k, v, *gates, spec=spec, dispatcher=_Pinned(cfg), return_aux=True)
     assert "o_slc" in aux and rel(o, o_aux) < 1e-5

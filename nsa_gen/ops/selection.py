@@ -31,10 +31,11 @@ def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indic
     forced_listed: every token's list holds all of the spec's forced blocks it can see (the
     initial ones and the local ones up to its own), as `topn` writes them; a config with
     FORCED > 0 needs this (without it, it runs as FORCED = 0, with a warning once).
-    gates, outs (group-centric configs only, `fuses_gate`): store NSA's gated sum instead of
-    this branch's output, o = sum over the branches b of gates[b][..., None] * o_b, as
-    gate_fwd computes it; gates holds "slc" and the other branches' gates [B, T, HQ], outs
-    those branches' outputs [B, T, HQ, DV] (q's dtype). Not differentiable: for inference.
+    gates, outs: store NSA's gated sum instead of this branch's output, o = sum over the
+    branches b of gates[b][..., None] * o_b, as gate_fwd computes it (the group-centric
+    kernel in its epilogue, the query-batched one in its combine kernel); gates holds "slc"
+    and the other branches' gates [B, T, HQ], outs those branches' outputs [B, T, HQ, DV]
+    (q's dtype). Not differentiable: for inference.
     Returns o [B, T, HQ, DV] (q's dtype) and lse [B, T, HQ] (fp32, natural log; -inf where
     no key was visible).
     """
@@ -42,8 +43,6 @@ def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indic
     check_tensor("block_indices", block_indices, (B, T, spec.H, spec.S),
                  dtypes=(torch.int32,))
     config = config or kernel_def("selection_fwd").default(spec, T)
-    check(gates is None or fuses_gate(config),
-          "the gated sum needs a group-centric config (BLOCK_Q = 0)")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     starts = seq_start(cu_seqlens, B, T, q.device)
     if not canonical:
@@ -53,14 +52,15 @@ def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indic
     if B * T == 0:
         return o, lse
     config = tma_config("selection_fwd", config, k, v)
-    if config["BLOCK_Q"]:
-        _selection_fwd_query(q, k, v, block_indices, spec, config, cu_seqlens, starts, o, lse)
-        return o, lse
     config = kernel_def("selection_fwd").canonical(config)
     gate_args = {}
     if gates is not None:
         gate_args = _gate_args(gates, outs or {}, spec, o)
         config = config.replace(GATED=1)
+    if config["BLOCK_Q"]:
+        _selection_fwd_query(q, k, v, block_indices, spec, config, cu_seqlens, starts, o, lse,
+                             gate_args)
+        return o, lse
     if config["FORCED"] and not forced_listed:
         config = fall_back("selection_fwd", config, "FORCED needs block lists that hold every "
                            "forced block (forced_listed=True, as topn's do)", FORCED=0)
@@ -79,11 +79,6 @@ def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indic
         q, *kv, block_indices, o, lse, starts if starts is not None else q, T,
         IS_VARLEN=starts is not None, **gate_args, **launch_options(config))
     return o, lse
-
-
-def fuses_gate(config: Config) -> bool:
-    """Whether selection_fwd with this config can store the gated sum (its gates/outs)."""
-    return config["BLOCK_Q"] == 0
 
 
 def _gate_args(gates: dict, outs: dict, spec: NSASpec, o: torch.Tensor) -> dict:
@@ -156,10 +151,12 @@ def query_chunk_rows(spec: NSASpec, element_size: int) -> int:
     return max(64, QUERY_PART_BYTES // per_row // 64 * 64)
 
 
-def _selection_fwd_query(q, k, v, block_indices, spec, config, cu_seqlens, starts, o, lse):
+def _selection_fwd_query(q, k, v, block_indices, spec, config, cu_seqlens, starts, o, lse,
+                         gate_args):
     """The query-batched forward (config BLOCK_Q > 0), one chunk of rows at a time: invert the
-    chunk's selection, compute one partial per (token, slot), combine each token's slots.
-    Nothing here waits for the GPU: the segment grid is an upper bound, spare programs idle."""
+    chunk's selection, compute one partial per (token, slot), combine each token's slots
+    (storing the gated sum when gate_args are given). Nothing here waits for the GPU: the
+    segment grid is an upper bound, spare programs idle."""
     B, T = q.shape[:2]
     ends = seq_end(cu_seqlens, T, q.device)
     n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -176,7 +173,7 @@ def _selection_fwd_query(q, k, v, block_indices, spec, config, cu_seqlens, start
         mod.nsa_selection_fwd_kernel[(segments.shape[0],)](
             q, *kv, lists.entries, segments, o_part, lse_part, r0, **launch_options(config))
         mod.nsa_selection_fwd_combine_kernel[(r1 - r0,)](
-            block_indices, o_part, lse_part, o, lse, r0, num_warps=4, num_stages=1)
+            block_indices, o_part, lse_part, o, lse, r0, **gate_args, num_warps=4, num_stages=1)
 
 
 @dataclass(frozen=True)
