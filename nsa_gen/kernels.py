@@ -127,10 +127,11 @@ def _slc_fwd_space(spec: NSASpec) -> dict[str, list]:
     query rows. TMA: 1 loads K/V tiles through the tensor memory accelerator (sm90 and
     later), 0 through pointers. SHARE: tokens a group-centric program owns, each block
     loaded once for all of them that selected it (the query-batched kernel ignores it).
-    FORCED (one-token group-centric kernel only, which reads it): 0 loads the forced blocks
-    (initial and local) in the main loop, as every other; n > 0 runs them first in a
+    FORCED (the one-token group-centric kernel and the query-batched one read it): 0 loads
+    the forced blocks (initial and local) as every other; n > 0 runs them first in a
     token-tile pass of n query rows (tokens * G rounded to a power of two), where adjacent
-    tokens share them, so each K/V tile is read once per tile instead of once per token."""
+    tokens share them, so each K/V tile is read once per tile instead of once per token
+    (the query-batched kernel then has no partials for them)."""
     gt, dmax = token_group_pad(spec), max(next_pow2(spec.DK), next_pow2(spec.DV))
     forced = [r for r in (64, 128) if r >= gt and r * dmax <= MAX_TILE_ELEMS]
     return {"BLOCK_N": [b for b in (16, 32, 64, 128) if spec.BS % b == 0],
@@ -539,7 +540,7 @@ KERNELS: dict[str, KernelDef] = {
                                structural=("BLOCK_Q", "TMA", "SHARE", "FORCED"),
                                min_arch=TMA_ARCH,
                                unread=(("SHARE", 1, lambda c: c["BLOCK_Q"] > 0),
-                                       ("FORCED", 0, lambda c: c["BLOCK_Q"] > 0 or c["SHARE"] > 1))),
+                                       ("FORCED", 0, lambda c: c["BLOCK_Q"] == 0 and c["SHARE"] > 1))),
     "topn": KernelDef("topn", "slc", _topn_context, _topn_default, _topn_space, _topn_smem,
                       lambda s: s.has("slc"), structural=("MERGE", "INSERT", "TMA", "KEY", "IMP"),
                       min_arch=TMA_ARCH),

@@ -113,7 +113,8 @@ def test_variants_compile_for_sm90(name, tmp_path):
 def test_resources_tool_reads_each_launch(tmp_path):
     """benchmarks/resources.py catches an op's launches on the CPU, compiles each for sm90 and
     reads ptxas' report: here the DB's 64k selected forward of fla-compat with FORCED 64, two
-    kernels (the forced pass and the main one)."""
+    kernels (the forced pass and the main one), and small-group's query-batched one with
+    FORCED 64, three (the forced pass, the partials, the combine that merges both)."""
     import re
     try:
         import triton.backends.nvidia  # noqa: F401
@@ -122,11 +123,14 @@ def test_resources_tool_reads_each_launch(tmp_path):
     env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton"),
                NSA_GEN_CACHE_DIR=str(tmp_path / "gen"), PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks/resources.py"),
-                        "fla-compat:selection_fwd:FORCED=64", "--T", "256"], env=env,
+                        "fla-compat:selection_fwd:FORCED=64",
+                        "small-group:selection_fwd:BLOCK_Q=16,FORCED=64", "--T", "256"], env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     found = re.findall(r"(nsa_\w+_kernel): (\d+) registers, (\d+) B spilled, (\d+) KB shared", r.stdout)
-    assert [f[0] for f in found] == ["nsa_selection_fwd_forced_kernel", "nsa_selection_fwd_kernel"]
+    assert [f[0] for f in found] == ["nsa_selection_fwd_forced_kernel", "nsa_selection_fwd_kernel",
+                                     "nsa_selection_fwd_forced_kernel", "nsa_selection_fwd_kernel",
+                                     "nsa_selection_fwd_combine_kernel"]
     assert all(16 <= int(f[1]) <= 255 for f in found), found
 
 

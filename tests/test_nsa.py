@@ -213,12 +213,12 @@ class _Pinned:
 @pytest.mark.parametrize("G,slc,branches", [
     (16, dict(SHARE=1), (0, 1, 2)), (16, dict(SHARE=2), (0, 1, 2)),
     (16, dict(FORCED=64), (1,)), (4, dict(FORCED=64, TMA=1), (0, 1)), (4, dict(SHARE=4), (1, 2)),
-    (4, dict(BLOCK_Q=4), (0, 1, 2)), (4, dict(BLOCK_Q=8, TMA=1), (1, 2)),
-    (16, dict(BLOCK_Q=1), (0, 1))])
+    (4, dict(BLOCK_Q=4), (0, 1, 2)), (4, dict(BLOCK_Q=8, TMA=1, FORCED=64), (1, 2)),
+    (16, dict(BLOCK_Q=1, FORCED=64), (0, 1))])
 def test_nsa_inference_gates_in_the_selected_kernel(G, slc, branches, poison, monkeypatch):
     """Without autograd, the selected kernel stores the gated sum itself: the reference's
     numbers, with the gate pass never run (group-centric SHARE 1 and 2-4, FORCED; the
-    query-batched combine kernel; any subset of branches with slc)."""
+    query-batched combine kernel, FORCED too; any subset of branches with slc)."""
     from nsa_gen import api
     from nsa_gen.config import Config
     spec = SPECS[G]

@@ -125,20 +125,23 @@ def test_selection_fwd_share(key, share, tma, poison):
 FORCED_LAYOUTS = [(1, 2), (0, 2), (2, 1), (1, 0)]
 
 
-@pytest.mark.parametrize("key,rows,tma,dtype", [
-    ("G16", 64, 0, torch.float32), ("G16", 128, 1, torch.float16), ("G4", 64, 1, torch.float32),
-    ("G1", 128, 0, torch.float16)])
+@pytest.mark.parametrize("key,rows,tma,dtype,block_q", [
+    ("G16", 64, 0, torch.float32, 0), ("G16", 128, 1, torch.float16, 0),
+    ("G4", 64, 1, torch.float32, 0), ("G1", 128, 0, torch.float16, 0),
+    ("G16", 64, 1, torch.float32, 1), ("G4", 128, 0, torch.float16, 8),
+    ("G1", 64, 1, torch.float32, 16)])
 @pytest.mark.parametrize("forced", FORCED_LAYOUTS)
-def test_selection_fwd_forced(key, rows, tma, dtype, forced, poison):
-    """FORCED: the forced blocks in a token-tile pass, the rest in the group-centric loop that
-    starts from its state. The reference's numbers on top-n-like lists (every forced block
-    listed), in two sequences of the batch, with tiles (64 / 128 rows: 4-128 tokens) that
-    cross selection blocks; each key counted once where initial and local blocks meet."""
+def test_selection_fwd_forced(key, rows, tma, dtype, block_q, forced, poison):
+    """FORCED: the forced blocks in a token-tile pass; the rest in the group-centric loop that
+    starts from its state (block_q 0), or as query-batched partials that the combine kernel
+    merges with it. The reference's numbers on top-n-like lists (every forced block listed),
+    in two sequences of the batch, with tiles (64 / 128 rows: 4-128 tokens) that cross
+    selection blocks; each key counted once where initial and local blocks meet."""
     init, local = forced
     spec = make_spec(key, selection={"block": 16, "top_n": 5, "initial_blocks": init,
                                      "local_blocks": local})
     case = make_case("selection_fwd", spec, 77, B=2, dtype=dtype, seed=40 + init + 3 * local)
-    err = case.rel_error(case.run(variant(spec, 0, tma=tma, forced=rows)))
+    err = case.rel_error(case.run(variant(spec, block_q, tma=tma, forced=rows)))
     assert err < (1e-5 if dtype == torch.float32 else case.tolerance), err
 
 
@@ -148,10 +151,10 @@ def test_selection_fwd_forced_varlen(poison):
     spec = make_spec("G4", selection={"block": 16, "top_n": 5, "initial_blocks": 1,
                                       "local_blocks": 2})
     q, k, v, idx, cu, ref = packed_case(spec, seed=12)
-    for tma in (0, 1):
-        o, _ = selection_fwd(q, k, v, idx, spec, variant(spec, 0, tma=tma, forced=64),
+    for tma, block_q in ((0, 0), (1, 0), (0, 4), (1, 16)):
+        o, _ = selection_fwd(q, k, v, idx, spec, variant(spec, block_q, tma=tma, forced=64),
                              cu_seqlens=cu, forced_listed=True)
-        assert (o - ref).norm() / ref.norm() < 1e-5, tma
+        assert (o - ref).norm() / ref.norm() < 1e-5, (tma, block_q)
 
 
 def test_selection_fwd_forced_needs_listed_blocks(poison, caplog):
@@ -167,11 +170,12 @@ def test_selection_fwd_forced_needs_listed_blocks(poison, caplog):
     idx = torch.randint(0, 3, (B, T, spec.H, spec.S), generator=g)
     idx = torch.where(idx < own, idx, -1).to(torch.int32)
     ref = naive.naive_selection(q, k, v, idx.long(), spec.BS, spec.softmax_scale)
-    common._FALLBACKS_WARNED.clear()
-    with caplog.at_level("WARNING", logger="nsa_gen"):
-        o, _ = selection_fwd(q, k, v, idx, spec, variant(spec, 0, forced=64))
-    assert (o - ref).norm() / ref.norm() < 1e-5
-    assert "forced_listed" in caplog.text
+    for block_q in (0, 4):
+        common._FALLBACKS_WARNED.clear()
+        with caplog.at_level("WARNING", logger="nsa_gen"):
+            o, _ = selection_fwd(q, k, v, idx, spec, variant(spec, block_q, forced=64))
+        assert (o - ref).norm() / ref.norm() < 1e-5
+        assert "forced_listed" in caplog.text
 
 
 @pytest.mark.parametrize("key,block_q", [("G4", 0), ("G4", 8), ("G1", 0), ("G16", 1)])
