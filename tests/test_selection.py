@@ -251,6 +251,17 @@ def test_visible_blocks_is_canonical():
     assert torch.equal(visible_blocks(got, spec, None), got)
 
 
+@pytest.mark.parametrize("key", ["G4", "G16"])
+def test_case_indices_are_canonical(key):
+    """The selection_fwd case (what verify and the tuner run) passes its lists as canonical,
+    as nsa() passes topn's: they must be, or the kernels would see repeats and future blocks."""
+    spec = make_spec(key)
+    for B, T, seed in ((2, 77, 0), (1, 200, 3)):
+        idx = make_case("selection_fwd", spec, T, B=B, seed=seed).inputs["block_indices"]
+        assert (idx == -1).any() and (idx >= 0).any()
+        assert torch.equal(visible_blocks(idx, spec, None), idx)
+
+
 @pytest.mark.parametrize("block_q,share", [(0, 1), (4, 1), (0, 2)])
 def test_selection_fwd_lse_and_empty_rows(block_q, share, poison):
     """lse is the log-sum-exp of the visible logits; a token with only -1 slots gets 0, -inf."""
