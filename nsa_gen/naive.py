@@ -328,7 +328,8 @@ def naive_gate(outs: dict[str, torch.Tensor], gates: dict[str, torch.Tensor]) ->
 
 def _nsa_dense(spec: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                gates: dict[str, torch.Tensor | None], kvs: dict[str, tuple | None],
-               mlp_k: nn.Module | None, mlp_v: nn.Module | None) -> tuple[torch.Tensor, dict]:
+               mlp_k: nn.Module | None, mlp_v: nn.Module | None,
+               indices: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """naive_nsa for a padded batch [B, T, ...]: every sequence starts at position 0."""
     B, T = q.shape[:2]
     scale = spec.softmax_scale
@@ -351,8 +352,8 @@ def _nsa_dense(spec: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if gates["slc"] is not None:
         p_slc = naive_importance(aux["p_cmp"], spec.l, spec.d, spec.BS, T)
         aux["scores"] = naive_group_scores(p_slc, spec.H)
-        aux["indices"] = naive_topn(aux["scores"], spec.BS, spec.S,
-                                    spec.initial_blocks, spec.local_blocks)
+        aux["indices"] = indices.long() if indices is not None else naive_topn(
+            aux["scores"], spec.BS, spec.S, spec.initial_blocks, spec.local_blocks)
         ks, vs = branch_kv["slc"]
         aux["o_slc"] = naive_selection(q, ks, vs, aux["indices"], spec.BS, scale)
 
@@ -374,7 +375,7 @@ def naive_nsa(spec: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               kv_swa: tuple[torch.Tensor, torch.Tensor] | None = None,
               mlp_k: nn.Module | None = None, mlp_v: nn.Module | None = None,
               cu_seqlens: torch.Tensor | Sequence[int] | None = None,
-              return_aux: bool = False):
+              indices: torch.Tensor | None = None, return_aux: bool = False):
     """Full NSA forward, fp32: o = sum over branches of gate[..., None] * o_branch.
 
     spec: an NSASpec (reads HQ, H, DK, DV, l, d, BS, S, w, phi, initial_blocks,
@@ -388,6 +389,10 @@ def naive_nsa(spec: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     cu_seqlens: int [N + 1] offsets of N packed sequences (B must be 1); each sequence
     is run on its own with positions from its start, so no block crosses a boundary.
+    indices: block indices [B, T, H, S] (relative to each sequence's start, -1 = empty) the
+    selection branch attends to instead of its own top-n, e.g. a kernel's choice, so the
+    rest of the layer can be compared without the blocks that near-ties of the scores
+    choose differently (NSA.md: test selection by its scores, the rest given indices).
 
     Returns o [B, T, HQ, DV] float32, or (o, aux) with return_aux=True. aux holds
     o_cmp, o_slc, o_swa ([B, T, HQ, DV]), indices (int32 [B, T, H, S], block indices
@@ -415,8 +420,10 @@ def naive_nsa(spec: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if tuple(x.shape) != shape:
             raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {shape}")
 
+    if indices is not None and tuple(indices.shape) != (B, T, spec.H, spec.S):
+        raise ValueError(f"indices has shape {tuple(indices.shape)}, expected {(B, T, spec.H, spec.S)}")
     if cu_seqlens is None:
-        o, aux = _nsa_dense(spec, q, k, v, gates, kvs, mlp_k, mlp_v)
+        o, aux = _nsa_dense(spec, q, k, v, gates, kvs, mlp_k, mlp_v, indices)
         return (o, aux) if return_aux else o
 
     if B != 1:
@@ -436,7 +443,7 @@ def naive_nsa(spec: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             {b: cut(g, bos, eos) for b, g in gates.items()},
             {b: None if kv is None else (kv[0][:, bos:eos], kv[1][:, bos:eos])
              for b, kv in kvs.items()},
-            mlp_k, mlp_v)
+            mlp_k, mlp_v, cut(indices, bos, eos))
         outs.append(o_i)
         auxes.append(aux_i)
     o = torch.cat(outs, dim=1)

@@ -443,6 +443,35 @@ def test_nsa_varlen_equals_separate_runs():
         naive_nsa(spec, *rand_qkv(spec, T, B=2), cu_seqlens=cu)
 
 
+def test_nsa_given_indices():
+    """indices replaces the branch's own top-n (dense and packed): its own indices give the
+    same output; others give the selected attention over those, the other branches and the
+    scores unchanged; a wrong shape is an error."""
+    spec = make_spec()
+    T = 21
+    q, k, v = rand_qkv(spec, T, B=2)
+    gates = rand_gates(spec, T, B=2)
+    o, aux = naive_nsa(spec, q, k, v, *gates, return_aux=True)
+    o_same = naive_nsa(spec, q, k, v, *gates, indices=aux["indices"].to(torch.int32))
+    assert torch.equal(o_same, o)
+    # Each token's own block only: a valid list the top-n would not choose.
+    own = (torch.arange(T) // spec.BS).view(1, T, 1, 1).expand(2, T, spec.H, 1)
+    mine = torch.cat([own, torch.full((2, T, spec.H, spec.S - 1), -1)], -1).to(torch.int32)
+    o2, aux2 = naive_nsa(spec, q, k, v, *gates, indices=mine, return_aux=True)
+    assert torch.equal(aux2["indices"], mine.long()) and torch.equal(aux2["scores"], aux["scores"])
+    torch.testing.assert_close(aux2["o_slc"], naive_selection(q, k, v, mine.long(), spec.BS))
+    torch.testing.assert_close(aux2["o_swa"], aux["o_swa"])
+    assert (o2 - o).abs().max() > 1e-3
+    cu = torch.tensor([0, 9, T], dtype=torch.int32)
+    q1, k1, v1 = (x[:1] for x in (q, k, v))
+    g1 = [g[:1] for g in gates]
+    _, aux_p = naive_nsa(spec, q1, k1, v1, *g1, cu_seqlens=cu, return_aux=True)
+    o_p = naive_nsa(spec, q1, k1, v1, *g1, cu_seqlens=cu, indices=aux_p["indices"])
+    torch.testing.assert_close(o_p, naive_nsa(spec, q1, k1, v1, *g1, cu_seqlens=cu))
+    with pytest.raises(ValueError, match="indices has shape"):
+        naive_nsa(spec, q, k, v, *gates, indices=mine[:, :5])
+
+
 def test_nsa_mlp_phi_gradients():
     torch.manual_seed(0)
     spec = make_spec(phi="mlp")
