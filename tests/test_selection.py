@@ -191,16 +191,18 @@ def test_selection_fwd_tma(key, block_q, poison):
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
-def test_selection_fwd_query_chunks(monkeypatch, poison):
+@pytest.mark.parametrize("forced", [0, 64])
+def test_selection_fwd_query_chunks(forced, monkeypatch, poison):
     """Row chunks of the query-batched forward (partials kept within a byte budget) give the
-    same result as one chunk: here 64-row chunks over 2 x 150 rows, the last one short."""
+    same result as one chunk: here 64-row chunks over 2 x 150 rows, the last one short; with
+    FORCED, every chunk's combine starts from the one forced pass's state of its rows."""
     from nsa_gen.ops import selection as sel
     spec = make_spec("G4")
     case = make_case("selection_fwd", spec, 150, B=2, dtype=torch.float32, seed=8)
-    whole = case.run(variant(spec, 8))[0]
+    whole = case.run(variant(spec, 8, forced=forced))[0]
     monkeypatch.setattr(sel, "QUERY_PART_BYTES", 1)
     assert sel.query_chunk_rows(spec, 4) == 64
-    chunked = case.run(variant(spec, 8))[0]
+    chunked = case.run(variant(spec, 8, forced=forced))[0]
     assert case.rel_error((chunked,)) < 1e-4
     # Not bitwise: in the interpreter tl.dot is numpy's matmul, whose summation order can
     # depend on which rows a tile batches together (chunks group a block's tokens
