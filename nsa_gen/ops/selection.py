@@ -68,8 +68,8 @@ def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indic
                            spec.l, spec.d, q.device)
         # 4 warps: the best of 2, 4 and 8 for both G = 16 specs at 64k (H200, RESULTS run 26).
         mod.nsa_selection_fwd_forced_kernel[(tiles.shape[0], spec.H)](
-            q, *_kv_args(k, v, spec, config.replace(BLOCK_Q=0)), o, lse, tiles, num_warps=4,
-            num_stages=config.num_stages)
+            q, *_kv_args(k, v, spec, config.replace(BLOCK_Q=0)), o, lse, tiles,
+            **dict(launch_options(config), num_warps=4))
     if config["BLOCK_Q"]:
         _selection_fwd_query(q, k, v, block_indices, spec, config, cu_seqlens, starts, o, lse,
                              gate_args)
