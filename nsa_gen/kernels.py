@@ -112,6 +112,8 @@ def _slc_fwd_context(spec: NSASpec, cfg: Config) -> dict:
                 ROWS=cfg["BLOCK_Q"] * gt, HQ_PAD=next_pow2(spec.HQ), S_PAD=next_pow2(spec.S),
                 DK_CHUNKS=dim_chunks(spec.DK), TMA=cfg["TMA"], SHARE=cfg["SHARE"],
                 FORCED=cfg["FORCED"], FORCED_T=cfg["FORCED"] // gt,
+                # The forced pass's tiles never straddle a selection block.
+                FORCED_ONE_BLOCK=cfg["FORCED"] > 0 and spec.BS % (cfg["FORCED"] // gt) == 0,
                 INITIAL=spec.initial_blocks, LOCAL=spec.local_blocks,
                 # Not a tuning param: selection_fwd sets it to store the gated sum.
                 GATED=cfg.get("GATED", 0))
