@@ -256,7 +256,7 @@ def _topn_space(spec: NSASpec) -> dict[str, list]:
     return {"BLOCK_T": [t for t in (1, 2, 4, 8, 16, 32, 64, 128) if 16 <= t * gp <= 256],
             "BJ": [b for b in (bj, 2 * bj) if b * topn_r(spec) <= 256] or [bj],
             "MERGE": ["sort", "bitonic", "rank"], "INSERT": [0, 2, 4, 8], "TMA": [0, 1],
-            "KEY": [64, 32], "IMP": ["dot", "sum"], "num_warps": [2, 4, 8],
+            "KEY": [64, 32], "IMP": ["dot", "sum", "tsum"], "num_warps": [2, 4, 8],
             "num_stages": [1, 2, 3]}
 
 

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def topn_configs(spec):
     """Every merge x INSERT x key width at the default tiles, TMA with each key width, and the
-    summed importance (IMP "sum") with each merge and key width."""
+    summed importance (IMP "sum") with each merge and key width, and the transposed sum
+    (IMP "tsum") with and without TMA and with each key width."""
     from nsa_gen.kernels import kernel_def
     kd = kernel_def("topn")
     base, space = kd.default(spec, 65536), kd.space(spec)
@@ -31,7 +32,9 @@ def topn_configs(spec):
              for m, i, k in itertools.product(space["MERGE"], space["INSERT"], space["KEY"])]
             + [base.replace(TMA=1, KEY=k) for k in space["KEY"]]
             + [base.replace(IMP="sum", MERGE=m, KEY=k)
-               for m, k in itertools.product(space["MERGE"], space["KEY"])])
+               for m, k in itertools.product(space["MERGE"], space["KEY"])]
+            + [base.replace(IMP="tsum", TMA=t, KEY=k)
+               for t, k in itertools.product(space["TMA"], space["KEY"])])
 
 
 def topn_signature(spec, config) -> dict:

@@ -267,7 +267,8 @@ def test_structural_variants_of_the_default_are_seeded(spec, tmp_path, monkeypat
     assert [(c["MERGE"], c["INSERT"], c["TMA"], c["KEY"], c["IMP"]) for c in topn] == [  # INSERT 4 at 4-token tiles
         ("bitonic", 4, 0, 32, "dot"), ("sort", 4, 0, 32, "dot"), ("rank", 4, 0, 32, "dot"),
         ("bitonic", 0, 0, 32, "dot"), ("bitonic", 2, 0, 32, "dot"), ("bitonic", 8, 0, 32, "dot"),
-        ("bitonic", 4, 1, 32, "dot"), ("bitonic", 4, 0, 64, "dot"), ("bitonic", 4, 0, 32, "sum")]
+        ("bitonic", 4, 1, 32, "dot"), ("bitonic", 4, 0, 64, "dot"), ("bitonic", 4, 0, 32, "sum"),
+        ("bitonic", 4, 0, 32, "tsum")]
     assert t.seeds(STEM, 4096, 1, pruned_space(STEM, spec, H200)[0]) == [KD.default(spec, 4096)]
     KERNELS[STEM] = FULL_KD  # (the fixture restores the pinned one)
     keep = pruned_space(STEM, spec, H200)[0]
@@ -299,6 +300,31 @@ def test_structural_variants_of_the_entry_are_seeded(spec, tmp_path, monkeypatch
     assert set(seeds[2:n_default + 1]) == set(kd.variants(spec, default))
     assert seeds[n_default + 1:] == [c for c in kd.variants(spec, entry) if c in keep]
     assert entry.replace(MERGE="bitonic") in seeds
+
+
+def test_candidates_are_seeded_after_the_entry(spec, tmp_path, monkeypatch, capsys):
+    """`--try P=V,...`: each candidate is the shape's entry with those params changed, seeded
+    right after the entry (so even a short study measures it), canonical; a candidate
+    naming a param the kernel does not have is skipped. The CLI parses the option."""
+    monkeypatch.setattr(tuner_mod, "shipped_db_dir", lambda: None)
+    kd = kernel_def("topn")
+    keep = pruned_space("topn", spec, H200)[0]
+    default = kd.default(spec, 65536)
+    entry = default.replace(BLOCK_T=2 * default["BLOCK_T"], MERGE="rank")
+    t = make_tuner(spec, tmp_path, FakeRunner(),
+                   candidates=[{"IMP": "tsum", "BLOCK_T": default["BLOCK_T"]},
+                               {"NO_SUCH": 1}, {"MERGE": "sort", "BLOCK_C": 128}])
+    t.db.put(TuneKey.make(H200, "topn", spec, 65536), Entry(entry, 1.0, 0.1, 8, "2026-11-29"))
+    seeds = t.seeds("topn", 65536, 1, keep)
+    tried = entry.replace(IMP="tsum", BLOCK_T=default["BLOCK_T"])
+    assert tried in keep and seeds[:3] == [default, entry, tried]
+    assert all("NO_SUCH" not in dict(c.params) for c in seeds)
+    # Without an entry, the candidates change the default.
+    t2 = make_tuner(spec, tmp_path / "other", FakeRunner(), candidates=[{"MERGE": "sort"}])
+    assert t2.seeds("topn", 65536, 1, keep)[:2] == [default, default.replace(MERGE="sort")]
+    from nsa_gen.cli import main
+    assert main(["tune", "fla-compat", "--try", "BLOCK_T"]) == 2
+    assert "--try: 'BLOCK_T' is not NAME=VALUE" in capsys.readouterr().err
 
 
 def test_resume_after_interruption(spec, tmp_path):

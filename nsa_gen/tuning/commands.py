@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .. import env
+from ..config import parse_assignments
 from ..kernels import KERNELS
 from ..spec import SpecError, load_spec
 
@@ -64,6 +65,9 @@ def register(subparsers) -> None:
                    help="configs compiled in parallel before each round of trials (default "
                         "on a GPU: half the CPU cores, at most 8; on the interpreter 1; "
                         "1 compiles each config in its own trial)")
+    t.add_argument("--try", dest="candidates", action="append", default=[], metavar="P=V,...",
+                   help="also measure the config dispatch takes now with these params changed "
+                        "(e.g. from a probe), before sampling; repeatable")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_tune)
 
@@ -146,9 +150,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.trials < 1 or args.batch < 1 or (args.jobs is not None and args.jobs < 1):
         _err("nsa-gen tune: --trials, --batch and --jobs must be >= 1")
         return 2
+    try:
+        candidates = [parse_assignments(c.split(",")) for c in args.candidates]
+    except ValueError as e:
+        _err(f"nsa-gen tune: --try: {e}")
+        return 2
     return tune_spec(spec, stems, args.seqlens, batch=args.batch, trials=args.trials,
                      storage=args.storage, db_dir=args.db, timeout_s=args.timeout,
-                     seed=args.seed, progress=not args.no_progress, jobs=args.jobs)
+                     seed=args.seed, progress=not args.no_progress, jobs=args.jobs,
+                     candidates=candidates)
 
 
 def _tuning_device():
@@ -166,10 +176,12 @@ def _tuning_device():
 
 def tune_spec(spec, stems: list[str], seqlens: list[int], *, batch: int = 1, trials: int = 40,
               storage: str | None = None, db_dir: Path | None = None, timeout_s: float = 300.0,
-              seed: int = 0, progress: bool = True, jobs: int | None = None) -> int:
+              seed: int = 0, progress: bool = True, jobs: int | None = None,
+              candidates: list[dict] = ()) -> int:
     """Tune kernels `stems` of `spec` at each T in `seqlens` (batch `batch`) on this machine's
     GPU and write the winners to `db_dir` (default: NSA_GEN_DB, else the shipped DB),
-    compiling `jobs` configs at a time (None: the Tuner's default).
+    compiling `jobs` configs at a time (None: the Tuner's default). candidates: param
+    changes each study also seeds (see `Tuner`).
     Returns an exit code: 0 all tuned, 1 some shape had no working config, 2 cannot tune
     here, 130 interrupted (rerun to resume)."""
     from ..db import TuningDB, shipped_db_dir
@@ -187,7 +199,7 @@ def tune_spec(spec, stems: list[str], seqlens: list[int], *, batch: int = 1, tri
     try:
         with Tuner(spec, db=TuningDB(db_dir), device=device, storage=storage,
                    torch_device=torch_device, seed=seed, progress=progress,
-                   timeout_s=timeout_s, jobs=jobs) as tuner:
+                   timeout_s=timeout_s, jobs=jobs, candidates=candidates) as tuner:
             for stem in stems:
                 for T in sorted(seqlens):
                     r = tuner.tune(stem, T, batch, trials)

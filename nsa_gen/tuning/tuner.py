@@ -160,7 +160,10 @@ class Tuner:
     compiled in parallel before they are measured one by one (default:
     `prewarm.default_jobs()` on CUDA, 1 on the CPU; 1 compiles each config in its own
     trial). prewarm: compiles a round's requests (default: a `prewarm.Prewarmer` of `jobs`
-    processes); tests pass a fake.
+    processes); tests pass a fake. candidates: param changes (e.g. {"IMP": "tsum",
+    "BLOCK_T": 8}, what a probe found) applied to the config dispatch takes for the shape
+    now (its entry in the first DB of seed_dbs that has one, else the default), each seeded
+    after the shape's entries; one outside the kernel's space, or pruned, is skipped.
     """
 
     def __init__(self, spec: NSASpec, *, db: TuningDB | str, device: DeviceKey,
@@ -169,8 +172,10 @@ class Tuner:
                  torch_device: str = "cuda", seed: int = 0,
                  progress: bool = True, neighbours: int = 3, timeout_s: float = 300.0,
                  seed_dbs: Iterable[TuningDB] = (), stale_after_s: float | None = None,
-                 jobs: int | None = None, prewarm: Prewarm | None = None):
+                 jobs: int | None = None, prewarm: Prewarm | None = None,
+                 candidates: Iterable[dict] = ()):
         self.spec = spec
+        self.candidates = [dict(c) for c in candidates]
         self.db = db if isinstance(db, TuningDB) else TuningDB(db)
         self.device = device
         self._own_runner = runner is None
@@ -255,7 +260,14 @@ class Tuner:
         for dist, _, cfg in found:  # this very shape's entries (distance 0) first, all of them
             if dist == 0:
                 add(cfg)
-            elif added < self.neighbours:
+        if self.candidates:
+            held = next((e.config for db in self.seed_dbs for e in [db.get(me)] if e is not None),
+                        kd.default(self.spec, T))
+            for change in self.candidates:
+                if set(change) <= set(kd.space(self.spec)):
+                    add(kd.canonical(held.replace(**change)))
+        for dist, _, cfg in found:
+            if dist != 0 and added < self.neighbours:
                 added += add(cfg)
         # The default with each other value of each structural param (the split of the
         # compressed dk/dv pass, top-n's merge): few, and each a different algorithm, so
