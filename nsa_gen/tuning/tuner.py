@@ -261,10 +261,10 @@ class Tuner:
             if dist == 0:
                 add(cfg)
         if self.candidates:
-            held = next((e.config for db in self.seed_dbs for e in [db.get(me)] if e is not None),
-                        kd.default(self.spec, T))
+            held = self._dispatched(me) or kd.default(self.spec, T)
+            params = set(kd.space(self.spec))
             for change in self.candidates:
-                if set(change) <= set(kd.space(self.spec)):
+                if set(change) <= params:
                     add(kd.canonical(held.replace(**change)))
         for dist, _, cfg in found:
             if dist != 0 and added < self.neighbours:
@@ -338,14 +338,19 @@ class Tuner:
         return TuneResult(key, entry, len(results) + len(failures), len(failures), name,
                           tuple((c, s, m) for c, (s, m) in failures.items()))
 
-    def _incumbent(self, key: TuneKey, results: dict[Config, float]) -> Config | None:
-        """The config dispatch takes for `key` now (the first DB of seed_dbs with an entry
-        for it, on the current template), if this study measured it."""
+    def _dispatched(self, key: TuneKey) -> Config | None:
+        """The config dispatch takes for `key` now: the entry of the first DB of seed_dbs
+        with one for it, on the current template; None if none has."""
         for db in self.seed_dbs:
             e = db.get(key)
             if e is not None:
-                return e.config if e.config in results else None
+                return e.config
         return None
+
+    def _incumbent(self, key: TuneKey, results: dict[Config, float]) -> Config | None:
+        """The config dispatch takes for `key` now, if this study measured it."""
+        held = self._dispatched(key)
+        return held if held in results else None
 
     def _resume(self, study: optuna.Study) -> tuple[dict[Config, float],
                                                      dict[Config, tuple[str, str]], list[Config]]:
