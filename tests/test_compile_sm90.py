@@ -137,6 +137,24 @@ def test_resources_tool_reads_each_launch(tmp_path):
     assert all(16 <= int(f[1]) <= 255 for f in found), found
 
 
+def test_gluon_cmp_probe_compiles(tmp_path):
+    """benchmarks/gluon_cmp_probe.py's hand-pipelined Gluon kernel compiles for sm90 and fits
+    two programs an SM (its GPU probe must not be the first time it compiles)."""
+    import ast
+    try:
+        import triton.backends.nvidia  # noqa: F401
+        import triton.experimental.gluon  # noqa: F401
+    except ImportError:
+        pytest.skip("this triton has no nvidia backend or no gluon")
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "triton"),
+               PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks/gluon_cmp_probe.py"), "--compile",
+                        "fla-compat"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    report = ast.literal_eval(r.stdout.strip().splitlines()[-1])
+    assert 64 <= report["registers"] <= 255 and 0 < report["smem"] <= 113 * 1024, report
+
+
 if __name__ == "__main__":
     failures = compile_all(sys.argv[1])
     print("\n".join(failures) or f"{sys.argv[1]}: all compiled")
