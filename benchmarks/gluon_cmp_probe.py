@@ -54,10 +54,10 @@ def _scores(s, m_i, l_i, c0, hi_row, hi_all, BLOCK_C: gl.constexpr, SCALE_LOG2: 
 
 
 @gluon.jit
-def _step(i, s, acc_tok, m_i, l_i, q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, s_zero,
+def _step(i, s, acc_tok, m_i, l_i, q_op, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, s_zero,
           hi_row, hi_all, n_tiles, i_h, DK: gl.constexpr, DV: gl.constexpr, BLOCK_C: gl.constexpr,
           STAGES: gl.constexpr, SCALE_LOG2: gl.constexpr, s_layout: gl.constexpr,
-          o_layout: gl.constexpr, p_layout: gl.constexpr):
+          o_layout: gl.constexpr, p_layout: gl.constexpr, DRAIN: gl.constexpr):
     """Tile i (not the last), whose scores s are ready: issue tile i + 1's Q.K^T, softmax tile
     i, issue its P.V, and wait for the Q.K^T (tile i - 1's P.V in flight on entry, tile i's
     on return; wgmma groups complete in order). The scores cross the loop's back edge
@@ -70,7 +70,7 @@ def _step(i, s, acc_tok, m_i, l_i, q_smem, k_smem, v_smem, k_bar, v_bar, k_desc,
                                         k_smem.index(st))
     nx = (i + 1) % STAGES
     mbarrier.wait(k_bar.index(nx), ((i + 1) // STAGES) & 1)
-    s_tok = warpgroup_mma(q_smem, k_smem.index(nx).permute((1, 0)), s_zero, use_acc=False,
+    s_tok = warpgroup_mma(q_op, k_smem.index(nx).permute((1, 0)), s_zero, use_acc=False,
                           is_async=True)
     p, alpha, m_i, l_i = _scores(s, m_i, l_i, i * BLOCK_C, hi_row, hi_all, BLOCK_C, SCALE_LOG2,
                                  s_layout)
@@ -87,7 +87,10 @@ def _step(i, s, acc_tok, m_i, l_i, q_smem, k_smem, v_smem, k_bar, v_bar, k_desc,
     mbarrier.wait(v_bar.index(st), (i // STAGES) & 1)
     p16 = gl.convert_layout(p.to(v_smem.dtype), p_layout)
     acc_tok = warpgroup_mma(p16, v_smem.index(st), acc, is_async=True)
-    s = warpgroup_mma_wait(1, deps=(s_tok, ))
+    if DRAIN:  # P.V too: nothing in flight at the back edge
+        s = warpgroup_mma_wait(0, deps=(s_tok, ))
+    else:
+        s = warpgroup_mma_wait(1, deps=(s_tok, ))
     return s, acc_tok, m_i, l_i
 
 
@@ -96,7 +99,7 @@ def gluon_cmp_kernel(q_ptr, k_desc, v_desc, o_ptr, lse_ptr, T,
                      HQ: gl.constexpr, G: gl.constexpr, DK: gl.constexpr, DV: gl.constexpr,
                      L: gl.constexpr, D: gl.constexpr, BLOCK_T: gl.constexpr,
                      BLOCK_C: gl.constexpr, STAGES: gl.constexpr, SCALE_LOG2: gl.constexpr,
-                     num_warps: gl.constexpr):
+                     DRAIN: gl.constexpr, QREG: gl.constexpr, num_warps: gl.constexpr):
     ROWS: gl.constexpr = BLOCK_T * G
     i_tile = gl.num_programs(0) - 1 - gl.program_id(0)  # the longest programs first
     i_h = gl.program_id(1)
@@ -121,6 +124,10 @@ def gluon_cmp_kernel(q_ptr, k_desc, v_desc, o_ptr, lse_ptr, T,
                                        gl.NVMMASharedLayout.get_default_for([ROWS, DK], q.dtype))
     q_smem.store(q)
     fence_async_shared()
+    if QREG:  # Q as the register operand: Q.K^T then reads only K from shared memory
+        q_op = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
+    else:
+        q_op = q_smem
 
     # Visible compressed blocks: row t sees blocks i < (t + 1 - L) // D + 1.
     rs = gl.arange(0, ROWS, layout=row_s)
@@ -150,12 +157,17 @@ def gluon_cmp_kernel(q_ptr, k_desc, v_desc, o_ptr, lse_ptr, T,
     acc = gl.zeros([ROWS, DV], gl.float32, layout=o_layout)
 
     mbarrier.wait(k_bar.index(0), 0)
-    s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
-    acc_tok = warpgroup_mma_init(acc)
+    s = warpgroup_mma(q_op, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
+    # Enter the loop as its back edge does, with a P.V in flight (here 0 . V, which zeroes
+    # acc): where the two paths differ, ptxas cannot order that P.V before the next Q.K^T at
+    # the step's wait and serialises every wgmma (C7514).
+    mbarrier.wait(v_bar.index(0), 0)
+    p_zero = gl.zeros([ROWS, BLOCK_C], q.dtype, layout=p_layout)
+    acc_tok = warpgroup_mma(p_zero, v_smem.index(0), acc, use_acc=False, is_async=True)
     for i in range(n_tiles - 1):
-        s, acc_tok, m_i, l_i = _step(i, s, acc_tok, m_i, l_i, q_smem, k_smem, v_smem, k_bar, v_bar,
+        s, acc_tok, m_i, l_i = _step(i, s, acc_tok, m_i, l_i, q_op, k_smem, v_smem, k_bar, v_bar,
                                      k_desc, v_desc, s_zero, hi_row, hi_all, n_tiles, i_h, DK, DV,
-                                     BLOCK_C, STAGES, SCALE_LOG2, s_layout, o_layout, p_layout)
+                                     BLOCK_C, STAGES, SCALE_LOG2, s_layout, o_layout, p_layout, DRAIN)
     # The last tile.
     i = n_tiles - 1
     st = i % STAGES
@@ -183,7 +195,7 @@ def gluon_cmp_kernel(q_ptr, k_desc, v_desc, o_ptr, lse_ptr, T,
     gl.store(lse_ptr + tok_l * HQ + i_h * G + rs % G, lse, mask=tok_l < T)
 
 
-def gluon_cmp(q, k_cmp, v_cmp, spec, BLOCK_C=64, STAGES=2, BLOCK_T=None):
+def gluon_cmp(q, k_cmp, v_cmp, spec, BLOCK_C=64, STAGES=2, BLOCK_T=None, DRAIN=0, QREG=0):
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     B, T = q.shape[:2]
@@ -200,11 +212,11 @@ def gluon_cmp(q, k_cmp, v_cmp, spec, BLOCK_C=64, STAGES=2, BLOCK_T=None):
     grid = (triton.cdiv(T, BLOCK_T), spec.H)
     gluon_cmp_kernel[grid](q, k_desc, v_desc, o, lse, T, spec.HQ, spec.G, spec.DK, spec.DV,
                            spec.l, spec.d, BLOCK_T, BLOCK_C, STAGES,
-                           spec.softmax_scale * 1.4426950408889634, num_warps=4)
+                           spec.softmax_scale * 1.4426950408889634, DRAIN, QREG, num_warps=4)
     return o, lse
 
 
-def compile_sm90(name: str, BLOCK_C: int = 64, STAGES: int = 2) -> dict:
+def compile_sm90(name: str, BLOCK_C: int = 64, STAGES: int = 2, DRAIN: int = 0, QREG: int = 0) -> dict:
     """Compile the kernel for sm90 on any machine (no GPU needed) and read ptxas' report:
     registers, shared memory, and its performance advisories (C7514/C7515: wgmmas serialised
     because other instructions touch an in-flight wgmma's accumulator registers)."""
@@ -225,7 +237,7 @@ def compile_sm90(name: str, BLOCK_C: int = 64, STAGES: int = 2) -> dict:
            "v_desc": f"tensordesc<bf16[{BLOCK_C}, {spec.DV}],{lay}>"}
     consts = dict(HQ=spec.HQ, G=spec.G, DK=spec.DK, DV=spec.DV, L=spec.l, D=spec.d,
                   BLOCK_T=64 // spec.G, BLOCK_C=BLOCK_C, STAGES=STAGES,
-                  SCALE_LOG2=spec.softmax_scale * 1.4426950408889634, num_warps=4)
+                  SCALE_LOG2=spec.softmax_scale * 1.4426950408889634, DRAIN=DRAIN, QREG=QREG, num_warps=4)
     src = GluonASTSource(fn, {a: sig.get(a, "constexpr") for a in fn.arg_names},
                          constexprs={(fn.arg_names.index(a),): v for a, v in consts.items()})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
@@ -275,7 +287,8 @@ def probe(run: str, T: int) -> dict:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--compile"]:  # no GPU needed
-        print(compile_sm90(*sys.argv[2:3]))
+        print(compile_sm90(*sys.argv[2:3], DRAIN=int(sys.argv[3]) if len(sys.argv) > 3 else 0,
+                           QREG=int(sys.argv[4]) if len(sys.argv) > 4 else 0))
         sys.exit(0)
     from probe_main import probe_main
     sys.exit(probe_main("gluon_cmp_probe", "SPEC[:BLOCK_C=..,STAGES=..]", probe))
