@@ -8,11 +8,15 @@ tensor-core work take turns. In Gluon, `warpgroup_mma_wait(num_outstanding=1)` l
 next tile's Q.K^T and this tile's P.V run while the softmax runs (FlashAttention-3's
 intra-warpgroup overlap), with TMA loads in a ring of STAGES buffers.
 
-Measured (RESULTS run 34, H200, fla-compat at 64k): correct (o within 9e-6 of the Triton
-kernel's, lse within 1.5e-6) but 3.66 ms against 3.03. ptxas reports C7514: it serialises the
-kernel's wgmmas because some non-wgmma instruction reads an in-flight accumulator, so the
-overlap this kernel is written for does not happen yet. `--compile` shows the advisory
-without a GPU; finding that instruction is the next step.
+Measured (RESULTS run 34, H200, 64k): correct (o within 9e-6 of the Triton kernel's, lse
+within 1.5e-6) but slower. fla-compat, against 3.03-3.08 ms:
+- 3.66 ms as first written. ptxas reported C7514: it serialises the wgmmas when one is in
+  flight across the loop's back edge.
+- `DRAIN=1` (each step ends with wait(0), keeping the Q.K^T / softmax overlap): 3.27-3.32 ms.
+- `QREG=1` (Q as the register operand): 3.27-3.34 ms.
+small-group: 5.06-5.13 ms against 4.89-4.93. So the turn-taking inside a program is not what
+bounds the generated kernel: its two programs an SM already overlap each other's phases.
+`--compile SPEC [DRAIN [QREG]]` prints ptxas' report without a GPU.
 
 Scope: a probe, not a product kernel. One sequence (B = 1), G * BLOCK_T = 64 query rows
 (4 warps, one warpgroup), DK = DV (one head-dim piece), compressed blocks as compress_mean
@@ -31,8 +35,7 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
-                                                              warpgroup_mma, warpgroup_mma_init,
-                                                              warpgroup_mma_wait)
+                                                              warpgroup_mma, warpgroup_mma_wait)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
