@@ -64,8 +64,9 @@ def _step(i, s, acc_tok, m_i, l_i, q_op, k_smem, v_smem, k_bar, v_bar, k_desc, v
     """Tile i (not the last), whose scores s are ready: issue tile i + 1's Q.K^T, softmax tile
     i, issue its P.V, and wait for the Q.K^T (tile i - 1's P.V in flight on entry, tile i's
     on return; wgmma groups complete in order). The scores cross the loop's back edge
-    complete: a wgmma result in flight there is copied between registers, and ptxas then
-    serialises every wgmma of the kernel (C7514)."""
+    complete, since a wgmma result in flight there gets copied between registers. ptxas
+    still serialises every wgmma (C7514) while the P.V crosses it; DRAIN waits for that
+    too."""
     st = i % STAGES
     if i + STAGES < n_tiles:  # this tile's K buffer is free
         mbarrier.expect(k_bar.index(st), k_desc.block_type.nbytes)
@@ -162,8 +163,7 @@ def gluon_cmp_kernel(q_ptr, k_desc, v_desc, o_ptr, lse_ptr, T,
     mbarrier.wait(k_bar.index(0), 0)
     s = warpgroup_mma(q_op, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
     # Enter the loop as its back edge does, with a P.V in flight (here 0 . V, which zeroes
-    # acc): where the two paths differ, ptxas cannot order that P.V before the next Q.K^T at
-    # the step's wait and serialises every wgmma (C7514).
+    # acc), so both paths into a step are alike. (It did not clear ptxas' C7514; DRAIN does.)
     mbarrier.wait(v_bar.index(0), 0)
     p_zero = gl.zeros([ROWS, BLOCK_C], q.dtype, layout=p_layout)
     acc_tok = warpgroup_mma(p_zero, v_smem.index(0), acc, use_acc=False, is_async=True)
