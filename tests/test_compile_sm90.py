@@ -99,17 +99,27 @@ def compile_all(name: str) -> list[str]:
     return failed
 
 
+def run_sm90(tmp_path, args: list[str], timeout: int,
+             needs: tuple[str, ...] = ("triton.backends.nvidia",)) -> subprocess.CompletedProcess:
+    """`python ARGS` in a subprocess that compiles for the GPU (TRITON_INTERPRET=0) with
+    fresh Triton and nsa-gen caches under tmp_path; skips the test when a module of `needs`
+    is missing from this triton."""
+    import importlib
+    for module in needs:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pytest.skip(f"this triton has no {module}")
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "triton"),
+               NSA_GEN_CACHE_DIR=str(tmp_path / "gen"), PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 @pytest.mark.parametrize("name", ["fla-compat", "small-group", "deepseek-nsa"])
 def test_variants_compile_for_sm90(name, tmp_path):
     """Top-n tiles of 4 and 16 tokens, DK 128 and 192 (two pieces), G 16 and 4."""
-    try:
-        import triton.backends.nvidia  # noqa: F401
-    except ImportError:
-        pytest.skip("this triton has no nvidia backend")
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "triton"),
-               NSA_GEN_CACHE_DIR=str(tmp_path / "gen"), PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, __file__, name], env=env, capture_output=True, text=True,
-                       timeout=900)
+    r = run_sm90(tmp_path, [__file__, name], timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
@@ -119,16 +129,9 @@ def test_resources_tool_reads_each_launch(tmp_path):
     kernels (the forced pass and the main one), and small-group's query-batched one with
     FORCED 64, three (the forced pass, the partials, the combine that merges both)."""
     import re
-    try:
-        import triton.backends.nvidia  # noqa: F401
-    except ImportError:
-        pytest.skip("this triton has no nvidia backend")
-    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton"),
-               NSA_GEN_CACHE_DIR=str(tmp_path / "gen"), PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks/resources.py"),
-                        "fla-compat:selection_fwd:FORCED=64",
-                        "small-group:selection_fwd:BLOCK_Q=16,FORCED=64", "--T", "256"], env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = run_sm90(tmp_path, [str(ROOT / "benchmarks/resources.py"), "fla-compat:selection_fwd:FORCED=64",
+                            "small-group:selection_fwd:BLOCK_Q=16,FORCED=64", "--T", "256"],
+                 timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     found = re.findall(r"(nsa_\w+_kernel): (\d+) registers, (\d+) B spilled, (\d+) KB shared", r.stdout)
     assert [f[0] for f in found] == ["nsa_selection_fwd_forced_kernel", "nsa_selection_fwd_kernel",
@@ -141,15 +144,8 @@ def test_gluon_cmp_probe_compiles(tmp_path):
     """benchmarks/gluon_cmp_probe.py's hand-pipelined Gluon kernel compiles for sm90 and fits
     two programs an SM (its GPU probe must not be the first time it compiles)."""
     import ast
-    try:
-        import triton.backends.nvidia  # noqa: F401
-        import triton.experimental.gluon  # noqa: F401
-    except ImportError:
-        pytest.skip("this triton has no nvidia backend or no gluon")
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "triton"),
-               PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks/gluon_cmp_probe.py"), "--compile",
-                        "fla-compat"], env=env, capture_output=True, text=True, timeout=600)
+    r = run_sm90(tmp_path, [str(ROOT / "benchmarks/gluon_cmp_probe.py"), "--compile", "fla-compat"],
+                 timeout=600, needs=("triton.backends.nvidia", "triton.experimental.gluon"))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     report = ast.literal_eval(r.stdout.strip().splitlines()[-1])
     assert 64 <= report["registers"] <= 255 and 0 < report["smem"] <= 113 * 1024, report
