@@ -198,12 +198,20 @@ def gluon_cmp_kernel(q_ptr, k_desc, v_desc, o_ptr, lse_ptr, T,
     gl.store(lse_ptr + tok_l * HQ + i_h * G + rs % G, lse, mask=tok_l < T)
 
 
+def _constexprs(spec, BLOCK_C, STAGES, DRAIN, QREG, BLOCK_T=None) -> dict:
+    """The kernel's compile-time arguments for `spec`: one place for the launch and the
+    ahead-of-time compile."""
+    return dict(HQ=spec.HQ, G=spec.G, DK=spec.DK, DV=spec.DV, L=spec.l, D=spec.d,
+                BLOCK_T=BLOCK_T or 64 // spec.G, BLOCK_C=BLOCK_C, STAGES=STAGES,
+                SCALE_LOG2=spec.softmax_scale * 1.4426950408889634, DRAIN=DRAIN, QREG=QREG)
+
+
 def gluon_cmp(q, k_cmp, v_cmp, spec, BLOCK_C=64, STAGES=2, BLOCK_T=None, DRAIN=0, QREG=0):
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     B, T = q.shape[:2]
     assert B == 1 and spec.DK == spec.DV and spec.DK in (64, 128)
-    BLOCK_T = BLOCK_T or 64 // spec.G
+    consts = _constexprs(spec, BLOCK_C, STAGES, DRAIN, QREG, BLOCK_T)
     NC = k_cmp.shape[1]
     k2 = k_cmp.reshape(NC, spec.H * spec.DK)
     v2 = v_cmp.reshape(NC, spec.H * spec.DV)
@@ -212,10 +220,8 @@ def gluon_cmp(q, k_cmp, v_cmp, spec, BLOCK_C=64, STAGES=2, BLOCK_T=None, DRAIN=0
     v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [BLOCK_C, spec.DV], lay)
     o = torch.empty(B, T, spec.HQ, spec.DV, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, T, spec.HQ, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(T, BLOCK_T), spec.H)
-    gluon_cmp_kernel[grid](q, k_desc, v_desc, o, lse, T, spec.HQ, spec.G, spec.DK, spec.DV,
-                           spec.l, spec.d, BLOCK_T, BLOCK_C, STAGES,
-                           spec.softmax_scale * 1.4426950408889634, DRAIN, QREG, num_warps=4)
+    grid = (triton.cdiv(T, consts["BLOCK_T"]), spec.H)
+    gluon_cmp_kernel[grid](q, k_desc, v_desc, o, lse, T, **consts, num_warps=4)
     return o, lse
 
 
@@ -238,9 +244,7 @@ def compile_sm90(name: str, BLOCK_C: int = 64, STAGES: int = 2, DRAIN: int = 0, 
     sig = {"q_ptr": "*bf16", "o_ptr": "*bf16", "lse_ptr": "*fp32", "T": "i32",
            "k_desc": f"tensordesc<bf16[{BLOCK_C}, {spec.DK}],{lay}>",
            "v_desc": f"tensordesc<bf16[{BLOCK_C}, {spec.DV}],{lay}>"}
-    consts = dict(HQ=spec.HQ, G=spec.G, DK=spec.DK, DV=spec.DV, L=spec.l, D=spec.d,
-                  BLOCK_T=64 // spec.G, BLOCK_C=BLOCK_C, STAGES=STAGES,
-                  SCALE_LOG2=spec.softmax_scale * 1.4426950408889634, DRAIN=DRAIN, QREG=QREG, num_warps=4)
+    consts = dict(_constexprs(spec, BLOCK_C, STAGES, DRAIN, QREG), num_warps=4)
     src = GluonASTSource(fn, {a: sig.get(a, "constexpr") for a in fn.arg_names},
                          constexprs={(fn.arg_names.index(a),): v for a, v in consts.items()})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
