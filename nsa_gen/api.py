@@ -23,12 +23,14 @@ def _configs(spec: NSASpec, T: int, B: int, dispatcher) -> Callable[[str], Confi
 
 
 def compress(x: torch.Tensor, spec: NSASpec, mlp: torch.nn.Module | None = None,
-             cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+             cu_seqlens: torch.Tensor | None = None, config: Config | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """phi over blocks of l tokens every d tokens: x [B, T, H, D] -> ([B, NC, H, D],
-    cu_seqlens of the compressed sequence or None). `mean` pools; `mlp` applies `mlp` to
-    each block [..., l, D] (a `naive.CompressionMLP`, or any module of that shape)."""
+    cu_seqlens of the compressed sequence or None). `mean` pools (the compress_mean kernel,
+    with `config` or its heuristic); `mlp` applies `mlp` to each block [..., l, D] (a
+    `naive.CompressionMLP`, or any module of that shape)."""
     if spec.phi == "mean":
-        return compress_mean(x, spec.l, spec.d, cu_seqlens)
+        return compress_mean(x, spec, config, cu_seqlens)
     check(mlp is not None, "spec has phi = mlp: pass the compression MLPs (mlp_k, mlp_v)")
     from .ops.common import cmp_seqlens
     p = next(mlp.parameters(), None)
@@ -89,8 +91,9 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor |
     outs: dict[str, torch.Tensor] = {}
 
     if g_cmp is not None or g_slc is not None:
-        k_cmp, cu_cmp = compress(pairs["cmp"][0], spec, mlp_k, cu_seqlens)
-        v_cmp, _ = compress(pairs["cmp"][1], spec, mlp_v, cu_seqlens)
+        phi = config("compress_mean") if spec.phi == "mean" else None
+        k_cmp, cu_cmp = compress(pairs["cmp"][0], spec, mlp_k, cu_seqlens, phi)
+        v_cmp, _ = compress(pairs["cmp"][1], spec, mlp_v, cu_seqlens, phi)
         o_cmp, lse_cmp = CompressionFunction.apply(q, k_cmp, v_cmp, spec, config("compression_fwd"),
                                                    config("compression_bwd"), cu_seqlens, cu_cmp)
         aux.update(o_cmp=o_cmp, lse_cmp=lse_cmp, k_cmp=k_cmp, v_cmp=v_cmp)

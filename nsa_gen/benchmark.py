@@ -106,8 +106,8 @@ def bench_spec(spec: NSASpec, seqlens: list[int], *, dtype=torch.bfloat16, backw
                  else None for b in ("cmp", "slc", "swa")}
         row: dict = {"spec": spec.name, "T": T}
         cfg = api._configs(spec, T, B, None)
-        row["configs"] = {s: str(cfg(s)) for s in ("compression_fwd", "topn", "selection_fwd", "window_fwd",
-                                                   "gate_fwd")}
+        row["configs"] = {s: str(cfg(s)) for s in ("compress_mean", "compression_fwd", "topn",
+                                                   "selection_fwd", "window_fwd", "gate_fwd")}
 
         def total():
             return api.nsa(q, k, v, gates["cmp"], gates["slc"], gates["swa"], spec=spec)
@@ -122,9 +122,10 @@ def bench_spec(spec: NSASpec, seqlens: list[int], *, dtype=torch.bfloat16, backw
         row["nsa_gen"] = _bench(total)
 
         # Per kernel, on the same inputs and configs.
-        k_cmp, _ = compress_mean(k, spec.l, spec.d)
-        v_cmp, _ = compress_mean(v, spec.l, spec.d)
-        row["compress"] = _bench(lambda: (compress_mean(k, spec.l, spec.d), compress_mean(v, spec.l, spec.d)))
+        phi = cfg("compress_mean")
+        k_cmp, _ = compress_mean(k, spec, phi)
+        v_cmp, _ = compress_mean(v, spec, phi)
+        row["compress"] = _bench(lambda: (compress_mean(k, spec, phi), compress_mean(v, spec, phi)))
         o_cmp, lse = compression_fwd(q, k_cmp, v_cmp, spec, cfg("compression_fwd"))
         row["compression_fwd"] = _bench(lambda: compression_fwd(q, k_cmp, v_cmp, spec, cfg("compression_fwd")))
         outs = {"cmp": o_cmp} if spec.has("cmp") else {}

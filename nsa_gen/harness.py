@@ -10,7 +10,7 @@ import torch
 
 from . import naive
 from .config import Config
-from .kernels import kernel_def
+from .kernels import kernel_def, num_cmp_blocks
 from .spec import NSASpec
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -168,6 +168,9 @@ def make_case(stem: str, spec: NSASpec, T: int, *, B: int = 1, dtype: torch.dtyp
                     lambda: _scores_and_indices(spec, q.cpu(), k.cpu()),
                     lambda o, r: chosen_score_error(o[0], r[1], r[0]))
 
+    if stem == "compress_mean":
+        return _compress_mean_case(spec, B, T, dtype, device, k, v)
+
     if stem == "compression_fwd":
         k_cmp = naive.naive_compress(k.float(), spec.l, spec.d).to(dtype)
         v_cmp = naive.naive_compress(v.float(), spec.l, spec.d).to(dtype)
@@ -193,6 +196,29 @@ def make_case(stem: str, spec: NSASpec, T: int, *, B: int = 1, dtype: torch.dtyp
         return _op_case(spec, B, T, dtype, device, gen, q, k, v, varlen=stem == OP_VARLEN)
 
     raise KeyError(f"no test case for kernel '{stem}'")
+
+
+def _compress_mean_case(spec: NSASpec, B: int, T: int, dtype, device, k, v) -> Case:
+    """compress_mean of k and of v (two launches, as nsa() makes them), into output buffers
+    NaN-poisoned whenever the config differs from the last one run (as _gate_case's: the
+    tuner's repeated timed runs of one config skip the fill)."""
+    from .ops.compression import compress_mean
+
+    NC = num_cmp_blocks(T, spec.l, spec.d)
+    outs = [torch.empty(B, NC, spec.H, x.shape[-1], device=device, dtype=dtype) for x in (k, v)]
+    last: list = [object()]
+
+    def launch(c: Config) -> tuple:
+        if c != last[0]:
+            for o in outs:
+                o.fill_(float("nan"))
+            last[0] = c
+        return tuple(compress_mean(x, spec, c, out=o)[0] for x, o in zip((k, v), outs))
+
+    return Case("compress_mean", spec, B, T, dtype, device, dict(k=k, v=v), launch,
+                lambda: (naive.naive_compress(k.float(), spec.l, spec.d),
+                         naive.naive_compress(v.float(), spec.l, spec.d)),
+                worst_error)
 
 
 def _gate_case(spec: NSASpec, B: int, T: int, dtype, device, gen) -> Case:

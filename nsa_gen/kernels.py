@@ -533,6 +533,50 @@ def _gate_fwd_smem(spec: NSASpec, cfg: Config) -> int:
     return 0  # elementwise: no tile goes through shared memory
 
 
+# ----------------------------------------------------------------------------- compress_mean
+# phi = mean: a streaming kernel (no dot), a program owns BLOCK_C compressed blocks of one
+# head and BLOCK_DIM columns of the head dim. Keys and values share one module: the head dim
+# is a launch constexpr.
+
+def mean_step(spec: NSASpec) -> int:
+    """Tokens of a stride chunk that compress_mean loads as one tile: the whole chunk up to
+    256 (d is a power of two, so the pieces are exact)."""
+    return min(spec.d, 256)
+
+
+def _compress_mean_context(spec: NSASpec, cfg: Config) -> dict:
+    return dict(L=spec.l, D=spec.d, M_CHUNKS=spec.l // spec.d, D_STEP=mean_step(spec),
+                D_PIECES=spec.d // mean_step(spec), BLOCK_C=cfg["BLOCK_C"], BLOCK_DIM=cfg["BLOCK_DIM"])
+
+
+# Elements of one loaded [BLOCK_C, D_STEP, BLOCK_DIM] tile: 32 KB of 16-bit values at most.
+MAX_MEAN_TILE = 16384
+
+
+def _compress_mean_space(spec: NSASpec) -> dict[str, list]:
+    # One value of num_stages: the loop over a block's chunks is unrolled, nothing to pipeline.
+    step = mean_step(spec)
+    return {"BLOCK_C": [c for c in (1, 2, 4, 8, 16) if c * step * 32 <= MAX_MEAN_TILE],
+            "BLOCK_DIM": [b for b in (32, 64, 128) if step * b <= MAX_MEAN_TILE],
+            "num_warps": [1, 2, 4, 8], "num_stages": [1]}
+
+
+def _compress_mean_default(spec: NSASpec, T: int) -> Config:
+    """64 columns (a piece that divides every head dim that is a multiple of 64, so no
+    masked lanes at 64, 128 or 192) and enough blocks for a tile of about 8192 elements (16 KB
+    of 16-bit input) a program, 4 warps: the gated sum's streaming tile (gate_fwd), which moves
+    its bytes at the copy ceiling."""
+    step = mean_step(spec)
+    block_dim = 64
+    # d is a power of two, so this is one too.
+    blocks = max(1, min(16, 8192 // (step * block_dim)))
+    return Config.make(BLOCK_C=blocks, BLOCK_DIM=block_dim, num_warps=4, num_stages=1)
+
+
+def _compress_mean_smem(spec: NSASpec, cfg: Config) -> int:
+    return 0  # a reduction over a register tile: nothing goes through shared memory
+
+
 # Hopper's tensor memory accelerator (the kernels' TMA param).
 TMA_ARCH = (("TMA", 90),)
 
@@ -568,6 +612,10 @@ KERNELS: dict[str, KernelDef] = {
     # single branch's too (o = g * o_br), so it applies to every spec.
     "gate_fwd": KernelDef("gate_fwd", "gate", _gate_fwd_context, _gate_fwd_default,
                           _gate_fwd_space, _gate_fwd_smem, lambda s: True),
+    # phi = mean, before the compressed attention and top-n, which read its output.
+    "compress_mean": KernelDef("compress_mean", "cmp", _compress_mean_context,
+                               _compress_mean_default, _compress_mean_space, _compress_mean_smem,
+                               lambda s: s.phi == "mean" and (s.has("cmp") or s.has("slc"))),
 }
 
 

@@ -71,22 +71,63 @@ def check(o, lse, ref_o, ref_lse, dtype, T_blind):
 # ----------------------------------------------------------------------------- compress_mean
 
 
-@pytest.mark.parametrize("l,d", [(8, 4), (4, 4), (16, 4), (1, 1)])
+def poisoned_cmp(shape, dtype):
+    return torch.full(shape, float("nan"), device=DEVICE, dtype=dtype)
+
+
+@pytest.mark.parametrize("l,d", [(8, 4), (4, 4), (16, 4), (1, 1), (32, 8)])
 @pytest.mark.parametrize("T", [3, 8, 37])
 def test_compress_mean(T, l, d):  # noqa: E741
+    """The kernel (templates/compress_mean.py.j2) at its default config, B = 2, every
+    element written (the output is NaN-poisoned)."""
+    spec = make_spec(1, l=l, d=d)
     g = torch.Generator().manual_seed(T * 100 + l)
     x = rand((2, T, 3, 16), torch.float32, g)
-    x_cmp, cu_cmp = compress_mean(x, l, d)
-    assert cu_cmp is None
     ref = naive_compress(x, l, d)
+    out = poisoned_cmp(ref.shape, x.dtype)
+    x_cmp, cu_cmp = compress_mean(x, spec, out=out)
+    assert cu_cmp is None and x_cmp.data_ptr() == out.data_ptr()  # written in place
     assert x_cmp.shape == ref.shape and x_cmp.dtype == x.dtype
     torch.testing.assert_close(x_cmp, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("l,d", [(32, 16), (64, 64)])
+def test_compress_mean_configs(l, d, dtype):  # noqa: E741
+    """Every tile of the space (BLOCK_C x BLOCK_DIM) and each warp count, a head dim that
+    is no multiple of the widest column tile (48) and one that is (the built-in specs' 128)."""
+    spec = make_spec(1, l=l, d=d)
+    kd = kernel_def("compress_mean")
+    space = kd.space(spec)
+    g = torch.Generator().manual_seed(l + d)
+    for D in (48, 128):
+        x = rand((1, 3 * l + d + 5, 2, D), dtype, g)
+        ref = naive_compress(x.float(), l, d)
+        for bc in space["BLOCK_C"]:
+            for bd in space["BLOCK_DIM"]:
+                for nw in (1, 4):
+                    cfg = Config.make(BLOCK_C=bc, BLOCK_DIM=bd, num_warps=nw, num_stages=1)
+                    assert kd.valid(spec, cfg)
+                    out = poisoned_cmp(ref.shape, dtype)
+                    compress_mean(x, spec, cfg, out=out)
+                    assert rel_err(out, ref) < TOL[dtype], (D, cfg)
+
+
+def test_compress_mean_long_stride():
+    """A stride chunk longer than one tile (d = 512 > 256 tokens) is summed in pieces."""
+    spec = make_spec(1, l=512, d=512)
+    g = torch.Generator().manual_seed(9)
+    x = rand((1, 1100, 1, 16), torch.float32, g)
+    ref = naive_compress(x, 512, 512)
+    out = poisoned_cmp(ref.shape, x.dtype)
+    compress_mean(x, spec, out=out)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_compress_mean_16bit_accumulates_in_fp32():
     g = torch.Generator().manual_seed(3)
     x = (rand((1, 200, 2, 16), torch.float32, g) + 100).to(torch.bfloat16)
-    x_cmp, _ = compress_mean(x, 64, 16)
+    x_cmp, _ = compress_mean(x, make_spec(1, l=64, d=16))
     assert x_cmp.dtype == torch.bfloat16
     torch.testing.assert_close(x_cmp.float(), naive_compress(x, 64, 16), rtol=8e-3, atol=0)
 
@@ -97,13 +138,44 @@ def test_compress_mean_varlen():
     cu = [0, 21, 26, 26, 60]
     g = torch.Generator().manual_seed(5)
     x = rand((1, cu[-1], 2, 16), torch.float32, g)
-    x_cmp, cu_cmp = compress_mean(x, l, d, torch.tensor(cu, device=DEVICE))
     refs = [naive_compress(x[:, a:b], l, d) for a, b in zip(cu, cu[1:])]
+    out = poisoned_cmp((1, sum(r.shape[1] for r in refs), 2, 16), x.dtype)
+    x_cmp, cu_cmp = compress_mean(x, make_spec(1, l=l, d=d), cu_seqlens=torch.tensor(cu, device=DEVICE),
+                                  out=out)
     torch.testing.assert_close(x_cmp, torch.cat(refs, 1), rtol=1e-5, atol=1e-5)
     want = [0]
     for r in refs:
         want.append(want[-1] + r.shape[1])
     assert cu_cmp.dtype == torch.int32 and cu_cmp.tolist() == want == [0, 4, 4, 4, 11]
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+@pytest.mark.parametrize("l,d", [(8, 4), (16, 4), (8, 8)])
+def test_compress_mean_grad(l, d, varlen):  # noqa: E741
+    """dx against autograd through naive_compress (fp32), B = 2 or packed sequences (one
+    shorter than l, which gets no gradient)."""
+    spec = make_spec(1, l=l, d=d)
+    g = torch.Generator().manual_seed(l * 10 + d)
+    T = 45
+    x = rand((1 if varlen else 2, T, 3, 16), torch.float32, g).requires_grad_()
+    cu = [0, 5, 30, T] if varlen else None
+    x_cmp, _ = compress_mean(x, spec, cu_seqlens=torch.tensor(cu, device=DEVICE) if varlen else None)
+    dy = rand(x_cmp.shape, torch.float32, g)
+    (dx,) = torch.autograd.grad(x_cmp, x, dy)
+    xr = x.detach().clone().requires_grad_()
+    if varlen:
+        ref = torch.cat([naive_compress(xr[:, a:b], l, d) for a, b in zip(cu, cu[1:])], 1)
+    else:
+        ref = naive_compress(xr, l, d)
+    (dx_ref,) = torch.autograd.grad(ref, xr, dy)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_compress_mean_bad_out():
+    spec = make_spec(1)
+    x = torch.randn(1, 20, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="out has shape"):
+        compress_mean(x, spec, out=torch.empty(1, 3, 2, 16, device=DEVICE))
 
 
 # ----------------------------------------------------------------------------- compression_fwd
@@ -115,8 +187,8 @@ def test_compression_fwd(G, dtype):
     spec = make_spec(G, H=2 if G < 16 else 1)
     B, T = 2, 77  # ragged: no multiple of any tile, block or stride
     q, k, v = rand_qkv(spec, B, T, dtype, seed=G)
-    k_cmp, _ = compress_mean(k, spec.l, spec.d)
-    v_cmp, _ = compress_mean(v, spec.l, spec.d)
+    k_cmp, _ = compress_mean(k, spec)
+    v_cmp, _ = compress_mean(v, spec)
     out = poisoned(spec, B, T, dtype)
     o, lse = compression_fwd(q, k_cmp, v_cmp, spec, out=out)
     assert o is out[0] and lse is out[1]
@@ -164,8 +236,8 @@ def test_compression_fwd_varlen(G, dtype):
     T = cu[-1]
     q, k, v = rand_qkv(spec, 1, T, dtype, seed=20 + G)
     cu_t = torch.tensor(cu, dtype=torch.int32, device=DEVICE)
-    k_cmp, cu_cmp = compress_mean(k, spec.l, spec.d, cu_t)
-    v_cmp, _ = compress_mean(v, spec.l, spec.d, cu_t)
+    k_cmp, cu_cmp = compress_mean(k, spec, cu_seqlens=cu_t)
+    v_cmp, _ = compress_mean(v, spec, cu_seqlens=cu_t)
     runs = []
     for tma in (0, 1):  # TMA boxes cross from one sequence's blocks into the next
         config = Config.make(BLOCK_T=16 // G, BLOCK_C=16, TMA=tma, num_warps=4, num_stages=2)
@@ -187,8 +259,8 @@ def test_compression_fwd_no_blocks():
     """T < l: no compressed block exists; o = 0 and lse = -inf everywhere."""
     spec = make_spec(4, H=2)
     q, k, v = rand_qkv(spec, 2, spec.l - 1, torch.float32, seed=1)
-    k_cmp, _ = compress_mean(k, spec.l, spec.d)
-    v_cmp, _ = compress_mean(v, spec.l, spec.d)
+    k_cmp, _ = compress_mean(k, spec)
+    v_cmp, _ = compress_mean(v, spec)
     assert k_cmp.shape[1] == 0
     out = poisoned(spec, 2, spec.l - 1, torch.float32)
     o, lse = compression_fwd(q, k_cmp, v_cmp, spec, out=out)
@@ -202,7 +274,7 @@ def test_compression_fwd_rejects_bad_shapes():
     with pytest.raises(ValueError):  # one block short
         compression_fwd(q, k_cmp[:, 1:], v_cmp[:, 1:], spec)
     cu = torch.tensor([0, 10, 30], dtype=torch.int32, device=DEVICE)
-    kc, cu_cmp = compress_mean(k, spec.l, spec.d, cu)
-    vc, _ = compress_mean(v, spec.l, spec.d, cu)
+    kc, cu_cmp = compress_mean(k, spec, cu_seqlens=cu)
+    vc, _ = compress_mean(v, spec, cu_seqlens=cu)
     with pytest.raises(ValueError):  # cu_seqlens_cmp that disagrees with cu_seqlens
         compression_fwd(q, kc, vc, spec, cu_seqlens=cu, cu_seqlens_cmp=cu_cmp + 1)

@@ -58,8 +58,8 @@ def run_function(spec, q, k, v, do, config=None, cu: list[int] | None = None):
     dk_cmp, dv_cmp)."""
     q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
     cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=DEVICE)
-    k_cmp, cu_cmp = compress_mean(k, spec.l, spec.d, cu_t)
-    v_cmp, _ = compress_mean(v, spec.l, spec.d, cu_t)
+    k_cmp, cu_cmp = compress_mean(k, spec, cu_seqlens=cu_t)
+    v_cmp, _ = compress_mean(v, spec, cu_seqlens=cu_t)
     k_cmp.retain_grad()
     v_cmp.retain_grad()
     o, lse = CompressionFunction.apply(q, k_cmp, v_cmp, spec, None, config, cu_t, cu_cmp)

@@ -11,57 +11,98 @@ from .common import (check, check_grad_inputs, check_seqlens, check_tensor, cmp_
                      launch_options, outputs, tile_table, tma_config)
 
 
-def compress_mean(x: torch.Tensor, l: int, d: int,  # noqa: E741 - the paper's names
-                  cu_seqlens: torch.Tensor | None = None,
+def compress_mean(x: torch.Tensor, spec: NSASpec, config: Config | None = None,
+                  cu_seqlens: torch.Tensor | None = None, out: torch.Tensor | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """phi = mean: x [B, T, H, D] -> (x_cmp [B, NC, H, D] in x's dtype, cu_seqlens_cmp).
+    """phi = mean over spec's compressed blocks (block l, stride d): x [B, T, H, D] ->
+    (x_cmp [B, NC, H, D] in x's dtype, cu_seqlens_cmp).
 
-    Block i is the mean of x[i*d : i*d + l], NC = (T - l) // d + 1 (0 if T < l). With
-    cu_seqlens (int [N+1], B = 1) blocks never cross a sequence boundary: each sequence
-    contributes its own (len - l) // d + 1 blocks (or none), packed into [1, sum NC, H, D],
-    and cu_seqlens_cmp (int32 [N+1]) says where each sequence's blocks start; without
-    cu_seqlens it is None.
-
-    Sums run in fp32. Since d divides l, a block is l // d consecutive stride chunks: each
-    chunk of d tokens is summed once and blocks add up chunk sums, so no [NC, l] copy of x
-    is made (x is read about once, not l / d times).
+    Block i is the mean of x[i*d : i*d + l], NC = (T - l) // d + 1 (0 if T < l), summed in
+    fp32 (templates/compress_mean.py.j2, one pass over x). With cu_seqlens (int [N+1], B = 1)
+    blocks never cross a sequence boundary: each sequence contributes its own
+    (len - l) // d + 1 blocks (or none), packed into [1, sum NC, H, D], and cu_seqlens_cmp
+    (int32 [N+1]) says where each sequence's blocks start; without cu_seqlens it is None.
+    H and D are x's own (keys and values may differ in D). config: defaults to the kernel's
+    heuristic. out: optional contiguous tensor of x_cmp's shape and x's dtype to write into.
+    Differentiable in x (CompressMeanFunction, backward in PyTorch).
     """
     check_tensor("x", x, (None, None, None, None))
-    check(l >= 1 and d >= 1 and l % d == 0, f"compression stride d={d} must divide block l={l}")
     B, T, H, D = x.shape
-    m = l // d
-    if cu_seqlens is None:
-        NC = num_cmp_blocks(T, l, d)
-        if NC == 0:
-            # An empty slice of x, not new_zeros: it stays in x's autograd graph, so x.grad
-            # is zeros, not None, when nothing is compressed.
-            return x[:, :0].clone(), None
-        n_chunks = NC + m - 1  # = T // d
-        chunks = x[:, :n_chunks * d].reshape(B, n_chunks, d, H, D).sum(2, dtype=torch.float32)
-        x_cmp = chunks.unfold(1, m, 1).sum(-1) / l  # [B, NC, H, D]
-        return x_cmp.to(x.dtype), None
-
     cu = check_seqlens(cu_seqlens, B, T, x.device)
-    cu_cmp = cmp_seqlens(cu, l, d)
+    cu_cmp = None if cu is None else cmp_seqlens(cu, spec.l, spec.d)
+    if out is not None:
+        shape = (B, num_cmp_blocks(T, spec.l, spec.d)) if cu is None else (1, int(cu_cmp[-1]))
+        check_tensor("out", out, (*shape, H, D), like=x)
+        check(out.is_contiguous(), "out must be contiguous")
+    return CompressMeanFunction.apply(x, spec, config, cu, cu_cmp, out), cu_cmp
+
+
+def _block_rows(cu: torch.Tensor, cu_cmp: torch.Tensor, d: int) -> torch.Tensor:
+    """int64 [sum NC]: the row of the packed x where each packed compressed block starts."""
     n_cmp = (cu_cmp[1:] - cu_cmp[:-1]).to(torch.int64)
     NC = int(cu_cmp[-1])
-    if NC == 0:
-        return x[:, :0].clone(), cu_cmp  # in x's autograd graph, as above
-    # Only sequences with a block need their chunks: n_cmp + m - 1 of them each.
-    n_chunks = torch.where(n_cmp > 0, n_cmp + m - 1, 0)
-    cu_chunks = torch.cat([n_chunks.new_zeros(1), n_chunks.cumsum(0)])
-    n_total = int(cu_chunks[-1])
-    chunk_in_seq = (torch.arange(n_total, device=x.device)
-                    - torch.repeat_interleave(cu_chunks[:-1], n_chunks))
-    chunk_row = torch.repeat_interleave(cu[:-1], n_chunks) + chunk_in_seq * d
-    tok = (chunk_row[:, None] + torch.arange(d, device=x.device)).flatten()
-    chunks = x[0, tok].view(n_total, d, H, D).sum(1, dtype=torch.float32)
-    # Block i of a sequence adds chunks i .. i + m - 1 of that sequence.
-    cu_cmp64 = cu_cmp.to(torch.int64)
-    blk_in_seq = torch.arange(NC, device=x.device) - torch.repeat_interleave(cu_cmp64[:-1], n_cmp)
-    first_chunk = torch.repeat_interleave(cu_chunks[:-1], n_cmp) + blk_in_seq
-    x_cmp = chunks[first_chunk[:, None] + torch.arange(m, device=x.device)].sum(1) / l
-    return x_cmp.to(x.dtype)[None], cu_cmp
+    first = torch.repeat_interleave(cu[:-1], n_cmp, output_size=NC)
+    i = torch.arange(NC, device=cu.device) - torch.repeat_interleave(
+        cu_cmp[:-1].to(torch.int64), n_cmp, output_size=NC)
+    return first + i * d
+
+
+def _compress_mean_fwd(x, spec, config, cu, cu_cmp, out) -> torch.Tensor:
+    B, T, H, D = x.shape
+    x = x.contiguous()
+    if cu is None:
+        NC = num_cmp_blocks(T, spec.l, spec.d)
+        n_blocks, rows = B * NC, x  # rows: unread without IS_VARLEN
+    else:
+        NC = int(cu_cmp[-1])
+        n_blocks, rows = NC, _block_rows(cu, cu_cmp, spec.d)
+    if out is None:
+        out = x.new_empty(1 if cu is not None else B, NC, H, D)
+    if n_blocks == 0 or H * D == 0:
+        return out
+    config = config or kernel_def("compress_mean").default(spec, T)
+    grid = (-(-n_blocks // config["BLOCK_C"]), H, -(-D // config["BLOCK_DIM"]))
+    kernel_fn("compress_mean", spec, config)[grid](
+        x, out, rows, n_blocks, T, max(NC, 1), H, DIM=D, IS_VARLEN=cu is not None,
+        **launch_options(config))
+    return out
+
+
+def compress_mean_bwd(dx_cmp: torch.Tensor, shape: torch.Size, l: int, d: int,  # noqa: E741
+                      cu: torch.Tensor | None, cu_cmp: torch.Tensor | None) -> torch.Tensor:
+    """Gradient of compress_mean: dx [B, T, H, D] (shape) in dx_cmp's dtype. Token t of
+    block i gets dx_cmp[i] / l, summed in fp32 over the l / d blocks that hold it: one
+    indexed add per chunk position j of a block, whose rows are distinct across blocks (the
+    stride is d), so the sum is deterministic (no atomics)."""
+    B, T, H, D = shape
+    dx = torch.zeros(B * T, H, D, device=dx_cmp.device, dtype=torch.float32)
+    n = dx_cmp.shape[0] * dx_cmp.shape[1]
+    if n:
+        if cu is None:
+            i = torch.arange(n, device=dx.device)
+            NC = dx_cmp.shape[1]
+            first = (i // NC) * T + (i % NC) * d
+        else:
+            first = _block_rows(cu, cu_cmp, d)
+        g = (dx_cmp.reshape(n, H, D).float() / l).repeat_interleave(d, 0)
+        r_d = torch.arange(d, device=dx.device)
+        for j in range(l // d):
+            dx[((first + j * d)[:, None] + r_d).flatten()] += g
+    return dx.view(B, T, H, D).to(dx_cmp.dtype)
+
+
+class CompressMeanFunction(torch.autograd.Function):
+    """compress_mean with autograd: the kernel forward, the backward in PyTorch (a scatter of
+    dx_cmp / l, memory-bound and off the inference path)."""
+
+    @staticmethod
+    def forward(ctx, x, spec, config, cu, cu_cmp, out):
+        ctx.meta = (x.shape, spec.l, spec.d, cu, cu_cmp)
+        return _compress_mean_fwd(x, spec, config, cu, cu_cmp, out)
+
+    @staticmethod
+    def backward(ctx, dx_cmp):
+        return compress_mean_bwd(dx_cmp, *ctx.meta), None, None, None, None, None
 
 
 # The dk/dv partials of a token split take n_split * NC * H * (DK + DV) fp32 words: NC grows
