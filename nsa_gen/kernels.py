@@ -52,6 +52,10 @@ class KernelDef:
     # (param, value, when): a config for which `when(config)` holds runs as with param =
     # value (its variant does not read the param), so the tuner tries only that one.
     unread: tuple[tuple[str, object, Callable[[Config], bool]], ...] = ()
+    # True: the kernel takes about as long on the GPU as its launcher on the CPU (a short
+    # streaming pass), so the tuner times it replayed from a CUDA graph (trial.graph_timer);
+    # timed eagerly, the launcher's CPU time, the same for every config, would hide it.
+    launch_bound: bool = False
 
     @property
     def template(self) -> str:
@@ -615,7 +619,8 @@ KERNELS: dict[str, KernelDef] = {
     # phi = mean, before the compressed attention and top-n, which read its output.
     "compress_mean": KernelDef("compress_mean", "cmp", _compress_mean_context,
                                _compress_mean_default, _compress_mean_space, _compress_mean_smem,
-                               lambda s: s.phi == "mean" and (s.has("cmp") or s.has("slc"))),
+                               lambda s: s.phi == "mean" and (s.has("cmp") or s.has("slc")),
+                               launch_bound=True),
 }
 
 

@@ -583,6 +583,54 @@ def test_bench_timer_takes_the_median_of_flushed_runs(monkeypatch):
     assert log == ["run"] + ["flush", "run"] * 6
 
 
+def test_default_timer_by_kernel(spec):
+    """The interpreter times wall-clock; on a GPU a launch-bound kernel (compress_mean) is
+    timed from a CUDA graph, the others eagerly."""
+    from nsa_gen.tuning.trial import default_timer, graph_timer, wall_timer
+    cfg = Config.make(num_warps=4, num_stages=1)
+    assert default_timer(TrialRequest("compress_mean", spec, 64, 1, cfg, "cpu")) is wall_timer
+    assert default_timer(TrialRequest("compress_mean", spec, 64, 1, cfg, "cuda")) is graph_timer
+    assert default_timer(TrialRequest("topn", spec, 64, 1, cfg, "cuda:0")) is bench_timer
+
+
+def test_graph_timer_replays_or_falls_back(monkeypatch):
+    """graph_timer hands bench_timer the graph's replay; when the capture raises (a launcher
+    that waits on the GPU), the launch itself."""
+    import torch
+
+    from nsa_gen.tuning import trial
+    timed, runs = [], []
+    monkeypatch.setattr(trial, "bench_timer", lambda fn: timed.append(fn) or 1.5)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+    class Graph:
+        def replay(self):
+            pass
+
+    class Capture:
+        def __init__(self, graph, fail):
+            self.fail = fail
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            if self.fail:
+                raise RuntimeError("operation not permitted when stream is capturing")
+
+    def fn():
+        runs.append(1)
+    for fail in (False, True):
+        timed.clear()
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "graph", lambda g, fail=fail: Capture(g, fail))
+        assert trial.graph_timer(fn) == 1.5
+        assert len(timed) == 1
+        assert (timed[0] is fn) == fail
+        if not fail:
+            assert timed[0].__self__.__class__ is Graph  # the bound replay
+
+
 def test_classify():
     class OutOfResources(Exception):
         pass

@@ -134,6 +134,24 @@ def bench_timer(fn: Callable[[], Any]) -> float:
     return float(statistics.median(s.elapsed_time(e) for s, e in events))
 
 
+def graph_timer(fn: Callable[[], Any]) -> float:
+    """bench_timer over replays of `fn` captured in a CUDA graph: the GPU time of its
+    launches without the launcher's CPU time, which for a kernel of tens of microseconds is
+    larger than the kernel and the same for every config. A launcher that cannot be
+    captured (it waits on the GPU, e.g. for a size) is timed as it is, by bench_timer."""
+    import torch
+    fn()  # compiles and allocates outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception:  # noqa: BLE001 - any capture failure falls back to eager timing
+        torch.cuda.synchronize()
+        return bench_timer(fn)
+    return bench_timer(graph.replay)
+
+
 def classify(exc: BaseException) -> str:
     """Failure status of an exception raised while building or running a kernel."""
     names = {c.__name__ for c in type(exc).__mro__}
@@ -152,6 +170,16 @@ def _short(exc: BaseException) -> str:
 
 
 CHECK_T = 2048
+
+
+def default_timer(req: TrialRequest) -> Timer:
+    """wall_timer on the interpreter; on a GPU graph_timer for a launch-bound kernel
+    (KernelDef.launch_bound), else bench_timer."""
+    if not req.device.startswith("cuda"):
+        return wall_timer
+    from ..kernels import KERNELS
+    kd = KERNELS.get(req.stem)
+    return graph_timer if kd is not None and kd.launch_bound else bench_timer
 
 
 class TrialExecutor:
@@ -191,7 +219,7 @@ class TrialExecutor:
         if failed is not None:
             return failed
         case, check, cfg = self._case, self._check, req.config
-        timer = self.timer or (bench_timer if req.device.startswith("cuda") else wall_timer)
+        timer = self.timer or default_timer(req)
         try:
             outs = check.run(cfg)
             _sync(req.device)
