@@ -22,7 +22,6 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import math
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -32,24 +31,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nsa_gen.benchmark import _bench  # noqa: E402
 from probe_main import dispatched_case, probe_main  # noqa: E402
+from resources import capture  # noqa: E402
 
 OUTPUT_ARGS = ("block_idx", "o", "lse")  # A's output arguments, poisoned before a check
 _TMP = Path(tempfile.mkdtemp(prefix="nsa_coresident_"))
-
-
-def capture(run) -> list[tuple]:
-    """(jit function, args, kwargs, grid) of every launch `run()` makes; none of them runs."""
-    from triton.runtime.jit import JITFunction
-    seen, real = [], JITFunction.run
-
-    def fake(self, *args, grid, warmup, **kwargs):
-        seen.append((self, args, kwargs, grid))
-    JITFunction.run = fake
-    try:
-        run()
-    finally:
-        JITFunction.run = real
-    return seen
 
 
 def persistent_source(src: str, name: str) -> str:

@@ -32,12 +32,12 @@ DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "int32": "i3
 
 
 def capture(run) -> list[tuple]:
-    """(jit function, args, kwargs) of every launch `run()` makes; none of them runs."""
+    """(jit function, args, kwargs, grid) of every launch `run()` makes; none of them runs."""
     from triton.runtime.jit import JITFunction
     seen, real = [], JITFunction.run
 
     def fake(self, *args, grid, warmup, **kwargs):
-        seen.append((self, args, kwargs))
+        seen.append((self, args, kwargs, grid))
     JITFunction.run = fake
     try:
         run()
@@ -117,7 +117,7 @@ def main() -> int:
             cfg = cfg.replace(**parse_assignments(rest[0].split(",")))
         case = make_case(stem, spec, args.T, dtype=torch.bfloat16, device="cpu")
         print(f"{name} {stem} {cfg}")
-        for fn, a, kw in capture(lambda: case.run(cfg)):
+        for fn, a, kw, _ in capture(lambda: case.run(cfg)):
             r = compile_launch(fn, a, dict(kw), ptxas)
             print(f"  {r['kernel']}: {r['registers']} registers, {r['spill_bytes']} B spilled, "
                   f"{r['smem'] / 1024:.0f} KB shared; programs an SM by {r['programs_per_sm']}")
