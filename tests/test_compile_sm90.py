@@ -140,6 +140,18 @@ def test_resources_tool_reads_each_launch(tmp_path):
     assert all(16 <= int(f[1]) <= 255 for f in found), found
 
 
+def test_compress_mean_compiles_for_sm90(tmp_path):
+    """phi = mean at the shipped 64k configs: keys and values (DK 192 and DV 128 for
+    deepseek-nsa, two compiles of one module), without spills."""
+    import re
+    r = run_sm90(tmp_path, [str(ROOT / "benchmarks/resources.py"), "deepseek-nsa:compress_mean",
+                            "fla-compat:compress_mean", "--T", "256"], timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    found = re.findall(r"(nsa_\w+_kernel): (\d+) registers, (\d+) B spilled", r.stdout)
+    assert [f[0] for f in found] == ["nsa_compress_mean_kernel"] * 4, r.stdout
+    assert all(int(f[2]) == 0 for f in found), found
+
+
 def test_gluon_cmp_probe_compiles(tmp_path):
     """benchmarks/gluon_cmp_probe.py's hand-pipelined Gluon kernel compiles for sm90 and fits
     two programs an SM (its GPU probe must not be the first time it compiles)."""
