@@ -70,25 +70,43 @@ def _compress_mean_fwd(x, spec, config, cu, cu_cmp, out) -> torch.Tensor:
 
 def compress_mean_bwd(dx_cmp: torch.Tensor, shape: torch.Size, l: int, d: int,  # noqa: E741
                       cu: torch.Tensor | None, cu_cmp: torch.Tensor | None) -> torch.Tensor:
-    """Gradient of compress_mean: dx [B, T, H, D] (shape) in dx_cmp's dtype. Token t of
-    block i gets dx_cmp[i] / l, summed in fp32 over the l / d blocks that hold it: one
-    indexed add per chunk position j of a block, whose rows are distinct across blocks (the
-    stride is d), so the sum is deterministic (no atomics)."""
+    """Gradient of compress_mean: dx [B, T, H, D] (shape) in dx_cmp's dtype.
+
+    A token gets the sum of dx_cmp / l over the l / d blocks that hold it, which is the same
+    for the d tokens of a stride chunk: the chunk sums are formed in fp32 (one shifted add per
+    chunk position of a block, whose chunks are distinct across blocks, so no atomics and a
+    deterministic order), then written to their tokens once. Tokens in no block get 0."""
     B, T, H, D = shape
-    dx = torch.zeros(B * T, H, D, device=dx_cmp.device, dtype=torch.float32)
-    n = dx_cmp.shape[0] * dx_cmp.shape[1]
-    if n:
-        if cu is None:
-            i = torch.arange(n, device=dx.device)
-            NC = dx_cmp.shape[1]
-            first = (i // NC) * T + (i % NC) * d
-        else:
-            first = _block_rows(cu, cu_cmp, d)
-        g = (dx_cmp.reshape(n, H, D).float() / l).repeat_interleave(d, 0)
-        r_d = torch.arange(d, device=dx.device)
-        for j in range(l // d):
-            dx[((first + j * d)[:, None] + r_d).flatten()] += g
-    return dx.view(B, T, H, D).to(dx_cmp.dtype)
+    m = l // d
+    dx = torch.zeros(shape, device=dx_cmp.device, dtype=dx_cmp.dtype)
+    NC = dx_cmp.shape[1]
+    if NC == 0:
+        return dx
+    g = dx_cmp.float() / l
+    if cu is None:
+        dchunk = g.new_zeros(B, NC + m - 1, H, D)
+        for j in range(m):
+            dchunk[:, j:j + NC] += g
+        dx[:, :(NC + m - 1) * d] = dchunk.to(dx.dtype).repeat_interleave(d, 1)
+        return dx
+    # Packed: a sequence with n blocks has n + m - 1 chunks, chunk c at row start + c * d;
+    # its block i holds its chunks i .. i + m - 1.
+    dev = dx.device
+    n_cmp = (cu_cmp[1:] - cu_cmp[:-1]).to(torch.int64)
+    n_chunks = torch.where(n_cmp > 0, n_cmp + m - 1, 0)
+    cu_chunks = torch.cat([n_chunks.new_zeros(1), n_chunks.cumsum(0)])
+    total = int(cu_chunks[-1])
+    seqs = torch.arange(n_cmp.numel(), device=dev)
+    blk_seq = torch.repeat_interleave(seqs, n_cmp, output_size=NC)
+    first_chunk = cu_chunks[blk_seq] + torch.arange(NC, device=dev) - cu_cmp.to(torch.int64)[blk_seq]
+    dchunk = g.new_zeros(total, H, D)
+    for j in range(m):
+        dchunk[first_chunk + j] += g[0]
+    chunk_seq = torch.repeat_interleave(seqs, n_chunks, output_size=total)
+    chunk_row = cu[chunk_seq] + (torch.arange(total, device=dev) - cu_chunks[chunk_seq]) * d
+    rows = (chunk_row[:, None] + torch.arange(d, device=dev)).flatten()
+    dx.view(B * T, H, D)[rows] = dchunk.to(dx.dtype).repeat_interleave(d, 0)
+    return dx
 
 
 class CompressMeanFunction(torch.autograd.Function):
