@@ -30,32 +30,31 @@ def compress_mean(x: torch.Tensor, spec: NSASpec, config: Config | None = None,
     B, T, H, D = x.shape
     cu = check_seqlens(cu_seqlens, B, T, x.device)
     cu_cmp = None if cu is None else cmp_seqlens(cu, spec.l, spec.d)
+    # Blocks of each sequence, or of all packed ones (one host sync, here only).
+    NC = num_cmp_blocks(T, spec.l, spec.d) if cu is None else int(cu_cmp[-1])
     if out is not None:
-        shape = (B, num_cmp_blocks(T, spec.l, spec.d)) if cu is None else (1, int(cu_cmp[-1]))
-        check_tensor("out", out, (*shape, H, D), like=x)
+        check_tensor("out", out, (B if cu is None else 1, NC, H, D), like=x)
         check(out.is_contiguous(), "out must be contiguous")
-    return CompressMeanFunction.apply(x, spec, config, cu, cu_cmp, out), cu_cmp
+    return CompressMeanFunction.apply(x, spec, config, cu, cu_cmp, NC, out), cu_cmp
 
 
-def _block_rows(cu: torch.Tensor, cu_cmp: torch.Tensor, d: int) -> torch.Tensor:
-    """int64 [sum NC]: the row of the packed x where each packed compressed block starts."""
+def _block_rows(cu: torch.Tensor, cu_cmp: torch.Tensor, d: int, NC: int) -> torch.Tensor:
+    """int64 [NC]: the row of the packed x where each of the NC packed compressed blocks
+    starts."""
     n_cmp = (cu_cmp[1:] - cu_cmp[:-1]).to(torch.int64)
-    NC = int(cu_cmp[-1])
     first = torch.repeat_interleave(cu[:-1], n_cmp, output_size=NC)
     i = torch.arange(NC, device=cu.device) - torch.repeat_interleave(
         cu_cmp[:-1].to(torch.int64), n_cmp, output_size=NC)
     return first + i * d
 
 
-def _compress_mean_fwd(x, spec, config, cu, cu_cmp, out) -> torch.Tensor:
+def _compress_mean_fwd(x, spec, config, cu, cu_cmp, NC, out) -> torch.Tensor:
     B, T, H, D = x.shape
     x = x.contiguous()
     if cu is None:
-        NC = num_cmp_blocks(T, spec.l, spec.d)
         n_blocks, rows = B * NC, x  # rows: unread without IS_VARLEN
     else:
-        NC = int(cu_cmp[-1])
-        n_blocks, rows = NC, _block_rows(cu, cu_cmp, spec.d)
+        n_blocks, rows = NC, _block_rows(cu, cu_cmp, spec.d, NC)
     if out is None:
         out = x.new_empty(1 if cu is not None else B, NC, H, D)
     if n_blocks == 0 or H * D == 0:
@@ -114,13 +113,13 @@ class CompressMeanFunction(torch.autograd.Function):
     dx_cmp / l, memory-bound and off the inference path)."""
 
     @staticmethod
-    def forward(ctx, x, spec, config, cu, cu_cmp, out):
+    def forward(ctx, x, spec, config, cu, cu_cmp, NC, out):
         ctx.meta = (x.shape, spec.l, spec.d, cu, cu_cmp)
-        return _compress_mean_fwd(x, spec, config, cu, cu_cmp, out)
+        return _compress_mean_fwd(x, spec, config, cu, cu_cmp, NC, out)
 
     @staticmethod
     def backward(ctx, dx_cmp):
-        return compress_mean_bwd(dx_cmp, *ctx.meta), None, None, None, None, None
+        return compress_mean_bwd(dx_cmp, *ctx.meta), None, None, None, None, None, None
 
 
 # The dk/dv partials of a token split take n_split * NC * H * (DK + DV) fp32 words: NC grows
