@@ -198,21 +198,32 @@ def make_case(stem: str, spec: NSASpec, T: int, *, B: int = 1, dtype: torch.dtyp
     raise KeyError(f"no test case for kernel '{stem}'")
 
 
+def _poison_on_change(*bufs: torch.Tensor) -> Callable[[Config], None]:
+    """A hook for a case's launch: fills bufs with NaN whenever the config differs from the
+    one it saw last, so an element a config never writes fails the comparison, also after
+    another config filled the buffer correctly; repeated runs of one config (the tuner's timed
+    runs) skip the fill, which would cost about as much as a streaming kernel's own store."""
+    last: list = [object()]
+
+    def poison(config: Config) -> None:
+        if config != last[0]:
+            for b in bufs:
+                b.fill_(float("nan"))
+            last[0] = config
+    return poison
+
+
 def _compress_mean_case(spec: NSASpec, B: int, T: int, dtype, device, k, v) -> Case:
     """compress_mean of k and of v (two launches, as nsa() makes them), into output buffers
-    NaN-poisoned whenever the config differs from the last one run (as _gate_case's: the
-    tuner's repeated timed runs of one config skip the fill)."""
+    poisoned by _poison_on_change."""
     from .ops.compression import compress_mean
 
     NC = num_cmp_blocks(T, spec.l, spec.d)
     outs = [torch.empty(B, NC, spec.H, x.shape[-1], device=device, dtype=dtype) for x in (k, v)]
-    last: list = [object()]
+    poison = _poison_on_change(*outs)
 
     def launch(c: Config) -> tuple:
-        if c != last[0]:
-            for o in outs:
-                o.fill_(float("nan"))
-            last[0] = c
+        poison(c)
         return tuple(compress_mean(x, spec, c, out=o)[0] for x, o in zip((k, v), outs))
 
     return Case("compress_mean", spec, B, T, dtype, device, dict(k=k, v=v), launch,
@@ -223,11 +234,7 @@ def _compress_mean_case(spec: NSASpec, B: int, T: int, dtype, device, k, v) -> C
 
 def _gate_case(spec: NSASpec, B: int, T: int, dtype, device, gen) -> Case:
     """gate_fwd over all of the spec's branches: random outputs (normals) and gates (in
-    (0, 1), as a sigmoid gives). Each config a case runs that differs from the one it ran
-    last writes into an output buffer NaN-poisoned just before, so an element it never
-    writes fails the comparison, also after another config filled the buffer correctly;
-    repeated runs of one config (the tuner's timed runs) skip the fill, which would cost as
-    much as the kernel's own store."""
+    (0, 1), as a sigmoid gives), into an output buffer poisoned by _poison_on_change."""
     from .ops import gate
 
     shape = (B, T, spec.HQ, spec.DV)
@@ -236,12 +243,10 @@ def _gate_case(spec: NSASpec, B: int, T: int, dtype, device, gen) -> Case:
         outs[b] = torch.randn(*shape, generator=gen, device=device).to(dtype=dtype)
         gates[b] = torch.rand(*shape[:3], generator=gen, device=device).to(dtype=dtype)
     out = torch.empty(shape, device=device, dtype=dtype)
-    last: list = [object()]
+    poison = _poison_on_change(out)
 
     def launch(c: Config) -> tuple:
-        if c != last[0]:
-            out.fill_(float("nan"))
-            last[0] = c
+        poison(c)
         return (gate.gate_fwd(outs, gates, spec, c, out=out),)
 
     inputs = {**{f"o_{b}": x for b, x in outs.items()}, **{f"g_{b}": g for b, g in gates.items()}}
