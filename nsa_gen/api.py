@@ -9,6 +9,7 @@ from .config import Config
 from .db.dispatch import default_dispatcher
 from .ops.common import check, check_tensor
 from .ops.compression import CompressionFunction, compress_mean
+from .ops.decode import NSACache, decode_attend, decode_positions, decode_select, decode_topn
 from .ops.gate import GateFunction
 from .ops.selection import SelectionFunction, selection_fwd, topn
 from .ops.window import WindowFunction
@@ -131,6 +132,50 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor |
     return (o, aux) if return_aux else o
 
 
+def nsa_decode(q: torch.Tensor, cache: NSACache, g_cmp: torch.Tensor | None = None,
+               g_slc: torch.Tensor | None = None, g_swa: torch.Tensor | None = None, *,
+               dispatcher=None, return_aux: bool = False):
+    """Native Sparse Attention for decode: the newest Sq tokens of each sequence against
+    `cache`, which already holds them (`NSACache.append` first).
+
+    q [B, Sq, HQ, DK], of the cache's dtype and device; gates g_* [B, Sq, HQ] as in `nsa`
+    (a branch whose gate is None is skipped). Token i of sequence b sits at position
+    cache.lengths[b] - Sq + i. Configs come from the dispatcher at T = cache.max_len and
+    B = batch * Sq. Returns o [B, Sq, HQ, DV] in q's dtype; with return_aux also a dict with
+    the chosen block indices ("indices", int32 [B, Sq, H, S]) when the selection runs.
+    Inference only: nothing here is differentiable.
+    """
+    spec = cache.spec
+    check(isinstance(cache, NSACache), "cache must be an NSACache")
+    check_tensor("q", q, (cache.B, None, spec.HQ, spec.DK), like=cache.k_cmp)
+    B, Sq = q.shape[:2]
+    check(1 <= Sq <= cache.max_len, f"Sq = {Sq}: decode takes 1 to max_len new tokens")
+    gates = {"cmp": g_cmp, "slc": g_slc, "swa": g_swa}
+    for name, g in gates.items():
+        if g is not None:
+            check(spec.has(name), f"g_{name} given but the spec has no '{name}' branch")
+            check_tensor(f"g_{name}", g, (B, Sq, spec.HQ), like=q)
+    check(any(g is not None for g in gates.values()), "no gate given: every branch is off")
+    dispatcher = dispatcher or default_dispatcher()
+    N = B * Sq
+    q2 = q.reshape(N, spec.HQ, spec.DK).contiguous()
+    q_pos = decode_positions(cache, Sq)
+    aux: dict = {}
+    o_part = idx = None
+    with torch.no_grad():
+        if g_cmp is not None or g_slc is not None:
+            o_part, gp = decode_select(q2, cache, q_pos, Sq,
+                                       dispatcher.get("decode_select", spec, cache.max_len, N))
+            if g_slc is not None:
+                idx = decode_topn(gp, q_pos, spec, cache.max_len)
+                aux["indices"] = idx.view(B, Sq, spec.H, spec.S)
+        on = {b: g.reshape(N, spec.HQ).contiguous() for b, g in gates.items() if g is not None}
+        o = decode_attend(q2, cache, q_pos, Sq, idx, o_part, on,
+                          dispatcher.get("decode_attend", spec, cache.max_len, N))
+    o = o.view(B, Sq, spec.HQ, spec.DV)
+    return (o, aux) if return_aux else o
+
+
 class NativeSparseAttention(torch.nn.Module):
     """NSA attention layer built from a spec: x [B, T, hidden] -> [B, T, hidden].
 
@@ -170,17 +215,32 @@ class NativeSparseAttention(torch.nn.Module):
             self.mlp_k = CompressionMLP(spec.l, spec.DK).to(device=device)
             self.mlp_v = CompressionMLP(spec.l, spec.DV).to(device=device)
 
+    def new_cache(self, batch: int, max_len: int, *, device=None, dtype=None) -> NSACache:
+        """An empty `NSACache` for this layer's spec, branch pairs and phi."""
+        p = self.q_proj.weight
+        return NSACache(self.spec, batch, max_len, device=device or p.device,
+                        dtype=dtype or p.dtype, per_branch_kv=self.per_branch_kv,
+                        mlp_k=self.mlp_k, mlp_v=self.mlp_v)
+
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, rope=None,
-                attention=None) -> torch.Tensor:
+                attention=None, cache: NSACache | None = None) -> torch.Tensor:
         """x [B, T, hidden]; cu_seqlens packs sequences (B = 1). `attention` replaces the op
-        (same signature as `nsa`), e.g. `naive.naive_nsa`-based reference runs."""
+        (same signature as `nsa`), e.g. `naive.naive_nsa`-based reference runs.
+        cache (`new_cache`): decode. The T new tokens' keys and values are appended to it
+        and the tokens attend to everything cached (`nsa_decode`); rope then gets the
+        positions as a third argument, int32 [B, T], instead of cu_seqlens."""
         spec = self.spec
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, spec.HQ, spec.DK)
         n_kv = len(spec.branches) if self.per_branch_kv else 1
         # Every branch's keys in one [B, T, n_kv * H, DK] tensor: one rope call rotates q once.
         k = self.k_proj(x).view(B, T, n_kv * spec.H, spec.DK)
-        if rope is not None:
+        if cache is not None:
+            check(cu_seqlens is None, "decode with a cache takes a plain batch, not cu_seqlens")
+            if rope is not None:
+                pos = cache.lengths[:, None] + torch.arange(T, device=x.device, dtype=torch.int32)
+                q, k = rope(q, k, pos)
+        elif rope is not None:
             q, k = rope(q, k, cu_seqlens)
         ks = k.view(B, T, n_kv, spec.H, spec.DK).unbind(2)
         vs = self.v_proj(x).view(B, T, n_kv, spec.H, spec.DV).unbind(2)
@@ -189,6 +249,12 @@ class NativeSparseAttention(torch.nn.Module):
         kv = {}
         if self.per_branch_kv:
             kv = {f"kv_{b}": (ks[i], vs[i]) for i, b in enumerate(spec.branches)}
+        if cache is not None:
+            if self.per_branch_kv and "kv_cmp" not in kv and "cmp" in cache.pairs:
+                kv["kv_cmp"] = (ks[0], vs[0])  # as nsa() scores without a compressed pair
+            cache.append(ks[0], vs[0], **kv)
+            o = nsa_decode(q.to(cache.dtype), cache, *(gates.get(b) for b in ("cmp", "slc", "swa")))
+            return self.o_proj(o.reshape(B, T, spec.HQ * spec.DV).to(x.dtype))
         op = attention or nsa
         o = op(q, ks[0], vs[0], gates.get("cmp"), gates.get("slc"), gates.get("swa"), spec=spec,
                mlp_k=self.mlp_k, mlp_v=self.mlp_v, cu_seqlens=cu_seqlens, **kv)

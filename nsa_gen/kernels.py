@@ -581,6 +581,70 @@ def _compress_mean_smem(spec: NSASpec, cfg: Config) -> int:
     return 0  # a reduction over a register tile: nothing goes through shared memory
 
 
+# ----------------------------------------------------------------------- decode_select, decode_attend
+# Decode: one program per query token, kv head and split of the keys; a tile is the group's
+# G_PAD heads (>= 16 rows for tl.dot). Head dims padded to powers of two and masked: decode
+# reads each key once, so memory, not the padded tensor-core work, bounds it.
+
+def _decode_common(spec: NSASpec) -> dict:
+    c = _common(spec)
+    return dict(HQ=c["HQ"], H=c["H"], G=c["G"], G_PAD=group_pad(spec), DK=c["DK"], DV=c["DV"],
+                BK=c["BK"], BV=c["BV"], SCALE_LOG2=c["SCALE_LOG2"])
+
+
+def _decode_select_context(spec: NSASpec, cfg: Config) -> dict:
+    return dict(_decode_common(spec), L=spec.l, D=spec.d, BLOCK_C=cfg["BLOCK_C"],
+                SPLIT_C=cfg["SPLIT_C"])
+
+
+def _decode_select_space(spec: NSASpec) -> dict[str, list]:
+    """SPLIT_C: compressed blocks a program scores (a split); BLOCK_C: blocks a tile."""
+    return {"BLOCK_C": [16, 32, 64, 128], "SPLIT_C": [64, 128, 256, 512, 1024],
+            "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]}
+
+
+def _decode_select_default(spec: NSASpec, T: int) -> Config:
+    """Splits of 256 blocks (64k tokens at d = 16: 16 splits, 64 programs a token at H = 4)."""
+    return Config.make(BLOCK_C=64, SPLIT_C=256, num_warps=4, num_stages=2)
+
+
+def _decode_select_smem(spec: NSASpec, cfg: Config) -> int:
+    bk, bv, bc = next_pow2(spec.DK), next_pow2(spec.DV), cfg["BLOCK_C"]
+    return 2 * (group_pad(spec) * bk + max(1, cfg.num_stages) * bc * (bk + bv) + group_pad(spec) * bc)
+
+
+def decode_splits(spec: NSASpec, cfg: Config) -> tuple[int, int]:
+    """(selected-branch splits, window splits) of a decode_attend config: ceil(S / SLOTS),
+    ceil(w / W_SPLIT) (0 without a window)."""
+    return -(-spec.S // cfg["SLOTS"]), -(-spec.w // cfg["W_SPLIT"]) if spec.w else 0
+
+
+def _decode_attend_context(spec: NSASpec, cfg: Config) -> dict:
+    return dict(_decode_common(spec), BS=spec.BS, S=spec.S, W=spec.w, BLOCK_N=cfg["BLOCK_N"],
+                SLOTS=cfg["SLOTS"], W_SPLIT=cfg["W_SPLIT"], HAS_CMP=spec.has("cmp"),
+                HAS_SLC=spec.has("slc"), HAS_SWA=spec.has("swa"))
+
+
+def _decode_attend_space(spec: NSASpec) -> dict[str, list]:
+    """BLOCK_N: keys a tile (a divisor of BS, so a tile never straddles two blocks); SLOTS:
+    selected blocks a split; W_SPLIT: window keys a split."""
+    return {"BLOCK_N": [b for b in (16, 32, 64) if spec.BS % b == 0],
+            "SLOTS": [s for s in (1, 2, 4, 8, 16) if s <= next_pow2(spec.S)],
+            "W_SPLIT": [64, 128, 256, 512], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]}
+
+
+def _decode_attend_default(spec: NSASpec, T: int) -> Config:
+    """4 selected blocks or 128 window keys a split: 4 + 4 splits at n = 16, w = 512."""
+    space = _decode_attend_space(spec)
+    return Config.make(BLOCK_N=max(space["BLOCK_N"]), SLOTS=min(4, max(space["SLOTS"])),
+                       W_SPLIT=128, num_warps=4, num_stages=2)
+
+
+def _decode_attend_smem(spec: NSASpec, cfg: Config) -> int:
+    bk, bv, bn = next_pow2(spec.DK), next_pow2(spec.DV), cfg["BLOCK_N"]
+    return 2 * (group_pad(spec) * bk + max(1, cfg.num_stages) * bn * (bk + bv) + group_pad(spec) * bn)
+
+
 # Hopper's tensor memory accelerator (the kernels' TMA param).
 TMA_ARCH = (("TMA", 90),)
 
@@ -616,6 +680,15 @@ KERNELS: dict[str, KernelDef] = {
     # single branch's too (o = g * o_br), so it applies to every spec.
     "gate_fwd": KernelDef("gate_fwd", "gate", _gate_fwd_context, _gate_fwd_default,
                           _gate_fwd_space, _gate_fwd_smem, lambda s: True),
+    # Decode (nsa_decode): the compressed attention and block scores, then the selected and
+    # window attention with the gated sum. The second runs for every spec (its combine
+    # kernel gates the output).
+    "decode_select": KernelDef("decode_select", "decode", _decode_select_context,
+                               _decode_select_default, _decode_select_space, _decode_select_smem,
+                               lambda s: s.has("cmp") or s.has("slc")),
+    "decode_attend": KernelDef("decode_attend", "decode", _decode_attend_context,
+                               _decode_attend_default, _decode_attend_space, _decode_attend_smem,
+                               lambda s: True),
     # phi = mean, before the compressed attention and top-n, which read its output.
     "compress_mean": KernelDef("compress_mean", "cmp", _compress_mean_context,
                                _compress_mean_default, _compress_mean_space, _compress_mean_smem,

@@ -33,6 +33,7 @@ __all__ = [
     "naive_window",
     "naive_gate",
     "naive_nsa",
+    "naive_decode",
 ]
 
 BRANCHES = ("cmp", "slc", "swa")
@@ -459,3 +460,58 @@ def naive_nsa(spec: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         else:
             aux[key] = parts
     return o, aux
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+def naive_decode(spec: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 lengths: torch.Tensor | Sequence[int], g_cmp: torch.Tensor | None = None,
+                 g_slc: torch.Tensor | None = None, g_swa: torch.Tensor | None = None, *,
+                 kv_cmp: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 kv_slc: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 kv_swa: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 mlp_k: nn.Module | None = None, mlp_v: nn.Module | None = None,
+                 return_aux: bool = False):
+    """NSA for the newest Sq tokens of each sequence against its cache (decode), fp32.
+
+    q [B, Sq, HQ, DK]: the queries of the last Sq tokens of sequence b, at positions
+    lengths[b] - Sq .. lengths[b] - 1. k [B, Tmax, H, DK], v [B, Tmax, H, DV]: the cache,
+    valid up to lengths[b] (the new tokens' keys and values included); kv_* replace it for
+    one branch, as in naive_nsa. Gates g_* [B, Sq, HQ].
+
+    By definition (NSA.md, Decode) each output row is naive_nsa's row of that token on the
+    sequence's first lengths[b] tokens: this runs naive_nsa on each sequence, with the new
+    queries in its last rows, and keeps those rows. Returns o [B, Sq, HQ, DV] float32, or
+    (o, aux) with aux["indices"] int32 [B, Sq, H, S] and aux["scores"] (a list of the
+    sequences' [1, Sq, H, NS] group scores).
+    """
+    B, Sq = q.shape[:2]
+    lens = [int(x) for x in (lengths.tolist() if torch.is_tensor(lengths) else lengths)]
+    if len(lens) != B or any(n < Sq or n > k.shape[1] for n in lens):
+        raise ValueError(f"lengths {lens} must hold B={B} values in [Sq={Sq}, Tmax={k.shape[1]}]")
+    gates = {"cmp": g_cmp, "slc": g_slc, "swa": g_swa}
+    outs, idx, scores = [], [], []
+    for b, n in enumerate(lens):
+        def place(x):  # [B, Sq, ...] -> [1, n, ...]: row b's tokens last, zeros before
+            if x is None:
+                return None
+            full = x.new_zeros(1, n, *x.shape[2:])
+            full[:, n - Sq:] = x[b:b + 1]
+            return full
+
+        def seq(pair):
+            return None if pair is None else (pair[0][b:b + 1, :n], pair[1][b:b + 1, :n])
+
+        o, aux = naive_nsa(spec, place(q), k[b:b + 1, :n], v[b:b + 1, :n],
+                           **{f"g_{br}": place(g) for br, g in gates.items()},
+                           kv_cmp=seq(kv_cmp), kv_slc=seq(kv_slc), kv_swa=seq(kv_swa),
+                           mlp_k=mlp_k, mlp_v=mlp_v, return_aux=True)
+        outs.append(o[:, n - Sq:])
+        if aux["indices"] is not None:
+            idx.append(aux["indices"][:, n - Sq:])
+            scores.append(aux["scores"][:, n - Sq:])
+    o = torch.cat(outs, 0)
+    if not return_aux:
+        return o
+    return o, {"indices": torch.cat(idx, 0).to(torch.int32) if idx else None, "scores": scores}

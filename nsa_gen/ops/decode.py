@@ -1,0 +1,245 @@
+"""Decode: the key/value cache, the decode launchers and the block choice between them.
+
+A decode step attends the newest Sq tokens of each of B sequences (Sq = 1 for generation,
+a few for speculative decoding) to everything cached before and including them, with the
+rules of the forward pass at each token's absolute position (NSA.md, Decode). Nothing here
+reads a tensor back to the host, so a step can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..config import Config
+from ..kernels import decode_splits, group_pad, kernel_def, kernel_module, num_cmp_blocks
+from ..spec import NSASpec
+from .common import check, check_tensor, dot_precision, launch_options
+
+_BRANCH_PAIRS = ("cmp", "slc", "swa")
+# Compressed blocks formed per step of NSACache.append: bounds its gather buffer
+# ([B, blocks, l, H, D]) when a whole prompt is appended at once.
+_APPEND_BLOCKS = 256
+
+
+class NSACache:
+    """Keys and values of B sequences of up to `max_len` tokens, with their compressed blocks.
+
+    k, v [B, max_len, H, DK / DV] for each branch pair (one pair shared by the branches, or
+    with per_branch_kv one per branch, as nsa()'s kv_cmp / kv_slc / kv_swa), and k_cmp, v_cmp
+    [B, NC_max, H, D]: phi of every complete block of the compressed branch's pair, formed
+    as tokens arrive. lengths int32 [B] (on `device`): tokens cached per sequence.
+    mlp_k / mlp_v: phi's modules when spec.phi == "mlp" (as nsa() takes them).
+    """
+
+    def __init__(self, spec: NSASpec, batch: int, max_len: int, *, device, dtype=torch.bfloat16,
+                 per_branch_kv: bool = False, mlp_k: torch.nn.Module | None = None,
+                 mlp_v: torch.nn.Module | None = None):
+        check(batch >= 1 and max_len >= 1, f"batch ({batch}) and max_len ({max_len}) must be >= 1")
+        check(dtype in (torch.float32, torch.float16, torch.bfloat16),
+              f"cache dtype {dtype} is not a float dtype the kernels take")
+        check(spec.phi != "mlp" or (mlp_k is not None and mlp_v is not None),
+              "spec has phi = mlp: pass the compression MLPs (mlp_k, mlp_v)")
+        self.spec, self.B, self.max_len = spec, batch, max_len
+        self.per_branch_kv, self.mlp_k, self.mlp_v = per_branch_kv, mlp_k, mlp_v
+        # One trash row past the end of each sequence: appends write their padding and
+        # not-yet-complete blocks there instead of branching on the host.
+        H = spec.H
+
+        def pair():
+            return (torch.zeros(batch, max_len + 1, H, spec.DK, device=device, dtype=dtype),
+                    torch.zeros(batch, max_len + 1, H, spec.DV, device=device, dtype=dtype))
+        # The pairs the spec reads: the compressed branch's also scores the selection.
+        self.pairs = tuple(b for b in _BRANCH_PAIRS
+                           if spec.has(b) or (b == "cmp" and spec.has("slc")))
+        shared = pair()
+        self.kv = {b: (pair() if per_branch_kv else shared) for b in self.pairs}
+        self.nc_max = num_cmp_blocks(max_len, spec.l, spec.d)
+        self.k_cmp = torch.zeros(batch, self.nc_max + 1, H, spec.DK, device=device, dtype=dtype)
+        self.v_cmp = torch.zeros(batch, self.nc_max + 1, H, spec.DV, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch, device=device, dtype=torch.int32)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lengths.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k_cmp.dtype
+
+    def reset(self) -> None:
+        """Empty every sequence (the buffers are kept)."""
+        self.lengths.zero_()
+
+    def append(self, k: torch.Tensor | None = None, v: torch.Tensor | None = None, *,
+               kv_cmp=None, kv_slc=None, kv_swa=None, n_new: torch.Tensor | None = None) -> None:
+        """Add Sq tokens to every sequence: k [B, Sq, H, DK], v [B, Sq, H, DV] (the shared
+        pair), or with per_branch_kv a (k, v) pair per branch in kv_cmp / kv_slc / kv_swa.
+        n_new int [B] (default Sq for all): how many of the Sq rows are real for each
+        sequence (a padded batch of prompts); the rest are ignored. Compressed blocks that
+        these tokens complete are formed here. The caller checks that no sequence passes
+        max_len (a device-side length is not read back)."""
+        spec = self.spec
+        given = {"cmp": kv_cmp, "slc": kv_slc, "swa": kv_swa}
+        pairs = {b: given[b] if self.per_branch_kv else (k, v) for b in self.pairs}
+        for name, p in pairs.items():
+            check(p is not None and p[0] is not None and p[1] is not None,
+                  f"append needs the {'kv_' + name + ' pair' if self.per_branch_kv else 'shared k, v'}")
+        Sq = next(iter(pairs.values()))[0].shape[1]
+        for name, (kk, vv) in pairs.items():
+            check_tensor(f"k ({name})", kk, (self.B, Sq, spec.H, spec.DK), like=self.k_cmp)
+            check_tensor(f"v ({name})", vv, (self.B, Sq, spec.H, spec.DV), like=self.k_cmp)
+        check(Sq <= self.max_len, f"{Sq} tokens cannot fit a cache of {self.max_len}")
+        dev = self.device
+        n = (torch.full((self.B,), Sq, device=dev, dtype=torch.int32) if n_new is None
+             else n_new.to(device=dev, dtype=torch.int32))
+        check(n.shape == (self.B,), f"n_new must hold {self.B} counts")
+        old = self.lengths.to(torch.int64)
+        i = torch.arange(Sq, device=dev)
+        rows = torch.where(i[None, :] < n[:, None], old[:, None] + i[None, :], self.max_len)
+        rows = rows.clamp(max=self.max_len)
+        b_idx = torch.arange(self.B, device=dev)[:, None].expand(-1, Sq)
+        written = set()
+        for name, (kk, vv) in pairs.items():
+            dst = self.kv[name]
+            if id(dst[0]) in written:
+                continue
+            written.add(id(dst[0]))
+            dst[0][b_idx, rows] = kk
+            dst[1][b_idx, rows] = vv
+        new = old + n.to(torch.int64)
+        self._form_blocks(old, new, Sq)
+        self.lengths.copy_(new.to(torch.int32))
+
+    def _form_blocks(self, old: torch.Tensor, new: torch.Tensor, Sq: int) -> None:
+        """phi of the compressed blocks complete at `new` tokens and not at `old`."""
+        spec, dev = self.spec, self.device
+        l, d = spec.l, spec.d  # noqa: E741
+
+        def n_blocks(x):
+            return torch.where(x >= l, torch.div(x - l, d, rounding_mode="floor") + 1, 0)
+        first, last = n_blocks(old), n_blocks(new)
+        if "cmp" not in self.kv:  # a window-only spec keeps no compressed blocks
+            return
+        k_src, v_src = self.kv["cmp"]
+        j = torch.arange(l, device=dev)
+        b_idx = torch.arange(self.B, device=dev)[:, None]
+        # At most Sq // d + 1 blocks complete in one append (static: no host sync).
+        for r0 in range(0, Sq // d + 1, _APPEND_BLOCKS):
+            r = torch.arange(r0, min(r0 + _APPEND_BLOCKS, Sq // d + 1), device=dev)
+            blk = first[:, None] + r[None, :]  # [B, K]
+            ok = blk < last[:, None]
+            tok = (blk[..., None] * d + j).clamp(max=self.max_len)  # [B, K, l]
+            for src, dst, mlp in ((k_src, self.k_cmp, self.mlp_k), (v_src, self.v_cmp, self.mlp_v)):
+                blocks = src[b_idx[..., None], tok]  # [B, K, l, H, D]
+                if spec.phi == "mean":
+                    out = blocks.float().mean(2)
+                else:
+                    p = next(mlp.parameters(), None)
+                    x = blocks.transpose(2, 3).to(p.dtype if p is not None else blocks.dtype)
+                    out = mlp(x)  # [B, K, H, D]
+                dst[b_idx, torch.where(ok, blk, self.nc_max)] = out.to(dst.dtype)
+
+
+def decode_positions(cache: NSACache, Sq: int) -> torch.Tensor:
+    """int32 [B * Sq]: the absolute position of each decode query (the last Sq cached)."""
+    i = torch.arange(Sq, device=cache.device, dtype=torch.int32)
+    return (cache.lengths[:, None] - Sq + i[None, :]).reshape(-1)
+
+
+def decode_select(q: torch.Tensor, cache: NSACache, q_pos: torch.Tensor, Sq: int,
+                  config: Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compressed attention and block scores of decode queries.
+
+    q [N, HQ, DK] (N = B * Sq, sequence-major), q_pos int32 [N] (`decode_positions`).
+    Returns o_part fp32 [N, H, SPLITS, G_PAD, DV] (o_cmp's shares: their sum over SPLITS is
+    o_cmp, 0 where no block is visible) and gp fp32 [N, H, NC_max + 1] (each compressed
+    block's probability summed over the group's heads; 0 where not visible).
+    """
+    spec = cache.spec
+    config = config or kernel_def("decode_select").default(spec, cache.max_len)
+    N = q.shape[0]
+    nc_rows = cache.k_cmp.shape[1]
+    splits = -(-nc_rows // config["SPLIT_C"])
+    gp_pad = group_pad(spec)
+    ml = torch.empty(N, spec.H, splits, gp_pad, 2, device=q.device, dtype=torch.float32)
+    o_part = torch.empty(N, spec.H, splits, gp_pad, spec.DV, device=q.device, dtype=torch.float32)
+    gp = torch.empty(N, spec.H, nc_rows, device=q.device, dtype=torch.float32)
+    if N == 0:
+        return o_part, gp
+    mod = kernel_module("decode_select", spec, config)
+    grid, prec = (N, spec.H, splits), dot_precision(q)
+    mod.nsa_decode_select_lse_kernel[grid](q, cache.k_cmp, q_pos, ml, Sq, nc_rows,
+                                           DOT_PRECISION=prec, **launch_options(config))
+    mod.nsa_decode_select_kernel[grid](q, cache.k_cmp, cache.v_cmp, q_pos, ml, o_part, gp, Sq,
+                                       nc_rows, DOT_PRECISION=prec, **launch_options(config))
+    return o_part, gp
+
+
+def decode_topn(gp: torch.Tensor, q_pos: torch.Tensor, spec: NSASpec, max_len: int) -> torch.Tensor:
+    """Top-n selection blocks of decode queries from `decode_select`'s gp [N, H, NC_rows]:
+    Eq. 9's overlap weights over the group sums, forced initial and local blocks, ties to the
+    lower block, -1 padding, ascending: int32 [N, H, S], as `topn` writes them.
+
+    A few small PyTorch ops on [N, H, NS] (linear in the cache length; no [T, NC] tensor)."""
+    N, H = gp.shape[:2]
+    R, M = spec.BS // spec.d, spec.l // spec.d
+    NS = -(-max_len // spec.BS)
+    # Compressed block j * R + r feeds selection block j with min(r + M, R) - r chunks and
+    # spills r + M - R into block j + 1 (l <= l': never further).
+    g3 = F.pad(gp, (0, max(0, NS * R - gp.shape[2])))[..., :NS * R].reshape(N, H, NS, R)
+    r = torch.arange(R, device=gp.device)
+    w_in = (torch.clamp(r + M, max=R) - r).to(gp.dtype)
+    w_out = torch.clamp(r + M - R, min=0).to(gp.dtype)
+    score = g3 @ w_in
+    score[..., 1:] += (g3 @ w_out)[..., :-1]
+    j = torch.arange(NS, device=gp.device)
+    cur = (q_pos.to(torch.int64) // spec.BS)[:, None, None]
+    cand = j <= cur
+    forced = cand & ((j < spec.initial_blocks) | (j > cur - spec.local_blocks))
+    # One int64 key per block: the score's fp32 bits (>= 0, so they order like the floats;
+    # forced blocks +inf) above the index reversed, so equal scores go to the lower block.
+    bits = score.contiguous().view(torch.int32).to(torch.int64) & 0x7FFFFFFF
+    bits = torch.where(forced, 0x7F800000, bits)
+    key = torch.where(cand, (bits << 32) | (0x7FFFFFFF - j), -1)
+    top = key.topk(min(spec.S, NS), dim=-1).values
+    chosen = torch.where(top >= 0, 0x7FFFFFFF - (top & 0xFFFFFFFF), NS).sort(dim=-1).values
+    chosen = F.pad(chosen, (0, spec.S - chosen.shape[-1]), value=NS)
+    return torch.where(chosen == NS, -1, chosen).to(torch.int32)
+
+
+def decode_attend(q: torch.Tensor, cache: NSACache, q_pos: torch.Tensor, Sq: int,
+                  block_idx: torch.Tensor | None, o_cmp_part: torch.Tensor | None,
+                  gates: dict[str, torch.Tensor], config: Config | None = None) -> torch.Tensor:
+    """Selected and window attention of decode queries, and the gated sum with o_cmp.
+
+    q [N, HQ, DK], q_pos int32 [N]; block_idx int32 [N, H, S] (`decode_topn`; needed with
+    gates["slc"]); o_cmp_part from `decode_select` (needed with gates["cmp"]); gates: branch
+    -> g [N, HQ] for the branches on. Returns o [N, HQ, DV] in q's dtype.
+    """
+    spec = cache.spec
+    config = config or kernel_def("decode_attend").default(spec, cache.max_len)
+    N = q.shape[0]
+    n_slc, n_swa = decode_splits(spec, config)
+    n_slc, n_swa = (n_slc if "slc" in gates else 0), (n_swa if "swa" in gates else 0)
+    n_cmp = o_cmp_part.shape[2] if "cmp" in gates else 0
+    gp_pad = group_pad(spec)
+    part_o = torch.empty(N, spec.H, n_slc + n_swa, gp_pad, spec.DV, device=q.device,
+                         dtype=torch.float32)
+    part_ml = torch.empty(N, spec.H, n_slc + n_swa, gp_pad, 2, device=q.device, dtype=torch.float32)
+    o = torch.empty(N, spec.HQ, spec.DV, device=q.device, dtype=q.dtype)
+    if N == 0:
+        return o
+    mod = kernel_module("decode_attend", spec, config)
+    # A branch the spec lacks has no cache; any pair stands in (its splits are 0: unread).
+    any_pair = next(iter(cache.kv.values()))
+    (k_slc, v_slc), (k_swa, v_swa) = cache.kv.get("slc", any_pair), cache.kv.get("swa", any_pair)
+    if n_slc + n_swa:
+        idx = block_idx if n_slc else q_pos  # unread without selected splits
+        mod.nsa_decode_attend_kernel[(N, spec.H, n_slc + n_swa)](
+            q, k_slc, v_slc, k_swa, v_swa, idx, q_pos, part_o, part_ml, Sq, cache.max_len + 1,
+            N_SLC=n_slc, DOT_PRECISION=dot_precision(q), **launch_options(config))
+    g = {b: gates.get(b, q) for b in _BRANCH_PAIRS}  # q stands in for an absent gate: unread
+    mod.nsa_decode_combine_kernel[(N, spec.H)](
+        o_cmp_part if n_cmp else part_o, part_o, part_ml, g["cmp"], g["slc"], g["swa"], o,
+        N_CMP=n_cmp, N_SLC=n_slc, N_SWA=n_swa, num_warps=4)
+    return o
