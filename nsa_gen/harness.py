@@ -59,7 +59,7 @@ class Case:
         return tolerance(self.dtype, self.device)
 
     def run(self, config: Config | None = None) -> tuple:
-        if config is None and self.stem not in (OP, OP_VARLEN):
+        if config is None and self.stem not in (OP, OP_VARLEN, OP_DECODE):
             config = kernel_def(self.stem).default(self.spec, self.T)
         return self._launch(config)
 
@@ -189,6 +189,9 @@ def make_case(stem: str, spec: NSASpec, T: int, *, B: int = 1, dtype: torch.dtyp
     if stem == "gate_fwd":
         return _gate_case(spec, B, T, dtype, device, gen)
 
+    if stem in ("decode_select", "decode_attend", OP_DECODE):
+        return _decode_case(stem, spec, B, T, dtype, device, gen)
+
     if stem.endswith("_bwd"):
         return _bwd_case(stem, spec, B, T, dtype, device, gen, q, k, v)
 
@@ -258,6 +261,109 @@ def _gate_case(spec: NSASpec, B: int, T: int, dtype, device, gen) -> Case:
 
 OP = "nsa"  # the composed op (all branches, gated), forward and backward
 OP_VARLEN = "nsa_varlen"  # the same over packed sequences (cu_seqlens, B = 1)
+OP_DECODE = "nsa_decode"  # decode against a cache filled by appends, all branches gated
+
+
+def decode_lengths(B: int, T: int) -> list[int]:
+    """Cache lengths of B decoding sequences with room for T tokens: T for the first, then
+    shorter ones at odd places (about T - T * b / (B + 1) - b), all at least 2."""
+    return [max(2, T - (T * b) // (B + 1) - b) for b in range(B)]
+
+
+def _decode_case(stem: str, spec: NSASpec, B: int, T: int, dtype, device, gen) -> Case:
+    """Decode of one token (two for OP_DECODE) per sequence against caches of
+    `decode_lengths(B, T)` tokens, against naive_decode.
+      decode_select: o_cmp (the sum of the launch's shares) and the top-n it leads to,
+        checked by the scores of the chosen blocks (chosen_score_error);
+      decode_attend: the selected and window branches, gated, on given indices (decode_topn
+        of random group scores: forced blocks and -1 padding as topn makes them);
+      OP_DECODE: nsa_decode end to end, the cache filled by a padded prompt append and
+        then the new tokens' append; the reference attends to the op's blocks (near-ties)."""
+    from .api import nsa_decode
+    from .ops import decode
+
+    Sq = 2 if stem == OP_DECODE else 1
+    lengths = decode_lengths(B, T)
+    lens = torch.tensor(lengths, device=device)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, device=device).to(dtype=dtype)
+    k, v = rnd(B, T, spec.H, spec.DK), rnd(B, T, spec.H, spec.DV)
+    q = rnd(B, Sq, spec.HQ, spec.DK)
+    gates = {b: torch.rand(B, Sq, spec.HQ, generator=gen, device=device).to(dtype)
+             for b in ("cmp", "slc", "swa") if spec.has(b)}
+    cache = decode.NSACache(spec, B, T, device=device, dtype=dtype)
+    if stem == OP_DECODE:
+        cache.append(k, v, n_new=lens - Sq)  # the prompts, padded to T
+        rows = (lens - Sq)[:, None] + torch.arange(Sq, device=device)
+        b_idx = torch.arange(B, device=device)[:, None]
+        cache.append(k[b_idx, rows], v[b_idx, rows])
+    else:
+        cache.append(k, v, n_new=lens)
+    N, q2 = B * Sq, q.reshape(B * Sq, spec.HQ, spec.DK)
+    q_pos = decode.decode_positions(cache, Sq)
+    inputs = dict(q=q, k=k, v=v)
+
+    if stem == "decode_select":
+        def compare(out, ref) -> float:
+            o_part, gp = out
+            o_cmp = o_part.sum(2)[:, :, :spec.G].reshape(B, Sq, spec.HQ, spec.DV)
+            idx = decode.decode_topn(gp, q_pos, spec, T).view(B, Sq, spec.H, spec.S)
+            err = rel_error(o_cmp, ref[0])
+            for b in range(B):  # each sequence has its own number of blocks
+                err = max(err, chosen_score_error(idx[b:b + 1], ref[1][b:b + 1], ref[2][b]))
+            return err
+
+        def reference() -> tuple:
+            ones = torch.ones(B, Sq, spec.HQ, device=device)
+            o, aux = naive.naive_decode(spec, *_f32(q, k, v), lengths, ones,
+                                        ones if spec.has("slc") else None, return_aux=True)
+            if aux["indices"] is None:
+                return o, None, None
+            # The selection branch's share of o is not what this kernel computes: o_cmp alone.
+            o_cmp = naive.naive_decode(spec, *_f32(q, k, v), lengths, ones)
+            return o_cmp, aux["indices"], aux["scores"]
+
+        def compare_any(out, ref) -> float:
+            if ref[1] is None:
+                o_part = out[0]
+                return rel_error(o_part.sum(2)[:, :, :spec.G].reshape(B, Sq, spec.HQ, spec.DV), ref[0])
+            return compare(out, ref)
+        return Case(stem, spec, B, T, dtype, device, inputs,
+                    lambda c: decode.decode_select(q2, cache, q_pos, Sq, c), reference, compare_any)
+
+    if stem == "decode_attend":
+        idx = None
+        if spec.has("slc"):
+            n_cmp = cache.k_cmp.shape[1]
+            gp = torch.rand(N, spec.H, n_cmp, generator=gen, device=device)
+            idx = decode.decode_topn(gp, q_pos, spec, T)
+        on = {b: g.reshape(N, spec.HQ) for b, g in gates.items() if b != "cmp"}
+        if not on:  # a compression-only spec: the combine alone, gating o_cmp's shares
+            on = {"cmp": gates["cmp"].reshape(N, spec.HQ)}
+        o_part = decode.decode_select(q2, cache, q_pos, Sq) if "cmp" in on else None
+
+        def reference() -> tuple:
+            g = {f"g_{b}": on[b].float().view(B, Sq, spec.HQ) if b in on else None
+                 for b in ("cmp", "slc", "swa")}
+            given = None if idx is None else idx.view(B, Sq, spec.H, spec.S)
+            return (naive.naive_decode(spec, *_f32(q, k, v), lengths, **g, indices=given),)
+        return Case(stem, spec, B, T, dtype, device, inputs,
+                    lambda c: (decode.decode_attend(q2, cache, q_pos, Sq, idx,
+                                                    o_part[0] if o_part else None, on, c)
+                               .view(B, Sq, spec.HQ, spec.DV),),
+                    reference, lambda o, r: rel_error(o[0], r[0]))
+
+    g = [gates.get(b) for b in ("cmp", "slc", "swa")]
+
+    def reference() -> tuple:
+        idx = None
+        if spec.has("slc"):
+            idx = nsa_decode(q, cache, *g, return_aux=True)[1]["indices"]
+        return (naive.naive_decode(spec, *_f32(q, k, v), lengths,
+                                   *[None if x is None else x.float() for x in g], indices=idx),)
+    return Case(stem, spec, B, T, dtype, device, inputs, lambda c: (nsa_decode(q, cache, *g),),
+                reference, lambda o, r: rel_error(o[0], r[0]))
 
 
 def varlen_offsets(T: int) -> list[int]:

@@ -472,13 +472,14 @@ def naive_decode(spec: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  kv_slc: tuple[torch.Tensor, torch.Tensor] | None = None,
                  kv_swa: tuple[torch.Tensor, torch.Tensor] | None = None,
                  mlp_k: nn.Module | None = None, mlp_v: nn.Module | None = None,
-                 return_aux: bool = False):
+                 indices: torch.Tensor | None = None, return_aux: bool = False):
     """NSA for the newest Sq tokens of each sequence against its cache (decode), fp32.
 
     q [B, Sq, HQ, DK]: the queries of the last Sq tokens of sequence b, at positions
     lengths[b] - Sq .. lengths[b] - 1. k [B, Tmax, H, DK], v [B, Tmax, H, DV]: the cache,
     valid up to lengths[b] (the new tokens' keys and values included); kv_* replace it for
-    one branch, as in naive_nsa. Gates g_* [B, Sq, HQ].
+    one branch, as in naive_nsa. Gates g_* [B, Sq, HQ]. indices [B, Sq, H, S]: the blocks
+    the selection attends to instead of its own top-n (as naive_nsa's indices).
 
     By definition (NSA.md, Decode) each output row is naive_nsa's row of that token on the
     sequence's first lengths[b] tokens: this runs naive_nsa on each sequence, with the new
@@ -503,10 +504,14 @@ def naive_decode(spec: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         def seq(pair):
             return None if pair is None else (pair[0][b:b + 1, :n], pair[1][b:b + 1, :n])
 
+        given = None
+        if indices is not None:  # earlier rows attend to no block (their output is dropped)
+            given = torch.full((1, n, *indices.shape[2:]), -1, dtype=torch.long, device=q.device)
+            given[:, n - Sq:] = indices[b:b + 1].to(given)
         o, aux = naive_nsa(spec, place(q), k[b:b + 1, :n], v[b:b + 1, :n],
                            **{f"g_{br}": place(g) for br, g in gates.items()},
                            kv_cmp=seq(kv_cmp), kv_slc=seq(kv_slc), kv_swa=seq(kv_swa),
-                           mlp_k=mlp_k, mlp_v=mlp_v, return_aux=True)
+                           mlp_k=mlp_k, mlp_v=mlp_v, indices=given, return_aux=True)
         outs.append(o[:, n - Sq:])
         if aux["indices"] is not None:
             idx.append(aux["indices"][:, n - Sq:])

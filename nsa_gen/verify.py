@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import Config
-from .harness import OP, OP_VARLEN, make_case
+from .harness import OP, OP_DECODE, OP_VARLEN, make_case
 from .kernels import KERNELS
 from .spec import NSASpec
 
@@ -31,8 +31,8 @@ def applicable_kernels(spec: NSASpec) -> list[str]:
 
 def verify_targets(spec: NSASpec) -> list[str]:
     """Every kernel the spec uses, then the composed op (forward and backward), on one
-    sequence and on packed sequences (cu_seqlens)."""
-    return applicable_kernels(spec) + [OP, OP_VARLEN]
+    sequence and on packed sequences (cu_seqlens), and decode against a cache."""
+    return applicable_kernels(spec) + [OP, OP_VARLEN, OP_DECODE]
 
 
 def verify_spec(spec: NSASpec, *, T: int, B: int = 1, dtypes: list[torch.dtype],
