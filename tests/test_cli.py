@@ -28,7 +28,8 @@ def test_verify_without_gpu_turns_on_the_interpreter(tmp_path):
     kernels = {line.split("|")[2].strip() for line in rows}
     assert {k.split()[0] for k in kernels} == {
         "compress_mean", "selection_fwd", "topn", "selection_bwd", "compression_fwd",
-        "window_fwd", "compression_bwd", "window_bwd", "gate_fwd", "nsa", "nsa_varlen"}
+        "window_fwd", "compression_bwd", "window_bwd", "gate_fwd", "decode_select",
+        "decode_attend", "nsa", "nsa_varlen", "nsa_decode"}
     # Each structural variant of a kernel is a row of its own, unless it computes the same
     # as one already run (every split is longer than 40 tokens: one pass, as the default).
     assert {"topn MERGE=sort", "topn MERGE=rank", "selection_fwd BLOCK_Q=16"} <= kernels

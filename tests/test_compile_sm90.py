@@ -73,21 +73,41 @@ def share_signature(spec, config) -> tuple[dict, dict]:
     return sig, {"IS_VARLEN": True}
 
 
+def decode_runs(spec) -> list[tuple]:
+    """The decode kernels at their default configs, as their launchers call them (bf16):
+    (stem, kernel name, config, signature, constexprs)."""
+    from nsa_gen.kernels import kernel_def
+    sel, att = (kernel_def(s).default(spec, 65536) for s in ("decode_select", "decode_attend"))
+    ptr = {"q": "*bf16", "k_cmp": "*bf16", "v_cmp": "*bf16", "q_pos": "*i32", "ml": "*fp32",
+           "o_part": "*fp32", "gp": "*fp32", "SQ": "i32", "NCMAX": "i32", "TMAX": "i32",
+           "k_slc": "*bf16", "v_slc": "*bf16", "k_swa": "*bf16", "v_swa": "*bf16",
+           "block_idx": "*i32", "part_o": "*fp32", "part_ml": "*fp32", "cmp_part": "*fp32",
+           "g_cmp": "*bf16", "g_slc": "*bf16", "g_swa": "*bf16", "o": "*bf16"}
+    n_slc, n_swa = 4, 4 if spec.w else 0
+    return [("decode_select", "nsa_decode_select_lse_kernel", sel, ptr, {"DOT_PRECISION": None}),
+            ("decode_select", "nsa_decode_select_kernel", sel, ptr, {"DOT_PRECISION": None}),
+            ("decode_attend", "nsa_decode_attend_kernel", att, ptr,
+             {"N_SLC": n_slc, "DOT_PRECISION": None}),
+            ("decode_attend", "nsa_decode_combine_kernel", att, ptr,
+             {"N_CMP": 16, "N_SLC": n_slc, "N_SWA": n_swa})]
+
+
 def compile_all(name: str) -> list[str]:
-    """Compile each config of topn_configs and share_configs for sm90; the failures, one
-    line each."""
+    """Compile each config of topn_configs and share_configs, and the decode kernels, for
+    sm90; the failures, one line each."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from nsa_gen.kernels import kernel_fn
+    from nsa_gen.kernels import kernel_def, kernel_module
     from nsa_gen.spec import load_spec
     spec = load_spec(name)
     failed = []
-    runs = ([("topn", c, topn_signature(spec, c), {}) for c in topn_configs(spec)]
-            + [("selection_fwd", c, *share_signature(spec, c)) for c in share_configs(spec)])
-    for stem, cfg, sig, consts in runs:
-        fn = kernel_fn(stem, spec, cfg)
+    runs = ([("topn", None, c, topn_signature(spec, c), {}) for c in topn_configs(spec)]
+            + [("selection_fwd", None, c, *share_signature(spec, c)) for c in share_configs(spec)]
+            + decode_runs(spec))
+    for stem, kernel, cfg, sig, consts in runs:
+        fn = getattr(kernel_module(stem, spec, cfg), kernel or kernel_def(stem).kernel_name)
         src = ASTSource(fn, {a: sig.get(a, "constexpr") for a in fn.arg_names},
                         constexprs={(fn.arg_names.index(a),): v for a, v in consts.items()})
         try:
@@ -95,7 +115,7 @@ def compile_all(name: str) -> list[str]:
                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
         except Exception as e:  # noqa: BLE001 - collect every failing variant
             lines = [ln for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-            failed.append(f"{stem} {cfg}: {type(e).__name__}: {lines[-1][:300]}")
+            failed.append(f"{kernel or stem} {cfg}: {type(e).__name__}: {lines[-1][:300]}")
     return failed
 
 
@@ -118,7 +138,8 @@ def run_sm90(tmp_path, args: list[str], timeout: int,
 
 @pytest.mark.parametrize("name", ["fla-compat", "small-group", "deepseek-nsa"])
 def test_variants_compile_for_sm90(name, tmp_path):
-    """Top-n tiles of 4 and 16 tokens, DK 128 and 192 (two pieces), G 16 and 4."""
+    """Top-n tiles of 4 and 16 tokens, DK 128 and 192 (two pieces), G 16 and 4; the decode
+    kernels with and without a window (fla-compat has none)."""
     r = run_sm90(tmp_path, [__file__, name], timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 

@@ -121,6 +121,23 @@ def test_decode_splits(poison):
         assert rel_err(o, ref) < 1e-4
 
 
+def test_decode_key_tiles_within_blocks(poison):
+    """Selection blocks of 32 keys read in tiles of 16 (two a block) and of 32."""
+    spec = SPECS[4].replace(selection={"block": 32, "top_n": 3, "initial_blocks": 1,
+                                       "local_blocks": 1})
+    B, T, Sq = 2, 150, 1
+    cache, k, v, g = filled(spec, B, T, [150, 77], Sq, torch.float32, seed=9)
+    q = rnd(g, B, Sq, spec.HQ, spec.DK)
+    gates = gates_for(spec, g, B, Sq, torch.float32)
+    for block_n in (16, 32):
+        disp = _fixed({"decode_select": kernel_def("decode_select").default(spec, T),
+                       "decode_attend": kernel_def("decode_attend").default(spec, T).replace(
+                           BLOCK_N=block_n, SLOTS=1)})
+        o, aux = nsa_decode(q, cache, *gates, dispatcher=disp, return_aux=True)
+        ref = naive.naive_decode(spec, q, k, v, [150, 77], *gates, indices=aux["indices"])
+        assert rel_err(o, ref) < 1e-4
+
+
 class _fixed(Dispatcher):
     """A dispatcher that hands out the given configs."""
 
