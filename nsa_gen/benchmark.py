@@ -51,6 +51,7 @@ def _bench(fn, warmup=25, rep=100, graph: bool = False) -> float:
 
 def _sdpa(q, k, v, backend, backward=False):
     """Full causal attention with K/V expanded to the query heads (outside the timer)."""
+    import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
     be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
     G = q.shape[2] // k.shape[2]
@@ -193,6 +194,92 @@ def bench_spec(spec: NSASpec, seqlens: list[int], *, dtype=torch.bfloat16, backw
     return rows
 
 
+def decode_bytes(spec: NSASpec, T: int, B: int) -> tuple[int, int]:
+    """(nsa-gen decode, full attention) bytes of the cache read for one new token per
+    sequence at position T - 1 (2-byte elements): the compressed keys twice (lse pass, then
+    scores) and values once, the S selected blocks, the window; full attention reads every
+    key and value."""
+    kv = 2 * (spec.DK + spec.DV) * spec.H * B
+    from .kernels import num_cmp_blocks
+    nc = num_cmp_blocks(T, spec.l, spec.d) if (spec.has("cmp") or spec.has("slc")) else 0
+    ours = 2 * (2 * spec.DK + spec.DV) * spec.H * B * nc
+    ours += kv * (spec.S * spec.BS if spec.has("slc") else 0) + kv * (spec.w if spec.has("swa") else 0)
+    return ours, kv * T
+
+
+def _sdpa_decode(q, k, v, backend):
+    """Full attention of one new token over the whole cache (GQA read as is)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+
+    def fwd():
+        with sdpa_kernel([be]):
+            return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
+    fwd()
+    return fwd
+
+
+def bench_decode(spec: NSASpec, seqlens: list[int], batches: list[int], *, dtype=torch.bfloat16,
+                 baselines: bool = True, log=print, device: str = "cuda") -> list[dict]:
+    """One row per (B, T): one new token for each of B sequences of T cached tokens.
+    nsa-gen eager and replayed from a CUDA graph (how serving runs a decode step), each
+    kernel, and SDPA over the whole cache (flash and cuDNN backends)."""
+    from . import api
+    from .ops import decode
+
+    rows = []
+    for B in batches:
+        for T in seqlens:
+            torch.manual_seed(T + B)
+            row: dict = {"spec": spec.name, "B": B, "T": T}
+            k = torch.randn(B, T, spec.H, spec.DK, device=device, dtype=dtype)
+            v = torch.randn(B, T, spec.H, spec.DV, device=device, dtype=dtype)
+            cache = decode.NSACache(spec, B, T, device=device, dtype=dtype)
+            cache.append(k, v)
+            q = torch.randn(B, 1, spec.HQ, spec.DK, device=device, dtype=dtype)
+            gates = [torch.sigmoid(torch.randn(B, 1, spec.HQ, device=device, dtype=dtype))
+                     if spec.has(b) else None for b in ("cmp", "slc", "swa")]
+            cfg = api._configs(spec, T, B, None)
+            row["configs"] = {s: str(cfg(s)) for s in ("decode_select", "decode_attend")}
+
+            def step():
+                return api.nsa_decode(q, cache, *gates)
+            step()
+            row["nsa_gen"] = _bench(step)
+            row["nsa_gen_graph"] = _bench(step, graph=True)
+            q2, q_pos = q.reshape(B, spec.HQ, spec.DK), decode.decode_positions(cache, 1)
+            o_part = gp = idx = None
+            if spec.has("cmp") or spec.has("slc"):
+                o_part, gp = decode.decode_select(q2, cache, q_pos, 1, cfg("decode_select"))
+                row["decode_select"] = _bench(
+                    lambda: decode.decode_select(q2, cache, q_pos, 1, cfg("decode_select")), graph=True)
+            if spec.has("slc"):
+                idx = decode.decode_topn(gp, q_pos, spec, T)
+                row["decode_topn"] = _bench(lambda: decode.decode_topn(gp, q_pos, spec, T), graph=True)
+            on = {b: g.reshape(B, spec.HQ) for b, g in zip(("cmp", "slc", "swa"), gates) if g is not None}
+            row["decode_attend"] = _bench(lambda: decode.decode_attend(
+                q2, cache, q_pos, 1, idx, o_part, on, cfg("decode_attend")), graph=True)
+            ours, full = decode_bytes(spec, T, B)
+            row["MB_read"], row["full_MB_read"] = ours / 2**20, full / 2**20
+            row["TBps"] = ours / row["nsa_gen_graph"] / 1e9
+            if baselines:
+                for be in ("flash", "cudnn"):
+                    try:
+                        row[f"sdpa_{be}"] = _bench(_sdpa_decode(q, k, v, be))
+                    except Exception as e:  # backend refuses the shape: a table cell
+                        row[f"sdpa_{be}"] = None
+                        row[f"sdpa_{be}_error"] = f"{type(e).__name__}: {str(e)[:80]}"
+            log(f"{spec.name} decode B={B} T={T}: nsa-gen {_ms(row['nsa_gen'])} ms eager, "
+                f"{_ms(row['nsa_gen_graph'])} graph; flash {_ms(row.get('sdpa_flash'))}, "
+                f"cudnn {_ms(row.get('sdpa_cudnn'))}")
+            rows.append(row)
+            del k, v, cache
+            torch.cuda.empty_cache()
+    return rows
+
+
 def _bench_bwd_kernels(row, spec, cfg, q, k, v, k_cmp, v_cmp, o_cmp, lse, idx) -> None:
     """Each backward launcher alone, on the forward's outputs (o_cmp, lse, idx as
     bench_spec computed them) and a random upstream grad."""
@@ -235,6 +322,13 @@ COLS_FB = [("T", "T"), ("nsa_gen_fb", "nsa-gen fwd+bwd ms"), ("compression_bwd",
            ("vs_fla_fb", "x fla")]
 
 
+COLS_DECODE = [("B", "B"), ("T", "T"), ("nsa_gen", "nsa-gen ms"), ("nsa_gen_graph", "nsa-gen graph ms"),
+               ("decode_select", "select"), ("decode_topn", "top-n"), ("decode_attend", "attend"),
+               ("MB_read", "MB read"), ("TBps", "TB/s"), ("full_MB_read", "full attn MB"),
+               ("sdpa_flash", "sdpa flash"), ("sdpa_cudnn", "sdpa cudnn"),
+               ("vs_cudnn_graph", "x cudnn (graph)"), ("vs_flash_graph", "x flash (graph)")]
+
+
 def _ratio(r: dict, base: str, ours: str):
     return r[base] / r[ours] if r.get(base) and r.get(ours) else None
 
@@ -255,7 +349,14 @@ def markdown(rows: list[dict]) -> str:
         r["vs_cudnn"], r["vs_fla"] = _ratio(r, "sdpa_cudnn", "nsa_gen"), _ratio(r, "fla", "nsa_gen")
         r["vs_cudnn_fb"] = _ratio(r, "sdpa_cudnn_fb", "nsa_gen_fb")
         r["vs_fla_fb"] = _ratio(r, "fla_fb", "nsa_gen_fb")
-    out = ["Forward:", ""] + _table(rows, COLS)
+    dec = [r for r in rows if "B" in r]
+    for r in dec:
+        r["vs_cudnn_graph"] = _ratio(r, "sdpa_cudnn", "nsa_gen_graph")
+        r["vs_flash_graph"] = _ratio(r, "sdpa_flash", "nsa_gen_graph")
+    rows = [r for r in rows if "B" not in r]
+    out = (["Forward:", ""] + _table(rows, COLS)) if rows else []
+    if dec:
+        out += (["", ""] if out else []) + ["Decode (one new token a sequence):", ""] + _table(dec, COLS_DECODE)
     if any("nsa_gen_fb" in r for r in rows):
         out += ["", "Forward + backward:", ""] + _table(rows, COLS_FB)
     return "\n".join(out)
@@ -301,14 +402,17 @@ def plot(rows: list[dict], path: Path) -> bool:
 
 
 def run(specs: list[str], seqlens: list[int], out: Path, baselines: bool = True,
-        backward: bool = False) -> int:
+        backward: bool = False, decode: list[int] | None = None) -> int:
     if not torch.cuda.is_available():
         print("nsa-gen: error: bench needs a CUDA GPU")
         return 2
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in specs:
-        rows += bench_spec(load_spec(name), seqlens, baselines=baselines, backward=backward)
+        if decode:
+            rows += bench_decode(load_spec(name), seqlens, decode, baselines=baselines)
+        else:
+            rows += bench_spec(load_spec(name), seqlens, baselines=baselines, backward=backward)
     envd = environment()
     md = f"{envd}\n\n" + markdown(rows)
     (out / "bench.md").write_text(md + "\n")
@@ -325,5 +429,9 @@ def register(sub) -> None:
     s.add_argument("--out", default="out/bench")
     s.add_argument("--no-baselines", action="store_true")
     s.add_argument("--backward", action="store_true", help="also time forward + backward")
-    s.set_defaults(func=lambda a: run(a.spec, a.seqlens, Path(a.out), not a.no_baselines, a.backward))
+    s.add_argument("--decode", type=int, nargs="+", metavar="B",
+                   help="time decode instead: one new token for each of B sequences of T cached "
+                        "tokens (T from --seqlens), for each B given")
+    s.set_defaults(func=lambda a: run(a.spec, a.seqlens, Path(a.out), not a.no_baselines,
+                                      a.backward, a.decode))
 
