@@ -164,10 +164,10 @@ def nsa_decode(q: torch.Tensor, cache: NSACache, g_cmp: torch.Tensor | None = No
     o_part = idx = None
     with torch.no_grad():
         if g_cmp is not None or g_slc is not None:
-            o_part, gp = decode_select(q2, cache, q_pos, Sq,
-                                       dispatcher.get("decode_select", spec, cache.max_len, N))
+            cfg = dispatcher.get("decode_select", spec, cache.max_len, N)
+            o_part, gp = decode_select(q2, cache, q_pos, Sq, cfg)
             if g_slc is not None:
-                idx = decode_topn(gp, q_pos, spec, cache.max_len)
+                idx = decode_topn(gp, q_pos, spec, cache.max_len, cfg)
                 aux["indices"] = idx.view(B, Sq, spec.H, spec.S)
         on = {b: g.reshape(N, spec.HQ).contiguous() for b, g in gates.items() if g is not None}
         o = decode_attend(q2, cache, q_pos, Sq, idx, o_part, on,

@@ -256,8 +256,9 @@ def bench_decode(spec: NSASpec, seqlens: list[int], batches: list[int], *, dtype
                 row["decode_select"] = _bench(
                     lambda: decode.decode_select(q2, cache, q_pos, 1, cfg("decode_select")), graph=True)
             if spec.has("slc"):
-                idx = decode.decode_topn(gp, q_pos, spec, T)
-                row["decode_topn"] = _bench(lambda: decode.decode_topn(gp, q_pos, spec, T), graph=True)
+                idx = decode.decode_topn(gp, q_pos, spec, T, cfg("decode_select"))
+                row["decode_topn"] = _bench(lambda: decode.decode_topn(gp, q_pos, spec, T,
+                                                                       cfg("decode_select")), graph=True)
             on = {b: g.reshape(B, spec.HQ) for b, g in zip(("cmp", "slc", "swa"), gates) if g is not None}
             row["decode_attend"] = _bench(lambda: decode.decode_attend(
                 q2, cache, q_pos, 1, idx, o_part, on, cfg("decode_attend")), graph=True)

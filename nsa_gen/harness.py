@@ -116,7 +116,7 @@ def chosen_score_error(idx: torch.Tensor, ref_idx: torch.Tensor, scores: torch.T
     """Top-n implementations may differ on near-ties; compare the scores they chose.
     Also any structural defect (bad order, out-of-range index, duplicate, wrong count of
     valid slots) makes the error inf."""
-    idx, ref_idx = idx.cpu().long(), ref_idx.cpu().long()
+    idx, ref_idx, scores = idx.cpu().long(), ref_idx.cpu().long(), scores.cpu()
     valid = idx >= 0
     if (valid.sum(-1) != (ref_idx >= 0).sum(-1)).any():
         return float("inf")
@@ -308,7 +308,7 @@ def _decode_case(stem: str, spec: NSASpec, B: int, T: int, dtype, device, gen) -
         def compare(out, ref) -> float:
             o_part, gp = out
             o_cmp = o_part.sum(2)[:, :, :spec.G].reshape(B, Sq, spec.HQ, spec.DV)
-            idx = decode.decode_topn(gp, q_pos, spec, T).view(B, Sq, spec.H, spec.S)
+            idx = decode.decode_topn(gp, q_pos, spec, T, cfg[0]).view(B, Sq, spec.H, spec.S)
             err = rel_error(o_cmp, ref[0])
             for b in range(B):  # each sequence has its own number of blocks
                 err = max(err, chosen_score_error(idx[b:b + 1], ref[1][b:b + 1], ref[2][b]))
@@ -329,8 +329,12 @@ def _decode_case(stem: str, spec: NSASpec, B: int, T: int, dtype, device, gen) -
                 o_part = out[0]
                 return rel_error(o_part.sum(2)[:, :, :spec.G].reshape(B, Sq, spec.HQ, spec.DV), ref[0])
             return compare(out, ref)
-        return Case(stem, spec, B, T, dtype, device, inputs,
-                    lambda c: decode.decode_select(q2, cache, q_pos, Sq, c), reference, compare_any)
+        cfg = [None]  # the launch's config: the comparison runs decode_topn with it
+
+        def launch(c):
+            cfg[0] = c
+            return decode.decode_select(q2, cache, q_pos, Sq, c)
+        return Case(stem, spec, B, T, dtype, device, inputs, launch, reference, compare_any)
 
     if stem == "decode_attend":
         idx = None

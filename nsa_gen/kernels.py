@@ -594,7 +594,9 @@ def _decode_common(spec: NSASpec) -> dict:
 
 def _decode_select_context(spec: NSASpec, cfg: Config) -> dict:
     return dict(_decode_common(spec), L=spec.l, D=spec.d, BLOCK_C=cfg["BLOCK_C"],
-                SPLIT_C=cfg["SPLIT_C"])
+                SPLIT_C=cfg["SPLIT_C"], BS=spec.BS, S=spec.S, S_PAD=next_pow2(spec.S),
+                R=topn_r(spec), R_PAD=next_pow2(topn_r(spec)), M_CHUNKS=spec.l // spec.d,
+                INITIAL=spec.initial_blocks, LOCAL=spec.local_blocks)
 
 
 def _decode_select_space(spec: NSASpec) -> dict[str, list]:

@@ -86,6 +86,7 @@ def decode_runs(spec) -> list[tuple]:
     n_slc, n_swa = 4, 4 if spec.w else 0
     return [("decode_select", "nsa_decode_select_lse_kernel", sel, ptr, {"DOT_PRECISION": None}),
             ("decode_select", "nsa_decode_select_kernel", sel, ptr, {"DOT_PRECISION": None}),
+            ("decode_select", "nsa_decode_topn_kernel", sel, dict(ptr, NS="i32"), {"NS_PAD": 1024}),
             ("decode_attend", "nsa_decode_attend_kernel", att, ptr,
              {"N_SLC": n_slc, "DOT_PRECISION": None}),
             ("decode_attend", "nsa_decode_combine_kernel", att, ptr,

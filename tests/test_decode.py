@@ -138,6 +138,28 @@ def test_decode_key_tiles_within_blocks(poison):
         assert rel_err(o, ref) < 1e-4
 
 
+@pytest.mark.parametrize("G", [4, 16])
+def test_decode_topn_exact_ties(G, poison):
+    """Small-integer group sums (exact in fp32, many ties) at positions on and off block
+    edges: the same indices as naive_topn over Eq. 9's scores, ties to the lower block."""
+    spec = SPECS[G]
+    T = 200
+    nc = naive.num_cmp_blocks(T, spec.l, spec.d)
+    pos = torch.tensor([0, spec.l - 1, spec.BS, 77, 150, T - 1], dtype=torch.int32)
+    g = torch.Generator().manual_seed(10)
+    gp = torch.randint(0, 3, (len(pos), spec.H, nc + 1), generator=g).float()
+    for n, t in enumerate(pos.tolist()):  # blocks a token does not see score 0
+        gp[n, :, naive.num_cmp_blocks(t + 1, spec.l, spec.d):] = 0
+    idx = decode.decode_topn(gp.to(DEVICE), pos.to(DEVICE), spec, T)
+    NS = -(-T // spec.BS)
+    W = naive.overlap_weights(spec.l, spec.d, spec.BS, nc, NS)
+    for n, t in enumerate(pos.tolist()):
+        scores = torch.zeros(1, t + 1, spec.H, NS)
+        scores[0, t] = gp[n, :, :nc] @ W
+        want = naive.naive_topn(scores, spec.BS, spec.S, spec.initial_blocks, spec.local_blocks)
+        assert torch.equal(idx[n].cpu(), want[0, t]), (t, idx[n], want[0, t])
+
+
 class _fixed(Dispatcher):
     """A dispatcher that hands out the given configs."""
 

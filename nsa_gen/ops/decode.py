@@ -8,10 +8,10 @@ reads a tensor back to the host, so a step can be captured in a CUDA graph.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..config import Config
-from ..kernels import decode_splits, group_pad, kernel_def, kernel_module, num_cmp_blocks
+from ..kernels import (decode_splits, group_pad, kernel_def, kernel_module, next_pow2,
+                       num_cmp_blocks)
 from ..spec import NSASpec
 from .common import check, check_tensor, dot_precision, launch_options
 
@@ -175,36 +175,22 @@ def decode_select(q: torch.Tensor, cache: NSACache, q_pos: torch.Tensor, Sq: int
     return o_part, gp
 
 
-def decode_topn(gp: torch.Tensor, q_pos: torch.Tensor, spec: NSASpec, max_len: int) -> torch.Tensor:
+def decode_topn(gp: torch.Tensor, q_pos: torch.Tensor, spec: NSASpec, max_len: int,
+                config: Config | None = None) -> torch.Tensor:
     """Top-n selection blocks of decode queries from `decode_select`'s gp [N, H, NC_rows]:
     Eq. 9's overlap weights over the group sums, forced initial and local blocks, ties to the
-    lower block, -1 padding, ascending: int32 [N, H, S], as `topn` writes them.
-
-    A few small PyTorch ops on [N, H, NS] (linear in the cache length; no [T, NC] tensor)."""
-    N, H = gp.shape[:2]
-    R, M = spec.BS // spec.d, spec.l // spec.d
+    lower block, -1 padding, ascending: int32 [N, H, S], as `topn` writes them. One program
+    per query token and kv head (decode_select's module, its config)."""
+    config = config or kernel_def("decode_select").default(spec, max_len)
+    N, H, nc_rows = gp.shape
+    idx = torch.empty(N, H, spec.S, device=gp.device, dtype=torch.int32)
+    if N == 0:
+        return idx
     NS = -(-max_len // spec.BS)
-    # Compressed block j * R + r feeds selection block j with min(r + M, R) - r chunks and
-    # spills r + M - R into block j + 1 (l <= l': never further).
-    g3 = F.pad(gp, (0, max(0, NS * R - gp.shape[2])))[..., :NS * R].reshape(N, H, NS, R)
-    r = torch.arange(R, device=gp.device)
-    w_in = (torch.clamp(r + M, max=R) - r).to(gp.dtype)
-    w_out = torch.clamp(r + M - R, min=0).to(gp.dtype)
-    score = g3 @ w_in
-    score[..., 1:] += (g3 @ w_out)[..., :-1]
-    j = torch.arange(NS, device=gp.device)
-    cur = (q_pos.to(torch.int64) // spec.BS)[:, None, None]
-    cand = j <= cur
-    forced = cand & ((j < spec.initial_blocks) | (j > cur - spec.local_blocks))
-    # One int64 key per block: the score's fp32 bits (>= 0, so they order like the floats;
-    # forced blocks +inf) above the index reversed, so equal scores go to the lower block.
-    bits = score.contiguous().view(torch.int32).to(torch.int64) & 0x7FFFFFFF
-    bits = torch.where(forced, 0x7F800000, bits)
-    key = torch.where(cand, (bits << 32) | (0x7FFFFFFF - j), -1)
-    top = key.topk(min(spec.S, NS), dim=-1).values
-    chosen = torch.where(top >= 0, 0x7FFFFFFF - (top & 0xFFFFFFFF), NS).sort(dim=-1).values
-    chosen = F.pad(chosen, (0, spec.S - chosen.shape[-1]), value=NS)
-    return torch.where(chosen == NS, -1, chosen).to(torch.int32)
+    mod = kernel_module("decode_select", spec, config)
+    mod.nsa_decode_topn_kernel[(N, H)](gp, q_pos, idx, nc_rows, NS, NS_PAD=next_pow2(NS),
+                                       num_warps=4)
+    return idx
 
 
 def decode_attend(q: torch.Tensor, cache: NSACache, q_pos: torch.Tensor, Sq: int,
