@@ -9,7 +9,7 @@ from .config import Config
 from .db.dispatch import default_dispatcher
 from .ops.common import check, check_tensor
 from .ops.compression import CompressionFunction, compress_mean
-from .ops.decode import NSACache, decode_attend, decode_positions, decode_select, decode_topn
+from .ops.decode import NSACache, decode_attend, decode_select, decode_topn
 from .ops.gate import GateFunction
 from .ops.selection import SelectionFunction, selection_fwd, topn
 from .ops.window import WindowFunction
@@ -159,18 +159,17 @@ def nsa_decode(q: torch.Tensor, cache: NSACache, g_cmp: torch.Tensor | None = No
     dispatcher = dispatcher or default_dispatcher()
     N = B * Sq
     q2 = q.reshape(N, spec.HQ, spec.DK).contiguous()
-    q_pos = decode_positions(cache, Sq)
     aux: dict = {}
-    o_part = idx = None
+    parts = idx = None
     with torch.no_grad():
         if g_cmp is not None or g_slc is not None:
             cfg = dispatcher.get("decode_select", spec, cache.max_len, N)
-            o_part, gp = decode_select(q2, cache, q_pos, Sq, cfg)
+            *parts, gp = decode_select(q2, cache, Sq, cfg)
             if g_slc is not None:
-                idx = decode_topn(gp, q_pos, spec, cache.max_len, cfg)
+                idx = decode_topn(gp, cache, Sq, cfg)
                 aux["indices"] = idx.view(B, Sq, spec.H, spec.S)
         on = {b: g.reshape(N, spec.HQ).contiguous() for b, g in gates.items() if g is not None}
-        o = decode_attend(q2, cache, q_pos, Sq, idx, o_part, on,
+        o = decode_attend(q2, cache, Sq, idx, parts, on,
                           dispatcher.get("decode_attend", spec, cache.max_len, N))
     o = o.view(B, Sq, spec.HQ, spec.DV)
     return (o, aux) if return_aux else o

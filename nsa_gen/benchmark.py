@@ -196,13 +196,13 @@ def bench_spec(spec: NSASpec, seqlens: list[int], *, dtype=torch.bfloat16, backw
 
 def decode_bytes(spec: NSASpec, T: int, B: int) -> tuple[int, int]:
     """(nsa-gen decode, full attention) bytes of the cache read for one new token per
-    sequence at position T - 1 (2-byte elements): the compressed keys twice (lse pass, then
-    scores) and values once, the S selected blocks, the window; full attention reads every
-    key and value."""
+    sequence at position T - 1 (2-byte elements): the compressed keys and values once, the
+    fp32 scores written and read again, the S selected blocks, the window; full attention
+    reads every key and value."""
     kv = 2 * (spec.DK + spec.DV) * spec.H * B
     from .kernels import num_cmp_blocks
     nc = num_cmp_blocks(T, spec.l, spec.d) if (spec.has("cmp") or spec.has("slc")) else 0
-    ours = 2 * (2 * spec.DK + spec.DV) * spec.H * B * nc
+    ours = (2 * (spec.DK + spec.DV) * spec.H + 2 * 4 * spec.HQ) * B * nc
     ours += kv * (spec.S * spec.BS if spec.has("slc") else 0) + kv * (spec.w if spec.has("swa") else 0)
     return ours, kv * T
 
@@ -249,19 +249,19 @@ def bench_decode(spec: NSASpec, seqlens: list[int], batches: list[int], *, dtype
             step()
             row["nsa_gen"] = _bench(step)
             row["nsa_gen_graph"] = _bench(step, graph=True)
-            q2, q_pos = q.reshape(B, spec.HQ, spec.DK), decode.decode_positions(cache, 1)
-            o_part = gp = idx = None
+            q2 = q.reshape(B, spec.HQ, spec.DK)
+            parts = idx = None
             if spec.has("cmp") or spec.has("slc"):
-                o_part, gp = decode.decode_select(q2, cache, q_pos, 1, cfg("decode_select"))
+                *parts, gp = decode.decode_select(q2, cache, 1, cfg("decode_select"))
                 row["decode_select"] = _bench(
-                    lambda: decode.decode_select(q2, cache, q_pos, 1, cfg("decode_select")), graph=True)
+                    lambda: decode.decode_select(q2, cache, 1, cfg("decode_select")), graph=True)
             if spec.has("slc"):
-                idx = decode.decode_topn(gp, q_pos, spec, T, cfg("decode_select"))
-                row["decode_topn"] = _bench(lambda: decode.decode_topn(gp, q_pos, spec, T,
-                                                                       cfg("decode_select")), graph=True)
+                idx = decode.decode_topn(gp, cache, 1, cfg("decode_select"))
+                row["decode_topn"] = _bench(lambda: decode.decode_topn(gp, cache, 1, cfg("decode_select")),
+                                            graph=True)
             on = {b: g.reshape(B, spec.HQ) for b, g in zip(("cmp", "slc", "swa"), gates) if g is not None}
             row["decode_attend"] = _bench(lambda: decode.decode_attend(
-                q2, cache, q_pos, 1, idx, o_part, on, cfg("decode_attend")), graph=True)
+                q2, cache, 1, idx, parts, on, cfg("decode_attend")), graph=True)
             ours, full = decode_bytes(spec, T, B)
             row["MB_read"], row["full_MB_read"] = ours / 2**20, full / 2**20
             row["TBps"] = ours / row["nsa_gen_graph"] / 1e9

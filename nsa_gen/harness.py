@@ -273,8 +273,8 @@ def decode_lengths(B: int, T: int) -> list[int]:
 def _decode_case(stem: str, spec: NSASpec, B: int, T: int, dtype, device, gen) -> Case:
     """Decode of one token (two for OP_DECODE) per sequence against caches of
     `decode_lengths(B, T)` tokens, against naive_decode.
-      decode_select: o_cmp (the sum of the launch's shares) and the top-n it leads to,
-        checked by the scores of the chosen blocks (chosen_score_error);
+      decode_select: o_cmp (its splits merged by decode_attend's combine) and the top-n
+        it leads to, checked by the scores of the chosen blocks (chosen_score_error);
       decode_attend: the selected and window branches, gated, on given indices (decode_topn
         of random group scores: forced blocks and -1 padding as topn makes them);
       OP_DECODE: nsa_decode end to end, the cache filled by a padded prompt append and
@@ -301,15 +301,17 @@ def _decode_case(stem: str, spec: NSASpec, B: int, T: int, dtype, device, gen) -
     else:
         cache.append(k, v, n_new=lens)
     N, q2 = B * Sq, q.reshape(B * Sq, spec.HQ, spec.DK)
-    q_pos = decode.decode_positions(cache, Sq)
     inputs = dict(q=q, k=k, v=v)
 
     if stem == "decode_select":
+        def o_cmp(out) -> torch.Tensor:
+            ones = torch.ones(N, spec.HQ, device=device, dtype=dtype)
+            return decode.decode_attend(q2, cache, Sq, None, out[:2], {"cmp": ones}).view(
+                B, Sq, spec.HQ, spec.DV)
+
         def compare(out, ref) -> float:
-            o_part, gp = out
-            o_cmp = o_part.sum(2)[:, :, :spec.G].reshape(B, Sq, spec.HQ, spec.DV)
-            idx = decode.decode_topn(gp, q_pos, spec, T, cfg[0]).view(B, Sq, spec.H, spec.S)
-            err = rel_error(o_cmp, ref[0])
+            idx = decode.decode_topn(out[2], cache, Sq, cfg[0]).view(B, Sq, spec.H, spec.S)
+            err = rel_error(o_cmp(out), ref[0])
             for b in range(B):  # each sequence has its own number of blocks
                 err = max(err, chosen_score_error(idx[b:b + 1], ref[1][b:b + 1], ref[2][b]))
             return err
@@ -325,15 +327,12 @@ def _decode_case(stem: str, spec: NSASpec, B: int, T: int, dtype, device, gen) -
             return o_cmp, aux["indices"], aux["scores"]
 
         def compare_any(out, ref) -> float:
-            if ref[1] is None:
-                o_part = out[0]
-                return rel_error(o_part.sum(2)[:, :, :spec.G].reshape(B, Sq, spec.HQ, spec.DV), ref[0])
-            return compare(out, ref)
+            return rel_error(o_cmp(out), ref[0]) if ref[1] is None else compare(out, ref)
         cfg = [None]  # the launch's config: the comparison runs decode_topn with it
 
         def launch(c):
             cfg[0] = c
-            return decode.decode_select(q2, cache, q_pos, Sq, c)
+            return decode.decode_select(q2, cache, Sq, c)
         return Case(stem, spec, B, T, dtype, device, inputs, launch, reference, compare_any)
 
     if stem == "decode_attend":
@@ -341,11 +340,11 @@ def _decode_case(stem: str, spec: NSASpec, B: int, T: int, dtype, device, gen) -
         if spec.has("slc"):
             n_cmp = cache.k_cmp.shape[1]
             gp = torch.rand(N, spec.H, n_cmp, generator=gen, device=device)
-            idx = decode.decode_topn(gp, q_pos, spec, T)
+            idx = decode.decode_topn(gp, cache, Sq)
         on = {b: g.reshape(N, spec.HQ) for b, g in gates.items() if b != "cmp"}
         if not on:  # a compression-only spec: the combine alone, gating o_cmp's shares
             on = {"cmp": gates["cmp"].reshape(N, spec.HQ)}
-        o_part = decode.decode_select(q2, cache, q_pos, Sq) if "cmp" in on else None
+        parts = decode.decode_select(q2, cache, Sq)[:2] if "cmp" in on else None
 
         def reference() -> tuple:
             g = {f"g_{b}": on[b].float().view(B, Sq, spec.HQ) if b in on else None
@@ -353,8 +352,7 @@ def _decode_case(stem: str, spec: NSASpec, B: int, T: int, dtype, device, gen) -
             given = None if idx is None else idx.view(B, Sq, spec.H, spec.S)
             return (naive.naive_decode(spec, *_f32(q, k, v), lengths, **g, indices=given),)
         return Case(stem, spec, B, T, dtype, device, inputs,
-                    lambda c: (decode.decode_attend(q2, cache, q_pos, Sq, idx,
-                                                    o_part[0] if o_part else None, on, c)
+                    lambda c: (decode.decode_attend(q2, cache, Sq, idx, parts, on, c)
                                .view(B, Sq, spec.HQ, spec.DV),),
                     reference, lambda o, r: rel_error(o[0], r[0]))
 

@@ -687,10 +687,10 @@ KERNELS: dict[str, KernelDef] = {
     # kernel gates the output).
     "decode_select": KernelDef("decode_select", "decode", _decode_select_context,
                                _decode_select_default, _decode_select_space, _decode_select_smem,
-                               lambda s: s.has("cmp") or s.has("slc")),
+                               lambda s: s.has("cmp") or s.has("slc"), launch_bound=True),
     "decode_attend": KernelDef("decode_attend", "decode", _decode_attend_context,
                                _decode_attend_default, _decode_attend_space, _decode_attend_smem,
-                               lambda s: True),
+                               lambda s: True, launch_bound=True),
     # phi = mean, before the compressed attention and top-n, which read its output.
     "compress_mean": KernelDef("compress_mean", "cmp", _compress_mean_context,
                                _compress_mean_default, _compress_mean_space, _compress_mean_smem,

@@ -78,15 +78,15 @@ def decode_runs(spec) -> list[tuple]:
     (stem, kernel name, config, signature, constexprs)."""
     from nsa_gen.kernels import kernel_def
     sel, att = (kernel_def(s).default(spec, 65536) for s in ("decode_select", "decode_attend"))
-    ptr = {"q": "*bf16", "k_cmp": "*bf16", "v_cmp": "*bf16", "q_pos": "*i32", "ml": "*fp32",
-           "o_part": "*fp32", "gp": "*fp32", "SQ": "i32", "NCMAX": "i32", "TMAX": "i32",
+    ptr = {"q": "*bf16", "k_cmp": "*bf16", "v_cmp": "*bf16", "lengths": "*i32", "sc": "*fp32",
+           "gp": "*fp32", "SQ": "i32", "NCMAX": "i32", "TMAX": "i32", "NS": "i32",
            "k_slc": "*bf16", "v_slc": "*bf16", "k_swa": "*bf16", "v_swa": "*bf16",
-           "block_idx": "*i32", "part_o": "*fp32", "part_ml": "*fp32", "cmp_part": "*fp32",
-           "g_cmp": "*bf16", "g_slc": "*bf16", "g_swa": "*bf16", "o": "*bf16"}
+           "block_idx": "*i32", "part_o": "*fp32", "part_ml": "*fp32", "cmp_o": "*fp32",
+           "cmp_ml": "*fp32", "g_cmp": "*bf16", "g_slc": "*bf16", "g_swa": "*bf16", "o": "*bf16"}
     n_slc, n_swa = 4, 4 if spec.w else 0
-    return [("decode_select", "nsa_decode_select_lse_kernel", sel, ptr, {"DOT_PRECISION": None}),
-            ("decode_select", "nsa_decode_select_kernel", sel, ptr, {"DOT_PRECISION": None}),
-            ("decode_select", "nsa_decode_topn_kernel", sel, dict(ptr, NS="i32"), {"NS_PAD": 1024}),
+    return [("decode_select", "nsa_decode_select_kernel", sel, ptr, {"DOT_PRECISION": None}),
+            ("decode_select", "nsa_decode_scores_kernel", sel, ptr, {}),
+            ("decode_select", "nsa_decode_topn_kernel", sel, ptr, {"NS_PAD": 1024}),
             ("decode_attend", "nsa_decode_attend_kernel", att, ptr,
              {"N_SLC": n_slc, "DOT_PRECISION": None}),
             ("decode_attend", "nsa_decode_combine_kernel", att, ptr,

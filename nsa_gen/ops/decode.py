@@ -141,19 +141,21 @@ class NSACache:
 
 
 def decode_positions(cache: NSACache, Sq: int) -> torch.Tensor:
-    """int32 [B * Sq]: the absolute position of each decode query (the last Sq cached)."""
+    """int32 [B * Sq]: the absolute position of each decode query (the last Sq cached), as
+    the decode kernels compute it from cache.lengths."""
     i = torch.arange(Sq, device=cache.device, dtype=torch.int32)
     return (cache.lengths[:, None] - Sq + i[None, :]).reshape(-1)
 
 
-def decode_select(q: torch.Tensor, cache: NSACache, q_pos: torch.Tensor, Sq: int,
-                  config: Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_select(q: torch.Tensor, cache: NSACache, Sq: int, config: Config | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Compressed attention and block scores of decode queries.
 
-    q [N, HQ, DK] (N = B * Sq, sequence-major), q_pos int32 [N] (`decode_positions`).
-    Returns o_part fp32 [N, H, SPLITS, G_PAD, DV] (o_cmp's shares: their sum over SPLITS is
-    o_cmp, 0 where no block is visible) and gp fp32 [N, H, NC_max + 1] (each compressed
-    block's probability summed over the group's heads; 0 where not visible).
+    q [N, HQ, DK] (N = B * Sq, sequence-major: the last Sq tokens of each sequence).
+    Returns (cmp_o, cmp_ml, gp): the compressed attention's splits, fp32 [N, H, SPLITS,
+    G_PAD, DV] unnormalised and [N, H, SPLITS, G_PAD, 2] (max, sum; `decode_attend` merges
+    them), and gp fp32 [N, H, NC_max + 1] (each compressed block's probability summed over
+    the group's heads; 0 where not visible).
     """
     spec = cache.spec
     config = config or kernel_def("decode_select").default(spec, cache.max_len)
@@ -161,53 +163,57 @@ def decode_select(q: torch.Tensor, cache: NSACache, q_pos: torch.Tensor, Sq: int
     nc_rows = cache.k_cmp.shape[1]
     splits = -(-nc_rows // config["SPLIT_C"])
     gp_pad = group_pad(spec)
-    ml = torch.empty(N, spec.H, splits, gp_pad, 2, device=q.device, dtype=torch.float32)
-    o_part = torch.empty(N, spec.H, splits, gp_pad, spec.DV, device=q.device, dtype=torch.float32)
-    gp = torch.empty(N, spec.H, nc_rows, device=q.device, dtype=torch.float32)
+    dev = q.device
+    sc = torch.empty(N, spec.HQ, nc_rows, device=dev, dtype=torch.float32)
+    cmp_o = torch.empty(N, spec.H, splits, gp_pad, spec.DV, device=dev, dtype=torch.float32)
+    cmp_ml = torch.empty(N, spec.H, splits, gp_pad, 2, device=dev, dtype=torch.float32)
+    gp = torch.empty(N, spec.H, nc_rows, device=dev, dtype=torch.float32)
     if N == 0:
-        return o_part, gp
+        return cmp_o, cmp_ml, gp
     mod = kernel_module("decode_select", spec, config)
-    grid, prec = (N, spec.H, splits), dot_precision(q)
-    mod.nsa_decode_select_lse_kernel[grid](q, cache.k_cmp, q_pos, ml, Sq, nc_rows,
-                                           DOT_PRECISION=prec, **launch_options(config))
-    mod.nsa_decode_select_kernel[grid](q, cache.k_cmp, cache.v_cmp, q_pos, ml, o_part, gp, Sq,
-                                       nc_rows, DOT_PRECISION=prec, **launch_options(config))
-    return o_part, gp
+    grid = (N, spec.H, splits)
+    mod.nsa_decode_select_kernel[grid](q, cache.k_cmp, cache.v_cmp, cache.lengths, sc, cmp_o,
+                                       cmp_ml, Sq, nc_rows, DOT_PRECISION=dot_precision(q),
+                                       **launch_options(config))
+    mod.nsa_decode_scores_kernel[grid](cache.lengths, sc, cmp_ml, gp, Sq, nc_rows,
+                                       **launch_options(config))
+    return cmp_o, cmp_ml, gp
 
 
-def decode_topn(gp: torch.Tensor, q_pos: torch.Tensor, spec: NSASpec, max_len: int,
-                config: Config | None = None) -> torch.Tensor:
+def decode_topn(gp: torch.Tensor, cache: NSACache, Sq: int, config: Config | None = None
+                ) -> torch.Tensor:
     """Top-n selection blocks of decode queries from `decode_select`'s gp [N, H, NC_rows]:
     Eq. 9's overlap weights over the group sums, forced initial and local blocks, ties to the
     lower block, -1 padding, ascending: int32 [N, H, S], as `topn` writes them. One program
     per query token and kv head (decode_select's module, its config)."""
-    config = config or kernel_def("decode_select").default(spec, max_len)
+    spec = cache.spec
+    config = config or kernel_def("decode_select").default(spec, cache.max_len)
     N, H, nc_rows = gp.shape
     idx = torch.empty(N, H, spec.S, device=gp.device, dtype=torch.int32)
     if N == 0:
         return idx
-    NS = -(-max_len // spec.BS)
+    NS = -(-cache.max_len // spec.BS)
     mod = kernel_module("decode_select", spec, config)
-    mod.nsa_decode_topn_kernel[(N, H)](gp, q_pos, idx, nc_rows, NS, NS_PAD=next_pow2(NS),
-                                       num_warps=4)
+    mod.nsa_decode_topn_kernel[(N, H)](gp, cache.lengths, idx, Sq, nc_rows, NS,
+                                       NS_PAD=next_pow2(NS), num_warps=4)
     return idx
 
 
-def decode_attend(q: torch.Tensor, cache: NSACache, q_pos: torch.Tensor, Sq: int,
-                  block_idx: torch.Tensor | None, o_cmp_part: torch.Tensor | None,
+def decode_attend(q: torch.Tensor, cache: NSACache, Sq: int, block_idx: torch.Tensor | None,
+                  cmp_parts: tuple[torch.Tensor, torch.Tensor] | None,
                   gates: dict[str, torch.Tensor], config: Config | None = None) -> torch.Tensor:
     """Selected and window attention of decode queries, and the gated sum with o_cmp.
 
-    q [N, HQ, DK], q_pos int32 [N]; block_idx int32 [N, H, S] (`decode_topn`; needed with
-    gates["slc"]); o_cmp_part from `decode_select` (needed with gates["cmp"]); gates: branch
-    -> g [N, HQ] for the branches on. Returns o [N, HQ, DV] in q's dtype.
+    q [N, HQ, DK]; block_idx int32 [N, H, S] (`decode_topn`; needed with gates["slc"]);
+    cmp_parts: (cmp_o, cmp_ml) from `decode_select` (needed with gates["cmp"]); gates:
+    branch -> g [N, HQ] for the branches on. Returns o [N, HQ, DV] in q's dtype.
     """
     spec = cache.spec
     config = config or kernel_def("decode_attend").default(spec, cache.max_len)
     N = q.shape[0]
     n_slc, n_swa = decode_splits(spec, config)
     n_slc, n_swa = (n_slc if "slc" in gates else 0), (n_swa if "swa" in gates else 0)
-    n_cmp = o_cmp_part.shape[2] if "cmp" in gates else 0
+    n_cmp = cmp_parts[0].shape[2] if "cmp" in gates else 0
     gp_pad = group_pad(spec)
     part_o = torch.empty(N, spec.H, n_slc + n_swa, gp_pad, spec.DV, device=q.device,
                          dtype=torch.float32)
@@ -220,12 +226,13 @@ def decode_attend(q: torch.Tensor, cache: NSACache, q_pos: torch.Tensor, Sq: int
     any_pair = next(iter(cache.kv.values()))
     (k_slc, v_slc), (k_swa, v_swa) = cache.kv.get("slc", any_pair), cache.kv.get("swa", any_pair)
     if n_slc + n_swa:
-        idx = block_idx if n_slc else q_pos  # unread without selected splits
+        idx = block_idx if n_slc else cache.lengths  # unread without selected splits
         mod.nsa_decode_attend_kernel[(N, spec.H, n_slc + n_swa)](
-            q, k_slc, v_slc, k_swa, v_swa, idx, q_pos, part_o, part_ml, Sq, cache.max_len + 1,
-            N_SLC=n_slc, DOT_PRECISION=dot_precision(q), **launch_options(config))
+            q, k_slc, v_slc, k_swa, v_swa, idx, cache.lengths, part_o, part_ml, Sq,
+            cache.max_len + 1, N_SLC=n_slc, DOT_PRECISION=dot_precision(q), **launch_options(config))
     g = {b: gates.get(b, q) for b in _BRANCH_PAIRS}  # q stands in for an absent gate: unread
+    cmp_o, cmp_ml = cmp_parts if n_cmp else (part_o, part_ml)
     mod.nsa_decode_combine_kernel[(N, spec.H)](
-        o_cmp_part if n_cmp else part_o, part_o, part_ml, g["cmp"], g["slc"], g["swa"], o,
+        cmp_o, cmp_ml, part_o, part_ml, g["cmp"], g["slc"], g["swa"], o,
         N_CMP=n_cmp, N_SLC=n_slc, N_SWA=n_swa, num_warps=4)
     return o
