@@ -23,6 +23,18 @@ def _configs(spec: NSASpec, T: int, B: int, dispatcher) -> Callable[[str], Confi
     return lambda stem: dispatcher.get(stem, spec, T, B)
 
 
+def _checked_gates(spec: NSASpec, q: torch.Tensor, *gs: torch.Tensor | None) -> dict:
+    """{branch: gate or None} of (g_cmp, g_slc, g_swa), each [*q.shape[:2], HQ] like q and of
+    a branch the spec has; at least one given."""
+    gates = dict(zip(("cmp", "slc", "swa"), gs))
+    for name, g in gates.items():
+        if g is not None:
+            check(spec.has(name), f"g_{name} given but the spec has no '{name}' branch")
+            check_tensor(f"g_{name}", g, (*q.shape[:2], spec.HQ), like=q)
+    check(any(g is not None for g in gates.values()), "no gate given: every branch is off")
+    return gates
+
+
 def compress(x: torch.Tensor, spec: NSASpec, mlp: torch.nn.Module | None = None,
              cu_seqlens: torch.Tensor | None = None, config: Config | None = None,
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -68,12 +80,7 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor |
     spec = load_spec(spec) if isinstance(spec, str) else spec
     check_tensor("q", q, (None, None, spec.HQ, spec.DK))
     B, T = q.shape[:2]
-    gates = {"cmp": g_cmp, "slc": g_slc, "swa": g_swa}
-    for name, g in gates.items():
-        if g is not None:
-            check(spec.has(name), f"g_{name} given but the spec has no '{name}' branch")
-            check_tensor(f"g_{name}", g, (B, T, spec.HQ), like=q)
-    check(any(g is not None for g in gates.values()), "no gate given: every branch is off")
+    gates = _checked_gates(spec, q, g_cmp, g_slc, g_swa)
     pairs = {"cmp": kv_cmp or (k, v), "slc": kv_slc or (k, v), "swa": kv_swa or (k, v)}
     for name, (kk, vv) in pairs.items():
         check_tensor(f"k ({name})", kk, (B, T, spec.H, spec.DK), like=q)
@@ -145,17 +152,12 @@ def nsa_decode(q: torch.Tensor, cache: NSACache, g_cmp: torch.Tensor | None = No
     the chosen block indices ("indices", int32 [B, Sq, H, S]) when the selection runs.
     Inference only: nothing here is differentiable.
     """
-    spec = cache.spec
     check(isinstance(cache, NSACache), "cache must be an NSACache")
+    spec = cache.spec
     check_tensor("q", q, (cache.B, None, spec.HQ, spec.DK), like=cache.k_cmp)
     B, Sq = q.shape[:2]
     check(1 <= Sq <= cache.max_len, f"Sq = {Sq}: decode takes 1 to max_len new tokens")
-    gates = {"cmp": g_cmp, "slc": g_slc, "swa": g_swa}
-    for name, g in gates.items():
-        if g is not None:
-            check(spec.has(name), f"g_{name} given but the spec has no '{name}' branch")
-            check_tensor(f"g_{name}", g, (B, Sq, spec.HQ), like=q)
-    check(any(g is not None for g in gates.values()), "no gate given: every branch is off")
+    gates = _checked_gates(spec, q, g_cmp, g_slc, g_swa)
     dispatcher = dispatcher or default_dispatcher()
     N = B * Sq
     q2 = q.reshape(N, spec.HQ, spec.DK).contiguous()
