@@ -6,6 +6,7 @@
 #   tune     10-trial studies of both decode kernels at T = 64k, B = 1, 8, 64, into
 #            tuning_db (returned as $OUT/db.tar.gz)
 #   bench    the decode benchmark, B = 1, 8, 64 at T = 8k and 64k, against SDPA
+#   graph    tests/test_decode.py's CUDA-graph test (needs pytest's wheels in .whl)
 #   fb       fla-compat's forward + backward at 64k, no baselines
 # Calls 1-5 ran: verify bench; verify profile bench; verify bench tune (into a copy of the
 # DB, B = 64 and 8); tune (B = 64 and 1) bench fb; bench.
@@ -30,6 +31,8 @@ tune)
 bench)
   timeout 280 python3 cli.py bench deepseek-nsa fla-compat small-group --seqlens 8192 65536 --decode 1 8 64 \
     --out "$OUT/bench" 2>&1 | quiet | tail -22 ;;
+graph)
+  TRITON_INTERPRET=0 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_decode.py -k graph 2>&1 | tail -5 ;;
 fb)
   timeout 150 python3 cli.py bench fla-compat --seqlens 65536 --backward --no-baselines \
     --out "$OUT/bench_fb" 2>&1 | quiet | tail -8 ;;

@@ -262,6 +262,16 @@ def bench_decode(spec: NSASpec, seqlens: list[int], batches: list[int], *, dtype
             on = {b: g.reshape(B, spec.HQ) for b, g in zip(("cmp", "slc", "swa"), gates) if g is not None}
             row["decode_attend"] = _bench(lambda: decode.decode_attend(
                 q2, cache, 1, idx, parts, on, cfg("decode_attend")), graph=True)
+            # The whole step, append included, replayed from a DecodeGraph and called from
+            # Python (input copies, replay): what an eager caller pays with the graph. The
+            # cache is reset to T - 1 tokens before each step.
+            cache.lengths.fill_(T - 1)
+            step_graph = api.DecodeGraph(cache, 1, tuple(b for b, g in zip(("cmp", "slc", "swa"), gates)
+                                                        if g is not None))
+            k1, v1 = k[:, -1:].contiguous(), v[:, -1:].contiguous()
+            row["decode_graph"] = _bench(lambda: (cache.lengths.fill_(T - 1),
+                                                  step_graph(q, k1, v1, *gates)))
+            del step_graph
             ours, full = decode_bytes(spec, T, B)
             row["MB_read"], row["full_MB_read"] = ours / 2**20, full / 2**20
             row["TBps"] = ours / row["nsa_gen_graph"] / 1e9
@@ -328,6 +338,7 @@ COLS_FB = [("T", "T"), ("nsa_gen_fb", "nsa-gen fwd+bwd ms"), ("compression_bwd",
 
 
 COLS_DECODE = [("B", "B"), ("T", "T"), ("nsa_gen", "nsa-gen ms"), ("nsa_gen_graph", "nsa-gen graph ms"),
+               ("decode_graph", "DecodeGraph step ms"),
                ("decode_select", "select"), ("decode_topn", "top-n"), ("decode_attend", "attend"),
                ("MB_read", "MB read"), ("TBps", "TB/s"), ("full_MB_read", "full attn MB"),
                ("sdpa_flash", "sdpa flash"), ("sdpa_cudnn", "sdpa cudnn"),

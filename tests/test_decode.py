@@ -5,7 +5,7 @@ import torch
 
 from conftest import DEVICE, TOL, rel_err, shrink
 from nsa_gen import naive
-from nsa_gen.api import NativeSparseAttention, nsa_decode
+from nsa_gen.api import DecodeGraph, NativeSparseAttention, nsa_decode
 from nsa_gen.config import Config
 from nsa_gen.db.dispatch import Dispatcher
 from nsa_gen.harness import chosen_score_error, decode_lengths, make_case
@@ -276,3 +276,41 @@ def test_harness_cases(stem, poison):
     bad = (out[0] * 1.1, *out[1:])  # o, or decode_select's unnormalised P.V
     assert case.rel_error(bad) > case.tolerance
     assert decode_lengths(3, 100) == [100, 74, 48]
+
+
+def test_cache_stops_at_max_len():
+    """Tokens past max_len are dropped: lengths stop there (nothing is read back to the host
+    to report it), and no kernel reads past the cache."""
+    spec = SPECS[4]
+    cache = decode.NSACache(spec, 2, 40, device=DEVICE, dtype=torch.float32)
+    k, v = torch.randn(2, 30, spec.H, spec.DK), torch.randn(2, 30, spec.H, spec.DV)
+    cache.append(k, v)
+    cache.append(k, v, n_new=torch.tensor([5, 30]))
+    assert cache.lengths.tolist() == [35, 40]
+    assert torch.equal(cache.kv["slc"][0][1, 30:40], k[1, :10])
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+def test_decode_graph_matches_eager():
+    """DecodeGraph (append + nsa_decode replayed from a CUDA graph) gives the eager steps'
+    outputs, step after step, across compressed-block boundaries."""
+    spec = SPECS[16]
+    B, T, P = 3, 200, 57
+    g = torch.Generator().manual_seed(11)
+    prompt = rnd(g, B, P, spec.H, spec.DK), rnd(g, B, P, spec.H, spec.DV)
+    caches = [decode.NSACache(spec, B, T, device=DEVICE, dtype=torch.float32) for _ in range(2)]
+    for c in caches:
+        c.append(*prompt)
+    step = DecodeGraph(caches[1], Sq=1, gates=("cmp", "slc"))
+    assert caches[1].lengths.tolist() == [P] * B  # the warm-up left the cache as it was
+    for _ in range(20):
+        q, k, v = (rnd(g, B, 1, spec.HQ, spec.DK), rnd(g, B, 1, spec.H, spec.DK),
+                   rnd(g, B, 1, spec.H, spec.DV))
+        gates = gates_for(spec, g, B, 1, torch.float32)
+        caches[0].append(k, v)
+        want = nsa_decode(q, caches[0], *gates)
+        got = step(q, k, v, *gates)
+        assert torch.equal(caches[0].lengths, caches[1].lengths)
+        assert rel_err(got, want) < 1e-5
+    with pytest.raises(ValueError, match="g_swa must be None"):
+        step(q, k, v, *gates[:2], torch.rand(B, 1, spec.HQ, device=DEVICE))

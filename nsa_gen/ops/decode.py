@@ -76,8 +76,9 @@ class NSACache:
         pair), or with per_branch_kv a (k, v) pair per branch in kv_cmp / kv_slc / kv_swa.
         n_new int [B] (default Sq for all): how many of the Sq rows are real for each
         sequence (a padded batch of prompts); the rest are ignored. Compressed blocks that
-        these tokens complete are formed here. The caller checks that no sequence passes
-        max_len (a device-side length is not read back)."""
+        these tokens complete are formed here. The caller keeps every sequence within
+        max_len: lengths live on the device and are not read back, so tokens past max_len
+        are dropped (lengths stop at max_len) rather than reported."""
         spec = self.spec
         given = {"cmp": kv_cmp, "slc": kv_slc, "swa": kv_swa}
         pairs = {b: given[b] if self.per_branch_kv else (k, v) for b in self.pairs}
@@ -106,7 +107,7 @@ class NSACache:
             written.add(id(dst[0]))
             dst[0][b_idx, rows] = kk
             dst[1][b_idx, rows] = vv
-        new = old + n.to(torch.int64)
+        new = torch.clamp(old + n.to(torch.int64), max=self.max_len)
         self._form_blocks(old, new, Sq)
         self.lengths.copy_(new.to(torch.int32))
 
