@@ -191,7 +191,9 @@ class DecodeGraph:
     o [B, Sq, HQ, DV] is the graph's own buffer, overwritten by the next step (clone it to
     keep it). Configs are looked up once, at capture. Needs a CUDA device. The warm-up runs
     before the capture leave the cache as it was (lengths restored; rows past them are
-    rewritten by the next appends).
+    rewritten by the next appends). Without the copies: write the inputs into the buffers
+    `q`, `k[pair]`, `v[pair]` (pair "shared", or the branch with per_branch_kv) and
+    `g[branch]`, then call `replay()`.
     """
 
     def __init__(self, cache: NSACache, Sq: int = 1, gates: tuple[str, ...] = ("cmp", "slc", "swa"),
@@ -245,6 +247,10 @@ class DecodeGraph:
                                *((f"g_{b}", given[b], self.g[b]) for b in self.g)]:
             check_tensor(name, src, tuple(dst.shape), like=dst)
             dst.copy_(src)
+        return self.replay()
+
+    def replay(self) -> torch.Tensor:
+        """One step on what the input buffers hold; returns the output buffer."""
         self.graph.replay()
         return self.o
 

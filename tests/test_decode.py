@@ -312,5 +312,13 @@ def test_decode_graph_matches_eager():
         got = step(q, k, v, *gates)
         assert torch.equal(caches[0].lengths, caches[1].lengths)
         assert rel_err(got, want) < 1e-5
+    # The zero-copy way: inputs written into the graph's buffers.
+    q, k, v = (rnd(g, B, 1, spec.HQ, spec.DK), rnd(g, B, 1, spec.H, spec.DK),
+               rnd(g, B, 1, spec.H, spec.DV))
+    caches[0].append(k, v)
+    want = nsa_decode(q, caches[0], *gates)
+    step.q.copy_(q), step.k["shared"].copy_(k), step.v["shared"].copy_(v)
+    step.g["cmp"].copy_(gates[0]), step.g["slc"].copy_(gates[1])
+    assert rel_err(step.replay(), want) < 1e-5
     with pytest.raises(ValueError, match="g_swa must be None"):
         step(q, k, v, *gates[:2], torch.rand(B, 1, spec.HQ, device=DEVICE))
