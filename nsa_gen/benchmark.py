@@ -229,6 +229,7 @@ def bench_decode(spec: NSASpec, seqlens: list[int], batches: list[int], *, dtype
     from . import api
     from .ops import decode
 
+    cuda = torch.device(device).type == "cuda"
     rows = []
     for B in batches:
         for T in seqlens:
@@ -265,13 +266,14 @@ def bench_decode(spec: NSASpec, seqlens: list[int], batches: list[int], *, dtype
             # The whole step, append included, replayed from a DecodeGraph and called from
             # Python (input copies, replay): what an eager caller pays with the graph. The
             # cache is reset to T - 1 tokens before each step.
-            cache.lengths.fill_(T - 1)
-            step_graph = api.DecodeGraph(cache, 1, tuple(b for b, g in zip(("cmp", "slc", "swa"), gates)
-                                                        if g is not None))
-            k1, v1 = k[:, -1:].contiguous(), v[:, -1:].contiguous()
-            row["decode_graph"] = _bench(lambda: (cache.lengths.fill_(T - 1),
-                                                  step_graph(q, k1, v1, *gates)))
-            del step_graph
+            if cuda:
+                cache.lengths.fill_(T - 1)
+                step_graph = api.DecodeGraph(cache, 1, tuple(b for b, g in zip(("cmp", "slc", "swa"), gates)
+                                                            if g is not None))
+                k1, v1 = k[:, -1:].contiguous(), v[:, -1:].contiguous()
+                row["decode_graph"] = _bench(lambda: (cache.lengths.fill_(T - 1),
+                                                      step_graph(q, k1, v1, *gates)))
+                del step_graph
             ours, full = decode_bytes(spec, T, B)
             row["MB_read"], row["full_MB_read"] = ours / 2**20, full / 2**20
             row["TBps"] = ours / row["nsa_gen_graph"] / 1e9
@@ -291,7 +293,8 @@ def bench_decode(spec: NSASpec, seqlens: list[int], batches: list[int], *, dtype
                 f"{_ms(row.get('sdpa_cudnn_graph'))} graph")
             rows.append(row)
             del k, v, cache
-            torch.cuda.empty_cache()
+            if cuda:
+                torch.cuda.empty_cache()
     return rows
 
 

@@ -32,6 +32,26 @@ def test_bench_spec_paths(monkeypatch, tmp_path):
     assert benchmark.plot(rows, tmp_path / "p.png") in (True, False)
 
 
+def test_bench_decode_paths(monkeypatch):
+    """bench --decode on the CPU with a fake timer: every kernel's cell, SDPA as n/a cells
+    where a backend refuses, the byte model, and the decode table."""
+    monkeypatch.setattr(benchmark, "_bench", lambda fn, **kw: (fn(), 1.0)[1])
+    spec = shrink("small-group", heads={"q": 8, "kv": 2}, head_dim={"k": 32, "v": 16},
+                  compression={"block": 16, "stride": 8}, selection={"block": 16, "top_n": 2,
+                                                                     "initial_blocks": 1, "local_blocks": 1},
+                  window=16)
+    rows = benchmark.bench_decode(spec, [50], [2], dtype=torch.float32, device="cpu",
+                                  log=lambda s: None)
+    r = rows[0]
+    for key in ("nsa_gen", "nsa_gen_graph", "decode_select", "decode_topn", "decode_attend"):
+        assert r[key] == 1.0, key
+    ours, full = benchmark.decode_bytes(spec, 50, 2)
+    assert r["MB_read"] == ours / 2**20 and full == 2 * (32 + 16) * 2 * 2 * 50
+    md = benchmark.markdown(rows)
+    assert "Decode (one new token a sequence):" in md and "| small-group | 2 | 50 |" in md
+    assert "Forward:" not in md
+
+
 def test_flop_model():
     from nsa_gen.spec import load_spec
     s = load_spec("deepseek-nsa")
