@@ -8,6 +8,7 @@
 #   bench    the decode benchmark, B = 1, 8, 64 at T = 8k and 64k, against SDPA
 #   graph    tests/test_decode.py's CUDA-graph test (needs pytest's wheels in .whl)
 #   fb       fla-compat's forward + backward at 64k, no baselines
+#   all      bf16 verification of every kernel and op of the four built-in specs at 2k
 # Calls 1-5 ran: verify bench; verify profile bench; verify bench tune (into a copy of the
 # DB, B = 64 and 8); tune (B = 64 and 1) bench fb; bench.
 set -o pipefail
@@ -33,6 +34,10 @@ bench)
     --out "$OUT/bench" 2>&1 | quiet | tail -22 ;;
 graph)
   TRITON_INTERPRET=0 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_decode.py -k graph 2>&1 | tail -5 ;;
+all)
+  timeout 400 python3 cli.py verify deepseek-nsa fla-compat small-group mqa -T 2048 -B 2 --dtype bfloat16 \
+    2>&1 | quiet > "$OUT/verify_all.txt"
+  echo "pass $(grep -c '| pass' "$OUT/verify_all.txt")"; grep "^| [a-z]" "$OUT/verify_all.txt" | grep -v "| pass\|| spec" | head -20 ;;
 fb)
   timeout 150 python3 cli.py bench fla-compat --seqlens 65536 --backward --no-baselines \
     --out "$OUT/bench_fb" 2>&1 | quiet | tail -8 ;;
