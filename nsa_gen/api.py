@@ -180,7 +180,7 @@ def nsa_decode(q: torch.Tensor, cache: NSACache, g_cmp: torch.Tensor | None = No
 class DecodeGraph:
     """One decode step, `cache.append` then `nsa_decode`, captured in a CUDA graph and
     replayed: a step's five kernels and the append's small ops launch as one graph, without
-    the 0.2-0.5 ms of host time an eager step costs (RESULTS run 36).
+    the 0.2-0.7 ms of host time an eager step costs (RESULTS run 36).
 
     step = DecodeGraph(cache, Sq=1, gates=("cmp", "slc", "swa"))
     o = step(q, k, v, g_cmp, g_slc, g_swa)   # as cache.append(k, v); nsa_decode(q, cache, ...)
