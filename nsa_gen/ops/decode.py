@@ -24,10 +24,10 @@ _APPEND_BLOCKS = 256
 class NSACache:
     """Keys and values of B sequences of up to `max_len` tokens, with their compressed blocks.
 
-    k, v [B, max_len, H, DK / DV] for each branch pair (one pair shared by the branches, or
-    with per_branch_kv one per branch, as nsa()'s kv_cmp / kv_slc / kv_swa), and k_cmp, v_cmp
-    [B, NC_max, H, D]: phi of every complete block of the compressed branch's pair, formed
-    as tokens arrive. lengths int32 [B] (on `device`): tokens cached per sequence.
+    k, v [B, max_len + 1, H, DK / DV] for each branch pair (one pair shared by the branches,
+    or with per_branch_kv one per branch, as nsa()'s kv_cmp / kv_slc / kv_swa), and k_cmp,
+    v_cmp [B, NC_max + 1, H, D]: phi of every complete block of the compressed branch's
+    pair, formed as tokens arrive (the last row of each is a scratch row). lengths int32 [B] (on `device`): tokens cached per sequence.
     mlp_k / mlp_v: phi's modules when spec.phi == "mlp" (as nsa() takes them).
     """
 
@@ -118,9 +118,9 @@ class NSACache:
 
         def n_blocks(x):
             return torch.where(x >= l, torch.div(x - l, d, rounding_mode="floor") + 1, 0)
-        first, last = n_blocks(old), n_blocks(new)
         if "cmp" not in self.kv:  # a window-only spec keeps no compressed blocks
             return
+        first, last = n_blocks(old), n_blocks(new)
         k_src, v_src = self.kv["cmp"]
         j = torch.arange(l, device=dev)
         b_idx = torch.arange(self.B, device=dev)[:, None]
