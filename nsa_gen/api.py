@@ -13,7 +13,7 @@ from .ops.decode import NSACache, decode_attend, decode_select, decode_topn
 from .ops.gate import GateFunction
 from .ops.selection import SelectionFunction, selection_fwd, topn
 from .ops.window import WindowFunction
-from .spec import NSASpec, load_spec
+from .spec import BRANCHES, NSASpec, load_spec
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -26,7 +26,7 @@ def _configs(spec: NSASpec, T: int, B: int, dispatcher) -> Callable[[str], Confi
 def _checked_gates(spec: NSASpec, q: torch.Tensor, *gs: torch.Tensor | None) -> dict:
     """{branch: gate or None} of (g_cmp, g_slc, g_swa), each [*q.shape[:2], HQ] like q and of
     a branch the spec has; at least one given."""
-    gates = dict(zip(("cmp", "slc", "swa"), gs))
+    gates = dict(zip(BRANCHES, gs))
     for name, g in gates.items():
         if g is not None:
             check(spec.has(name), f"g_{name} given but the spec has no '{name}' branch")
@@ -196,11 +196,11 @@ class DecodeGraph:
     `g[branch]`, then call `replay()`.
     """
 
-    def __init__(self, cache: NSACache, Sq: int = 1, gates: tuple[str, ...] = ("cmp", "slc", "swa"),
+    def __init__(self, cache: NSACache, Sq: int = 1, gates: tuple[str, ...] = BRANCHES,
                  dispatcher=None, warmup: int = 2):
         check(cache.device.type == "cuda", "DecodeGraph needs a cache on a CUDA device")
         spec = cache.spec
-        self.cache, self.Sq, self.gates = cache, Sq, tuple(b for b in ("cmp", "slc", "swa") if b in gates)
+        self.cache, self.Sq, self.gates = cache, Sq, tuple(b for b in BRANCHES if b in gates)
         check(len(self.gates) > 0, "no gate named: every branch is off")
         for b in self.gates:
             check(spec.has(b), f"gate '{b}' named but the spec has no '{b}' branch")
@@ -228,7 +228,7 @@ class DecodeGraph:
             self.cache.append(**{f"kv_{b}": (self.k[b], self.v[b]) for b in self.k})
         else:
             self.cache.append(self.k["shared"], self.v["shared"])
-        g = [self.g.get(b) for b in ("cmp", "slc", "swa")]
+        g = [self.g.get(b) for b in BRANCHES]
         return nsa_decode(self.q, self.cache, *g, dispatcher=self.dispatcher)
 
     def __call__(self, q: torch.Tensor, k, v, g_cmp: torch.Tensor | None = None,
@@ -238,7 +238,7 @@ class DecodeGraph:
         check(set(ks) == set(self.k) and set(vs) == set(self.v),
               f"k and v must be {'dicts of the pairs ' + str(sorted(self.k)) if self.cache.per_branch_kv else 'tensors'}")
         given = {"cmp": g_cmp, "slc": g_slc, "swa": g_swa}
-        for b in ("cmp", "slc", "swa"):
+        for b in BRANCHES:
             check((given[b] is not None) == (b in self.g),
                   f"g_{b} must {'be given' if b in self.g else 'be None'}: the graph was captured "
                   f"with gates {self.gates}")
@@ -332,7 +332,7 @@ class NativeSparseAttention(torch.nn.Module):
             if self.per_branch_kv and "kv_cmp" not in kv and "cmp" in cache.pairs:
                 kv["kv_cmp"] = (ks[0], vs[0])  # as nsa() scores without a compressed pair
             cache.append(ks[0], vs[0], **kv)
-            o = nsa_decode(q.to(cache.dtype), cache, *(gates.get(b) for b in ("cmp", "slc", "swa")))
+            o = nsa_decode(q.to(cache.dtype), cache, *(gates.get(b) for b in BRANCHES))
             return self.o_proj(o.reshape(B, T, spec.HQ * spec.DV).to(x.dtype))
         op = attention or nsa
         o = op(q, ks[0], vs[0], gates.get("cmp"), gates.get("slc"), gates.get("swa"), spec=spec,

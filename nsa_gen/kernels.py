@@ -610,9 +610,15 @@ def _decode_select_default(spec: NSASpec, T: int) -> Config:
     return Config.make(BLOCK_C=64, SPLIT_C=256, num_warps=4, num_stages=2)
 
 
+def _decode_smem(spec: NSASpec, cfg: Config, name: str) -> int:
+    """Both decode kernels: the group's query tile, num_stages K/V tiles of cfg[name] keys
+    (padded head dims) and the probabilities re-laid out for the P.V dot."""
+    bk, bv, bn = next_pow2(spec.DK), next_pow2(spec.DV), cfg[name]
+    return 2 * (group_pad(spec) * bk + max(1, cfg.num_stages) * bn * (bk + bv) + group_pad(spec) * bn)
+
+
 def _decode_select_smem(spec: NSASpec, cfg: Config) -> int:
-    bk, bv, bc = next_pow2(spec.DK), next_pow2(spec.DV), cfg["BLOCK_C"]
-    return 2 * (group_pad(spec) * bk + max(1, cfg.num_stages) * bc * (bk + bv) + group_pad(spec) * bc)
+    return _decode_smem(spec, cfg, "BLOCK_C")
 
 
 def decode_splits(spec: NSASpec, cfg: Config) -> tuple[int, int]:
@@ -643,8 +649,7 @@ def _decode_attend_default(spec: NSASpec, T: int) -> Config:
 
 
 def _decode_attend_smem(spec: NSASpec, cfg: Config) -> int:
-    bk, bv, bn = next_pow2(spec.DK), next_pow2(spec.DV), cfg["BLOCK_N"]
-    return 2 * (group_pad(spec) * bk + max(1, cfg.num_stages) * bn * (bk + bv) + group_pad(spec) * bn)
+    return _decode_smem(spec, cfg, "BLOCK_N")
 
 
 # Hopper's tensor memory accelerator (the kernels' TMA param).

@@ -12,10 +12,9 @@ import torch
 from ..config import Config
 from ..kernels import (decode_splits, group_pad, kernel_def, kernel_module, next_pow2,
                        num_cmp_blocks)
-from ..spec import NSASpec
+from ..spec import BRANCHES, NSASpec
 from .common import check, check_tensor, dot_precision, launch_options
 
-_BRANCH_PAIRS = ("cmp", "slc", "swa")
 # Compressed blocks formed per step of NSACache.append: bounds its gather buffer
 # ([B, blocks, l, H, D]) when a whole prompt is appended at once.
 _APPEND_BLOCKS = 256
@@ -49,7 +48,7 @@ class NSACache:
             return (torch.zeros(batch, max_len + 1, H, spec.DK, device=device, dtype=dtype),
                     torch.zeros(batch, max_len + 1, H, spec.DV, device=device, dtype=dtype))
         # The pairs the spec reads: the compressed branch's also scores the selection.
-        self.pairs = tuple(b for b in _BRANCH_PAIRS
+        self.pairs = tuple(b for b in BRANCHES
                            if spec.has(b) or (b == "cmp" and spec.has("slc")))
         shared = pair()
         self.kv = {b: (pair() if per_branch_kv else shared) for b in self.pairs}
@@ -141,13 +140,6 @@ class NSACache:
                 dst[b_idx, torch.where(ok, blk, self.nc_max)] = out.to(dst.dtype)
 
 
-def decode_positions(cache: NSACache, Sq: int) -> torch.Tensor:
-    """int32 [B * Sq]: the absolute position of each decode query (the last Sq cached), as
-    the decode kernels compute it from cache.lengths."""
-    i = torch.arange(Sq, device=cache.device, dtype=torch.int32)
-    return (cache.lengths[:, None] - Sq + i[None, :]).reshape(-1)
-
-
 def decode_select(q: torch.Tensor, cache: NSACache, Sq: int, config: Config | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Compressed attention and block scores of decode queries.
@@ -231,7 +223,7 @@ def decode_attend(q: torch.Tensor, cache: NSACache, Sq: int, block_idx: torch.Te
         mod.nsa_decode_attend_kernel[(N, spec.H, n_slc + n_swa)](
             q, k_slc, v_slc, k_swa, v_swa, idx, cache.lengths, part_o, part_ml, Sq,
             cache.max_len + 1, N_SLC=n_slc, DOT_PRECISION=dot_precision(q), **launch_options(config))
-    g = {b: gates.get(b, q) for b in _BRANCH_PAIRS}  # q stands in for an absent gate: unread
+    g = {b: gates.get(b, q) for b in BRANCHES}  # q stands in for an absent gate: unread
     cmp_o, cmp_ml = cmp_parts if n_cmp else (part_o, part_ml)
     mod.nsa_decode_combine_kernel[(N, spec.H)](
         cmp_o, cmp_ml, part_o, part_ml, g["cmp"], g["slc"], g["swa"], o,
