@@ -484,15 +484,16 @@ def naive_decode(spec: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     By definition (NSA.md, Decode) each output row is naive_nsa's row of that token on the
     sequence's first lengths[b] tokens: this runs naive_nsa on each sequence, with the new
     queries in its last rows, and keeps those rows. Returns o [B, Sq, HQ, DV] float32, or
-    (o, aux) with aux["indices"] int32 [B, Sq, H, S] and aux["scores"] (a list of the
-    sequences' [1, Sq, H, NS] group scores).
+    (o, aux) with aux["o_cmp"] [B, Sq, HQ, DV] (the compressed branch's output, ungated),
+    aux["indices"] int32 [B, Sq, H, S] and aux["scores"] (a list of the sequences'
+    [1, Sq, H, NS] group scores); an entry is None when nothing computed it.
     """
     B, Sq = q.shape[:2]
     lens = [int(x) for x in (lengths.tolist() if torch.is_tensor(lengths) else lengths)]
     if len(lens) != B or any(n < Sq or n > k.shape[1] for n in lens):
         raise ValueError(f"lengths {lens} must hold B={B} values in [Sq={Sq}, Tmax={k.shape[1]}]")
     gates = {"cmp": g_cmp, "slc": g_slc, "swa": g_swa}
-    outs, idx, scores = [], [], []
+    outs, o_cmp, idx, scores = [], [], [], []
     for b, n in enumerate(lens):
         def place(x):  # [B, Sq, ...] -> [1, n, ...]: row b's tokens last, zeros before
             if x is None:
@@ -513,10 +514,13 @@ def naive_decode(spec: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            kv_cmp=seq(kv_cmp), kv_slc=seq(kv_slc), kv_swa=seq(kv_swa),
                            mlp_k=mlp_k, mlp_v=mlp_v, indices=given, return_aux=True)
         outs.append(o[:, n - Sq:])
+        if aux["o_cmp"] is not None:
+            o_cmp.append(aux["o_cmp"][:, n - Sq:])
         if aux["indices"] is not None:
             idx.append(aux["indices"][:, n - Sq:])
             scores.append(aux["scores"][:, n - Sq:])
     o = torch.cat(outs, 0)
     if not return_aux:
         return o
-    return o, {"indices": torch.cat(idx, 0).to(torch.int32) if idx else None, "scores": scores}
+    return o, {"o_cmp": torch.cat(o_cmp, 0) if o_cmp else None,
+               "indices": torch.cat(idx, 0).to(torch.int32) if idx else None, "scores": scores}
