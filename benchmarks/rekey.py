@@ -9,6 +9,9 @@ With --from SRC (a DB written by a tuning run on the old template, e.g. a device
 the entries of SRC measured on the old template (its source hash) or on the current one are
 checked the same way and copied into --db, replacing entries of the same key.
 
+A param the space gains without a template change (compression_fwd's CUDNN, read by the
+launcher) leaves the source hash as it is: the entries that lack it get it.
+
 Usage: python benchmarks/rekey.py STEM OLD_TEMPLATE PARAM=VALUE... [--db tuning_db] [--from SRC]
 """
 from __future__ import annotations
@@ -59,8 +62,8 @@ def main() -> int:
         doc = json.loads(path.read_text())
         n = 0
         for e in doc["entries"]:
-            if e["source_hash"] == new_hash:
-                continue
+            if e["source_hash"] == new_hash and set(added) <= set(e["config"]):
+                continue  # a param new to the space, not to the template: add it to the entry
             spec = load_spec(e["spec_name"])
             old_cfg = Config.from_dict(e["config"])
             new_cfg = Config.from_dict({**added, **e["config"]})  # the entry's own values win

@@ -67,9 +67,10 @@ class KernelDef:
 
     def variants(self, spec: NSASpec, base: Config) -> list[Config]:
         """`base` with each other value of each structural param: one config per algorithm
-        the template offers besides base's."""
+        the template offers besides base's, in canonical form (a variant that leaves params
+        unread, CUDNN = 1, is the one config the tuner keeps of it)."""
         space = self.space(spec)
-        return [base.replace(**{name: value}) for name in self.structural
+        return [self.canonical(base.replace(**{name: value})) for name in self.structural
                 for value in space[name] if value != base[name]]
 
     def at_shape(self, spec: NSASpec, config: Config, T_from: int, T_to: int) -> Config:
@@ -87,7 +88,8 @@ class KernelDef:
 
     def canonical(self, config: Config) -> Config:
         """`config` with each param its variant does not read at the value `unread` gives."""
-        changes = {n: v for n, v, when in self.unread if when(config) and config[n] != v}
+        have = config.as_dict()
+        changes = {n: v for n, v, when in self.unread if when(config) and have[n] != v}
         return config.replace(**changes) if changes else config
 
     def effective(self, config: Config, T: int) -> Config:
@@ -366,12 +368,17 @@ def _cmp_fwd_context(spec: NSASpec, cfg: Config) -> dict:
 
 
 def _cmp_fwd_space(spec: NSASpec) -> dict[str, list]:
-    return _tile_space(spec, "BLOCK_C")
+    """CUDNN: 1 runs the branch as batched causal attention in torch's cuDNN attention
+    (ops/compression._residue_attention), not the generated kernel; the tile params are then
+    unread."""
+    return dict(_tile_space(spec, "BLOCK_C"), CUDNN=[0, 1])
 
 
 def _cmp_fwd_default(spec: NSASpec, T: int) -> Config:
     # A third stage paid 10-15% at head dims <= 128 and cost 25% at DK = 192 (shared memory).
-    return _tile_default(spec, T, "BLOCK_C", 64, 3 if max(spec.DK, spec.DV) <= 128 else 2)
+    # The generated kernel by default: it runs on every GPU and dtype; the DB picks CUDNN.
+    return _tile_default(spec, T, "BLOCK_C", 64,
+                         3 if max(spec.DK, spec.DV) <= 128 else 2).replace(CUDNN=0)
 
 
 def _cmp_fwd_smem(spec: NSASpec, cfg: Config) -> int:
@@ -670,8 +677,13 @@ KERNELS: dict[str, KernelDef] = {
     "compression_fwd": KernelDef("compression_fwd", "cmp", _cmp_fwd_context, _cmp_fwd_default,
                                  _cmp_fwd_space, _cmp_fwd_smem,
                                  # selection scores blocks with its lse
-                                 lambda s: s.has("cmp") or s.has("slc"), structural=("TMA",),
-                                 min_arch=TMA_ARCH),
+                                 lambda s: s.has("cmp") or s.has("slc"),
+                                 structural=("TMA", "CUDNN"),
+                                 # cuDNN's fused attention: Ampere and later
+                                 min_arch=TMA_ARCH + (("CUDNN", 80),),
+                                 unread=tuple((n, v, lambda c: c["CUDNN"] == 1) for n, v in
+                                              (("TMA", 0), ("BLOCK_C", 64), ("num_warps", 4),
+                                               ("num_stages", 2)))),
     "window_fwd": KernelDef("window_fwd", "swa", _swa_fwd_context, _swa_fwd_default,
                             _swa_fwd_space, _swa_fwd_smem, lambda s: s.has("swa"),
                             structural=("TMA",), min_arch=TMA_ARCH),

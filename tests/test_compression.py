@@ -200,9 +200,9 @@ def test_compression_fwd(G, dtype):
 # there is a body; BLOCK_T = 1 runs one token per program.
 # TMA alternates: K/V tiles through tensor descriptors or pointers, at several tile shapes.
 CONFIGS = [
-    dict(BLOCK_T=16, BLOCK_C=16, TMA=0), dict(BLOCK_T=32, BLOCK_C=16, TMA=1),
-    dict(BLOCK_T=4, BLOCK_C=32, TMA=0), dict(BLOCK_T=1, BLOCK_C=16, TMA=1),
-    dict(BLOCK_T=64, BLOCK_C=64, TMA=0),
+    dict(BLOCK_T=16, BLOCK_C=16, TMA=0, CUDNN=0), dict(BLOCK_T=32, BLOCK_C=16, TMA=1, CUDNN=0),
+    dict(BLOCK_T=4, BLOCK_C=32, TMA=0, CUDNN=0), dict(BLOCK_T=1, BLOCK_C=16, TMA=1, CUDNN=0),
+    dict(BLOCK_T=64, BLOCK_C=64, TMA=0, CUDNN=0),
 ]
 
 
@@ -240,7 +240,7 @@ def test_compression_fwd_varlen(G, dtype):
     v_cmp, _ = compress_mean(v, spec, cu_seqlens=cu_t)
     runs = []
     for tma in (0, 1):  # TMA boxes cross from one sequence's blocks into the next
-        config = Config.make(BLOCK_T=16 // G, BLOCK_C=16, TMA=tma, num_warps=4, num_stages=2)
+        config = Config.make(BLOCK_T=16 // G, BLOCK_C=16, TMA=tma, CUDNN=0, num_warps=4, num_stages=2)
         out = poisoned(spec, 1, T, dtype)
         runs.append(compression_fwd(q, k_cmp, v_cmp, spec, config=config, cu_seqlens=cu_t,
                                     cu_seqlens_cmp=cu_cmp, out=out))
@@ -278,3 +278,58 @@ def test_compression_fwd_rejects_bad_shapes():
     vc, _ = compress_mean(v, spec, cu_seqlens=cu)
     with pytest.raises(ValueError):  # cu_seqlens_cmp that disagrees with cu_seqlens
         compression_fwd(q, kc, vc, spec, cu_seqlens=cu, cu_seqlens_cmp=cu_cmp + 1)
+
+
+# ---------------------------------------------------- compression_fwd as batched causal attention
+
+def cudnn_config(spec, T):
+    kd = kernel_def("compression_fwd")
+    return kd.canonical(kd.default(spec, T).replace(CUDNN=1))
+
+
+@pytest.mark.parametrize("l,d,T", [(8, 4, 77), (8, 4, 79), (16, 16, 77), (4, 1, 40), (32, 8, 70),
+                                   (8, 4, 9), (8, 8, 8)])
+@pytest.mark.parametrize("G", [1, 4, 16])
+def test_compression_fwd_cudnn(G, l, d, T, monkeypatch):  # noqa: E741
+    """CUDNN = 1: the d residues of the queries as a batch of causal attentions over the
+    blocks (a strided view, blocks broadcast), the tokens after them (T = 77: 2, 79: none, 9:
+    all of them, NCF = 0) against every block, those before l - 1 against none. On the CPU
+    the attention is torch math; on a GPU, cuDNN. (32, 8): four strides a block."""
+    from nsa_gen.ops import compression
+    calls = []
+
+    def counted(q, k, v, scale, causal):
+        calls.append((tuple(q.shape), causal))
+        return attend(q, k, v, scale, causal)
+    attend = compression._attend
+    monkeypatch.setattr(compression, "_attend", counted)
+    spec = make_spec(G, H=2 if G < 16 else 1, l=l, d=d)
+    dtype = torch.float16 if DEVICE == "cuda" else torch.float32
+    B = 2
+    q, k, v = rand_qkv(spec, B, T, dtype, seed=T + G)
+    k_cmp, v_cmp = naive_compress(k, l, d).to(dtype), naive_compress(v, l, d).to(dtype)
+    out = poisoned(spec, B, T, dtype)
+    o, lse = compression_fwd(q, k_cmp, v_cmp, spec, config=cudnn_config(spec, T), out=out)
+    ncf, tail = (T - l + 1) // d, (T - l + 1) % d
+    per_seq = ([((d, spec.HQ, ncf, spec.DK), True)] if ncf else []) + \
+        ([((1, spec.HQ, tail, spec.DK), False)] if tail else [])
+    assert calls == per_seq * B
+    check(o, lse, *ref_cmp(q, k_cmp, v_cmp, l, d, spec.softmax_scale), dtype, T_blind=l - 1)
+
+
+def test_compression_fwd_cudnn_falls_back(caplog):
+    """Packed sequences run the generated kernel (their lengths would be read back), with a
+    warning: the same numbers as CUDNN = 0."""
+    from nsa_gen.ops import common
+    spec = make_spec(4, H=2)
+    cu_t = torch.tensor([0, 45, 50, 113], dtype=torch.int32, device=DEVICE)
+    q, k, v = rand_qkv(spec, 1, 113, torch.float32, seed=5)
+    k_cmp, cu_cmp = compress_mean(k, spec, cu_seqlens=cu_t)
+    v_cmp, _ = compress_mean(v, spec, cu_seqlens=cu_t)
+    cfg = cudnn_config(spec, 113)
+    common._FALLBACKS_WARNED.discard(("compression_fwd", "CUDNN=1 runs without cu_seqlens"))
+    with caplog.at_level("WARNING", logger="nsa_gen"):
+        got = compression_fwd(q, k_cmp, v_cmp, spec, cfg, cu_seqlens=cu_t)
+    assert any("CUDNN=1 runs without cu_seqlens" in r.getMessage() for r in caplog.records)
+    want = compression_fwd(q, k_cmp, v_cmp, spec, cfg.replace(CUDNN=0), cu_seqlens=cu_t)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

@@ -7,7 +7,7 @@ from ..config import Config
 from ..kernels import kernel_def, kernel_fn, kernel_module, num_cmp_blocks
 from ..spec import NSASpec
 from .common import (check, check_grad_inputs, check_seqlens, check_tensor, cmp_seqlens,
-                     cmp_tile_table, dkv_launch_options, dot_precision, kv_tile_args,
+                     cmp_tile_table, dkv_launch_options, dot_precision, fall_back, kv_tile_args,
                      launch_options, outputs, tile_table, tma_config)
 
 
@@ -174,6 +174,10 @@ def compression_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, s
     must match (it is derived from cu_seqlens either way). config: defaults to the kernel's
     heuristic. out: optional (o, lse) to write into. Returns o [B, T, HQ, DV] (q's dtype;
     exactly 0 where no block is visible) and lse [B, T, HQ] (fp32, natural log; -inf there).
+    config CUDNN = 1 runs it as batched causal attention through torch's cuDNN attention
+    (`_residue_attention`; on the CPU, the same batching in fp32 math) instead of the
+    generated kernel; it falls back to the kernel, with a warning, for packed sequences, fp32
+    on CUDA, or when cuDNN refuses.
     """
     NC = _check_cmp_inputs(q, k_cmp, v_cmp, spec, cu_seqlens, cu_seqlens_cmp)
     B, T = q.shape[:2]
@@ -184,6 +188,15 @@ def compression_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, s
         return o, lse
     if NC == 0:  # no block anywhere: nothing to launch over
         return o.zero_(), lse.fill_(float("-inf"))
+    config = _cudnn_config(config, q, spec, cu_seqlens)
+    if config["CUDNN"]:
+        try:
+            _residue_attention(q, k_cmp, v_cmp, spec, o, lse)
+            return o, lse
+        except RuntimeError as e:  # cuDNN refuses this GPU, shape or version: not again
+            _CUDNN_REFUSED.add(_cudnn_key(q, spec))
+            config = fall_back("compression_fwd", config, "cuDNN attention failed", str(e)[:120],
+                               CUDNN=0)
     tiles = tile_table(cu_seqlens, B, T, config["BLOCK_T"], spec.l, spec.d, q.device)
     config = tma_config("compression_fwd", config, k_cmp, v_cmp)
     fn = kernel_fn("compression_fwd", spec, config)
@@ -191,6 +204,80 @@ def compression_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, s
                                  o, lse, tiles, DOT_PRECISION=dot_precision(q),
                                  **launch_options(config))
     return o, lse
+
+
+# (device, dtype, DK, DV) for which cuDNN attention raised: later launches go to the kernel.
+_CUDNN_REFUSED: set[tuple] = set()
+
+
+def _cudnn_key(q: torch.Tensor, spec: NSASpec) -> tuple:
+    return (q.device, q.dtype, spec.DK, spec.DV)
+
+
+def _cudnn_config(config: Config, q: torch.Tensor, spec: NSASpec, cu_seqlens) -> Config:
+    """`config`, with CUDNN off (and a warning, once) where the residue form cannot run:
+    packed sequences (their lengths would be read back to the host), a CUDA input cuDNN
+    attention does not take (fp32), or one it refused before."""
+    if not config.get("CUDNN", 0):
+        return config.replace(CUDNN=0) if "CUDNN" not in dict(config.params) else config
+    if cu_seqlens is not None:
+        return fall_back("compression_fwd", config, "CUDNN=1 runs without cu_seqlens", CUDNN=0)
+    if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
+        return fall_back("compression_fwd", config, f"cuDNN attention needs 16-bit inputs, not {q.dtype}",
+                         CUDNN=0)
+    if q.is_cuda and _cudnn_key(q, spec) in _CUDNN_REFUSED:
+        return config.replace(CUDNN=0)
+    return config
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with its log-sum-exp: q [N, HQ, Tq, DK], k [N, H, Tk, DK], v [N, H, Tk, DV]
+    (H divides HQ; any strides with a unit last one) -> (o [N, HQ, Tq, DV] in q's dtype, lse
+    [N, HQ, Tq] fp32, natural log). causal: Tq == Tk, query i sees keys 0..i. torch's cuDNN
+    attention on CUDA; elsewhere (the interpreter's tests) the same math in fp32."""
+    if q.is_cuda:
+        out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal,
+                                                                 False, scale=scale)
+        return out[0], out[1].reshape(q.shape[:3])
+    G = q.shape[1] // k.shape[1]
+    s = q.float() @ k.float().repeat_interleave(G, 1).transpose(-1, -2) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    o = torch.exp(s - lse[..., None]) @ v.float().repeat_interleave(G, 1)
+    return o.to(q.dtype), lse
+
+
+def _residue_attention(q, k_cmp, v_cmp, spec: NSASpec, o: torch.Tensor, lse: torch.Tensor) -> None:
+    """compression_fwd as batched causal attention (config CUDNN=1), into o and lse.
+
+    Query t sees block i iff i * d + l - 1 <= t. With t = l - 1 + p * d + r (0 <= r < d) that
+    is i <= p for every r: the d residues are a batch of plain causal attentions of NCF
+    queries over the first NCF blocks, NCF = (T - l + 1) // d. The queries are a strided view
+    of q ([d, HQ, NCF, DK], no copy) and the blocks are broadcast over the batch (stride 0),
+    so a vendor kernel runs it whole; its output comes in token order ([NCF, d, HQ, DV] in
+    memory) and is copied into o. The < d tokens after those see every block (one
+    non-causal call); those before l - 1 see none (o = 0, lse = -inf)."""
+    B, T = q.shape[:2]
+    l, d, HQ = spec.l, spec.d, spec.HQ
+    NC, ncf = k_cmp.shape[1], max(0, (T - l + 1) // d)
+    r0, r1 = l - 1, l - 1 + ncf * d
+    o[:, :r0].zero_()
+    lse[:, :r0].fill_(float("-inf"))
+    for b in range(B):  # the residue view cannot fold a second batch dim into the first
+        kv = [x[b].permute(1, 0, 2).unsqueeze(0) for x in (k_cmp, v_cmp)]  # [1, H, NC, D]
+        if ncf:
+            qv = q[b, r0:r1].view(ncf, d, HQ, spec.DK).permute(1, 2, 0, 3)
+            ob, lb = _attend(qv, *(x[:, :, :ncf].expand(d, -1, -1, -1) for x in kv),
+                             spec.softmax_scale, causal=True)
+            o[b, r0:r1].view(ncf, d, HQ, spec.DV).copy_(ob.permute(2, 0, 1, 3))
+            lse[b, r0:r1].view(ncf, d, HQ).copy_(lb.permute(2, 0, 1))
+        if r1 < T:
+            ob, lb = _attend(q[b, r1:].permute(1, 0, 2).unsqueeze(0), *kv, spec.softmax_scale,
+                             causal=False)
+            o[b, r1:].copy_(ob[0].permute(1, 0, 2))
+            lse[b, r1:].copy_(lb[0].permute(1, 0))
 
 
 def compression_bwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, o: torch.Tensor,
