@@ -8,6 +8,7 @@
 #            into tuning_db (returned as $OUT/db.tar.gz)
 #   bench    the forward benchmark of three specs at 8k-64k with the baselines
 #   bench64  the same at 64k only
+#   swa      benchmarks/cudnn_swa_probe.py at 64k: the window through cuDNN in chunks of C
 set -o pipefail
 source "$(dirname "$0")/device_env.sh"
 export NSA_GEN_LOG=ERROR
@@ -34,4 +35,7 @@ bench)
 bench64)
   timeout 250 python3 cli.py bench deepseek-nsa fla-compat small-group --seqlens 65536 \
     --out "$OUT/bench" 2>&1 | quiet | tail -12 ;;
+swa)
+  timeout 150 python3 benchmarks/cudnn_swa_probe.py deepseek-nsa:64 deepseek-nsa:128 deepseek-nsa:256 \
+    small-group:128 --out "$OUT/swa" 2>&1 | quiet ;;
 esac; done

@@ -132,7 +132,7 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor |
     if g_swa is not None and not fused:
         window()
     # One fused pass: reads each branch output and gate once, writes o once.
-    names = tuple(b for b in ("cmp", "slc", "swa") if b in outs)
+    names = tuple(b for b in BRANCHES if b in outs)
     o = GateFunction.apply(spec, config("gate_fwd"), names,
                            *(t for b in names for t in (outs[b], gates[b])))
     o = o.to(q.dtype)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .spec import NSASpec, load_spec
+from .spec import BRANCHES, NSASpec, load_spec
 
 
 def _visible_cmp(T: int, l: int, d: int) -> int:
@@ -108,7 +108,7 @@ def bench_spec(spec: NSASpec, seqlens: list[int], *, dtype=torch.bfloat16, backw
         k = torch.randn(B, T, spec.H, spec.DK, device=dev, dtype=dtype)
         v = torch.randn(B, T, spec.H, spec.DV, device=dev, dtype=dtype)
         gates = {b: torch.sigmoid(torch.randn(B, T, spec.HQ, device=dev, dtype=dtype)) if spec.has(b)
-                 else None for b in ("cmp", "slc", "swa")}
+                 else None for b in BRANCHES}
         row: dict = {"spec": spec.name, "T": T}
         cfg = api._configs(spec, T, B, None)
         row["configs"] = {s: str(cfg(s)) for s in ("compress_mean", "compression_fwd", "topn",
@@ -241,7 +241,7 @@ def bench_decode(spec: NSASpec, seqlens: list[int], batches: list[int], *, dtype
             cache.append(k, v)
             q = torch.randn(B, 1, spec.HQ, spec.DK, device=device, dtype=dtype)
             gates = [torch.sigmoid(torch.randn(B, 1, spec.HQ, device=device, dtype=dtype))
-                     if spec.has(b) else None for b in ("cmp", "slc", "swa")]
+                     if spec.has(b) else None for b in BRANCHES]
             cfg = api._configs(spec, T, B, None)
             row["configs"] = {s: str(cfg(s)) for s in ("decode_select", "decode_attend")}
 
@@ -260,7 +260,7 @@ def bench_decode(spec: NSASpec, seqlens: list[int], batches: list[int], *, dtype
                 idx = decode.decode_topn(gp, cache, 1, cfg("decode_select"))
                 row["decode_topn"] = _bench(lambda: decode.decode_topn(gp, cache, 1, cfg("decode_select")),
                                             graph=True)
-            on = {b: g.reshape(B, spec.HQ) for b, g in zip(("cmp", "slc", "swa"), gates) if g is not None}
+            on = {b: g.reshape(B, spec.HQ) for b, g in zip(BRANCHES, gates) if g is not None}
             row["decode_attend"] = _bench(lambda: decode.decode_attend(
                 q2, cache, 1, idx, parts, on, cfg("decode_attend")), graph=True)
             # The whole step, append included, replayed from a DecodeGraph and called from
@@ -268,7 +268,7 @@ def bench_decode(spec: NSASpec, seqlens: list[int], batches: list[int], *, dtype
             # cache is reset to T - 1 tokens before each step.
             if cuda:
                 cache.lengths.fill_(T - 1)
-                step_graph = api.DecodeGraph(cache, 1, tuple(b for b, g in zip(("cmp", "slc", "swa"), gates)
+                step_graph = api.DecodeGraph(cache, 1, tuple(b for b, g in zip(BRANCHES, gates)
                                                             if g is not None))
                 k1, v1 = k[:, -1:].contiguous(), v[:, -1:].contiguous()
                 row["decode_graph"] = _bench(lambda: (cache.lengths.fill_(T - 1),

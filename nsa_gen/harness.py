@@ -11,7 +11,7 @@ import torch
 from . import naive
 from .config import Config
 from .kernels import kernel_def, num_cmp_blocks
-from .spec import NSASpec
+from .spec import BRANCHES, NSASpec
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -293,7 +293,7 @@ def _decode_case(stem: str, spec: NSASpec, B: int, T: int, dtype, device, gen) -
     k, v = rnd(B, T, spec.H, spec.DK), rnd(B, T, spec.H, spec.DV)
     q = rnd(B, Sq, spec.HQ, spec.DK)
     gates = {b: torch.rand(B, Sq, spec.HQ, generator=gen, device=device).to(dtype)
-             for b in ("cmp", "slc", "swa") if spec.has(b)}
+             for b in BRANCHES if spec.has(b)}
     cache = decode.NSACache(spec, B, T, device=device, dtype=dtype)
     if stem == OP_DECODE:
         cache.append(k, v, n_new=lens - Sq)  # the prompts, padded to T
@@ -346,7 +346,7 @@ def _decode_case(stem: str, spec: NSASpec, B: int, T: int, dtype, device, gen) -
 
         def reference() -> tuple:
             g = {f"g_{b}": on[b].float().view(B, Sq, spec.HQ) if b in on else None
-                 for b in ("cmp", "slc", "swa")}
+                 for b in BRANCHES}
             given = None if idx is None else idx.view(B, Sq, spec.H, spec.S)
             return (naive.naive_decode(spec, *_f32(q, k, v), lengths, **g, indices=given),)
         return Case(stem, spec, B, T, dtype, device, inputs,
@@ -354,7 +354,7 @@ def _decode_case(stem: str, spec: NSASpec, B: int, T: int, dtype, device, gen) -
                                .view(B, Sq, spec.HQ, spec.DV),),
                     reference, lambda o, r: rel_error(o[0], r[0]))
 
-    g = [gates.get(b) for b in ("cmp", "slc", "swa")]
+    g = [gates.get(b) for b in BRANCHES]
 
     def reference() -> tuple:
         idx = None
@@ -395,7 +395,7 @@ def _op_case(spec, B, T, dtype, device, gen, q, k, v, varlen: bool = False) -> C
         cu = torch.tensor(varlen_offsets(T), dtype=torch.int32, device=device)
 
     gates = [torch.rand(B, T, spec.HQ, generator=gen, device=device).to(dtype=dtype)
-             if spec.has(b) else None for b in ("cmp", "slc", "swa")]
+             if spec.has(b) else None for b in BRANCHES]
     do = torch.randn(B, T, spec.HQ, spec.DV, generator=gen, device=device).to(dtype=dtype)
     inputs = [q, k, v] + [g for g in gates if g is not None]
 

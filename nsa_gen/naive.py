@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .spec import BRANCHES
+
 __all__ = [
     "num_cmp_blocks",
     "num_slc_blocks",
@@ -36,7 +38,6 @@ __all__ = [
     "naive_decode",
 ]
 
-BRANCHES = ("cmp", "slc", "swa")
 
 
 # ----------------------------------------------------------------------------- block counts

@@ -1,0 +1,72 @@
+"""Probe: can torch's cuDNN attention run NSA's sliding window faster than the generated
+kernel (window_fwd), on an H200?
+
+Token t sees keys (t - w, t]. Cut the tokens from w on into chunks of C: chunk c's queries
+(C rows) see keys in the span [w + c C - w, w + c C + C) of C + w keys, query i the keys
+i + 1 .. i + w of its span. The spans overlap, so k seen as [n, H, C + w, DK] with a batch
+stride of C rows is a strided view (no copy); a [C, C + w] additive band mask (0 / -inf,
+broadcast) is the window. cuDNN computes the masked scores too: (C + w) / w of the window's
+work. Each run C times the chunked call (tokens w.. only) against window_fwd (all tokens) and
+compares the outputs on the tokens both compute.
+
+Usage: python benchmarks/cudnn_swa_probe.py [--seqlen 65536] [--out DIR] deepseek-nsa:128 small-group:64 ...
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from nsa_gen.benchmark import _bench  # noqa: E402
+from probe_main import probe_main  # noqa: E402
+
+
+def probe(run: str, T: int) -> dict:
+    import torch
+
+    from nsa_gen.api import _configs
+    from nsa_gen.ops.window import window_fwd
+    from nsa_gen.spec import load_spec
+
+    name, C = run.split(":")
+    C = int(C)
+    spec = load_spec(name)
+    w = spec.w
+    torch.manual_seed(T)
+    dev, dt = "cuda", torch.bfloat16
+    q = torch.randn(1, T, spec.HQ, spec.DK, device=dev, dtype=dt)
+    k = torch.randn(1, T, spec.H, spec.DK, device=dev, dtype=dt)
+    v = torch.randn(1, T, spec.H, spec.DV, device=dev, dtype=dt)
+    cfg = _configs(spec, T, 1, None)("window_fwd")
+    row = {"spec": name, "T": T, "C": C, "config": str(cfg)}
+    o_ref = window_fwd(q, k, v, spec, cfg)[0]
+    row["ours_ms"] = _bench(lambda: window_fwd(q, k, v, spec, cfg))
+    n = (T - w) // C
+    qv = q[0, w: w + n * C].view(n, C, spec.HQ, spec.DK).permute(0, 2, 1, 3)
+
+    def span(x):
+        D = x.shape[-1]
+        return x[0].as_strided((n, spec.H, C + w, D), (C * spec.H * D, D, spec.H * D, 1))
+    kv, vv = span(k), span(v)
+    i = torch.arange(C, device=dev)[:, None]
+    j = torch.arange(C + w, device=dev)[None, :]
+    band = torch.zeros(C, C + w, device=dev, dtype=dt).masked_fill(~((j > i) & (j <= i + w)), float("-inf"))
+    bias = band.expand(n, spec.HQ, C, C + w)
+
+    def run_cudnn():
+        return torch.ops.aten._scaled_dot_product_cudnn_attention(
+            qv, kv, vv, bias, False, 0.0, False, False, scale=spec.softmax_scale)[0]
+    try:
+        o = run_cudnn()
+        got = o.permute(0, 2, 1, 3).reshape(n * C, spec.HQ, spec.DV)
+        row["err_o"] = (got.float() - o_ref[0, w: w + n * C].float()).abs().max().item()
+        row["o_stride"] = str(o.stride())
+        row["cudnn_ms"] = _bench(run_cudnn)
+    except Exception as e:  # noqa: BLE001 - a probe reports what failed and goes on
+        row["cudnn_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    torch.cuda.synchronize()
+    return row
+
+
+if __name__ == "__main__":
+    sys.exit(probe_main("cudnn_swa_probe", "SPEC:C", probe))
