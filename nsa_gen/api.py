@@ -8,7 +8,7 @@ import torch
 from .config import Config
 from .db.dispatch import default_dispatcher
 from .ops.common import check, check_tensor
-from .ops.compression import CompressionFunction, compress_mean
+from .ops.compression import CompressionFunction, compress_mean, compression_fwd
 from .ops.decode import NSACache, decode_attend, decode_select, decode_topn
 from .ops.gate import GateFunction
 from .ops.selection import SelectionFunction, selection_fwd, topn
@@ -102,8 +102,13 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor |
         phi = config("compress_mean") if spec.phi == "mean" else None
         k_cmp, cu_cmp = compress(pairs["cmp"][0], spec, mlp_k, cu_seqlens, phi)
         v_cmp, _ = compress(pairs["cmp"][1], spec, mlp_v, cu_seqlens, phi)
-        o_cmp, lse_cmp = CompressionFunction.apply(q, k_cmp, v_cmp, spec, config("compression_fwd"),
-                                                   config("compression_bwd"), cu_seqlens, cu_cmp)
+        if fused:  # o_cmp may stay in the pieces cuDNN wrote (config CUDNN), which the gated
+            # selected kernel reads as they are
+            o_cmp, lse_cmp = compression_fwd(q, k_cmp, v_cmp, spec, config("compression_fwd"),
+                                             cu_seqlens, cu_cmp, pieces=True)
+        else:
+            o_cmp, lse_cmp = CompressionFunction.apply(q, k_cmp, v_cmp, spec, config("compression_fwd"),
+                                                       config("compression_bwd"), cu_seqlens, cu_cmp)
         aux.update(o_cmp=o_cmp, lse_cmp=lse_cmp, k_cmp=k_cmp, v_cmp=v_cmp)
         if g_cmp is not None:
             outs["cmp"] = o_cmp

@@ -73,6 +73,23 @@ def share_signature(spec, config) -> tuple[dict, dict]:
     return sig, {"IS_VARLEN": True}
 
 
+def gated_runs(spec) -> list[tuple]:
+    """The selected forward storing the gated sum (nsa() without autograd): the group-centric
+    kernel and the query-batched combine kernel, o_cmp read in row pieces (bf16)."""
+    from nsa_gen.kernels import kernel_def
+    base = kernel_def("selection_fwd").default(spec, 65536).replace(GATED=1, TMA=0, FORCED=0)
+    gate = {"g_slc": "*bf16", "o_cmp": "*bf16", "o_cmp_tail": "*bf16", "cmp_r0": "i32",
+            "cmp_r1": "i32", "g_cmp": "*bf16", "o_swa": "*bf16", "g_swa": "*bf16"}
+    flags = {"HAS_CMP": 1, "HAS_SWA": int(spec.w > 0)}
+    group, consts = share_signature(spec, base.replace(BLOCK_Q=0))
+    combine = {"block_idx": "*i32", "o_part": "*bf16", "lse_part": "*fp32", "o": "*bf16",
+               "lse": "*fp32", "row_base": "i32"}
+    return [("selection_fwd", None, base.replace(BLOCK_Q=0), {**group, **gate},
+             {**consts, **flags}),
+            ("selection_fwd", "nsa_selection_fwd_combine_kernel", base.replace(BLOCK_Q=4),
+             {**combine, **gate}, flags)]
+
+
 def decode_runs(spec) -> list[tuple]:
     """The decode kernels at their default configs, as their launchers call them (bf16):
     (stem, kernel name, config, signature, constexprs)."""
@@ -94,8 +111,8 @@ def decode_runs(spec) -> list[tuple]:
 
 
 def compile_all(name: str) -> list[str]:
-    """Compile each config of topn_configs and share_configs, and the decode kernels, for
-    sm90; the failures, one line each."""
+    """Compile each config of topn_configs and share_configs, the gated selected kernels, and
+    the decode kernels, for sm90; the failures, one line each."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -106,7 +123,7 @@ def compile_all(name: str) -> list[str]:
     failed = []
     runs = ([("topn", None, c, topn_signature(spec, c), {}) for c in topn_configs(spec)]
             + [("selection_fwd", None, c, *share_signature(spec, c)) for c in share_configs(spec)]
-            + decode_runs(spec))
+            + gated_runs(spec) + decode_runs(spec))
     for stem, kernel, cfg, sig, consts in runs:
         fn = getattr(kernel_module(stem, spec, cfg), kernel or kernel_def(stem).kernel_name)
         src = ASTSource(fn, {a: sig.get(a, "constexpr") for a in fn.arg_names},

@@ -333,3 +333,18 @@ def test_compression_fwd_cudnn_falls_back(caplog):
     assert any("CUDNN=1 runs without cu_seqlens" in r.getMessage() for r in caplog.records)
     want = compression_fwd(q, k_cmp, v_cmp, spec, cfg.replace(CUDNN=0), cu_seqlens=cu_t)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_compression_fwd_case_times_the_pieces():
+    """The tuner's and verify's case runs a CUDNN config as nsa() without autograd does (B =
+    1: the output in pieces, uncopied) and checks the pieces' rows against the reference; a
+    wrong piece fails."""
+    from nsa_gen.harness import make_case
+    from nsa_gen.ops.common import RowPieces
+    spec = make_spec(4, H=2)
+    case = make_case("compression_fwd", spec, 77, dtype=torch.float32, device=DEVICE, seed=3)
+    out = case.run(cudnn_config(spec, 77))
+    assert isinstance(out[0], RowPieces) and case.rel_error(out) < 1e-5
+    bad = RowPieces(out[0].main, torch.zeros_like(out[0].tail), out[0].r0, out[0].r1, out[0].T)
+    assert case.rel_error((bad, out[1])) > 1e-3
+    assert case.rel_error(case.run(cudnn_config(spec, 77).replace(CUDNN=0))) < 1e-5

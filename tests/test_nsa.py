@@ -200,14 +200,18 @@ def test_varlen_op_case_matches_reference(poison):
 
 
 class _Pinned:
-    """A dispatcher: the kernels' heuristic defaults, selection_fwd's replaced by `slc`."""
+    """A dispatcher: the kernels' heuristic defaults, selection_fwd's replaced by `slc`, and
+    with cudnn, compression_fwd's by its CUDNN = 1 variant."""
 
-    def __init__(self, slc):
-        self.slc = slc
+    def __init__(self, slc, cudnn=False):
+        self.slc, self.cudnn = slc, cudnn
 
     def get(self, stem, spec, T, B=1, device=None):
         from nsa_gen.kernels import kernel_def
-        return self.slc if stem == "selection_fwd" else kernel_def(stem).default(spec, T)
+        kd = kernel_def(stem)
+        if stem == "compression_fwd" and self.cudnn:
+            return kd.canonical(kd.default(spec, T).replace(CUDNN=1))
+        return self.slc if stem == "selection_fwd" else kd.default(spec, T)
 
 
 @pytest.mark.parametrize("G,slc,branches", [
@@ -238,3 +242,63 @@ def test_nsa_inference_gates_in_the_selected_kernel(G, slc, branches, poison, mo
     # With return_aux (branch outputs wanted), the gate pass runs: the same numbers.
     o_aux, aux = nsa(q, k, v, *gates, spec=spec, dispatcher=_Pinned(cfg), return_aux=True)
     assert "o_slc" in aux and rel(o, o_aux) < 1e-5
+
+
+@pytest.mark.parametrize("B", [1, 2])
+@pytest.mark.parametrize("slc", [dict(SHARE=1), dict(BLOCK_Q=4, FORCED=64)])
+def test_nsa_inference_cmp_through_cudnn_in_pieces(B, slc, poison, monkeypatch):
+    """compression_fwd's CUDNN variant in nsa() without autograd: at B = 1 its output stays in
+    the pieces the attention wrote (RowPieces: rows before l - 1 zero, the residue batch, the
+    tail) and the gated selected kernel reads them so (group-centric and query-batched
+    combine); at B = 2 it is copied into one tensor. The reference's numbers either way."""
+    from nsa_gen.config import Config
+    from nsa_gen.ops import compression
+    from nsa_gen.ops.common import RowPieces
+    spec = SPECS[4]
+    T = 61  # (T - l + 1) % d = 6: a tail of 6 tokens after the residue batch
+    q, k, v, gates, _ = inputs(spec, B, T, seed=40 + B)
+    q, k, v, *gates = (x.detach() for x in (q, k, v, *gates))
+    cfg = Config.make(**{**dict(BLOCK_N=16, BLOCK_Q=0, TMA=0, SHARE=1, FORCED=0), **slc},
+                      num_warps=4, num_stages=1)
+    made = []
+    real = compression._residue_attention
+    monkeypatch.setattr(compression, "_residue_attention",
+                        lambda *a: made.append(r := real(*a)) or r)
+    o = nsa(q, k, v, *gates, spec=spec, dispatcher=_Pinned(cfg, cudnn=True))
+    assert rel(o, naive.naive_nsa(spec, q, k, v, *gates)) < 1e-4
+    assert len(made) == 1 and isinstance(made[0], RowPieces) == (B == 1)
+    if B == 1:
+        p = made[0]
+        assert (p.r0, p.r1, p.tail.shape[0]) == (spec.l - 1, T - 6, 6)
+
+
+@pytest.mark.parametrize("slc", [dict(SHARE=1), dict(SHARE=2), dict(BLOCK_Q=4),
+                                 dict(BLOCK_Q=8, FORCED=64)])
+def test_selection_gated_reads_cmp_pieces(slc, poison):
+    """The gated selected kernels read o_cmp from RowPieces exactly as from the one tensor
+    they stand for: zero rows before r0, main's rows, then the tail's (bit for bit)."""
+    from nsa_gen.config import Config
+    from nsa_gen.ops.common import RowPieces
+    from nsa_gen.ops.selection import selection_fwd, topn
+    from nsa_gen.ops.compression import compress_mean, compression_fwd
+    spec = SPECS[4]
+    T = 53
+    q, k, v, gates, _ = inputs(spec, 1, T, seed=7)
+    q, k, v, *gates = (x.detach() for x in (q, k, v, *gates))
+    k_cmp, _ = compress_mean(k, spec)
+    lse = compression_fwd(q, k_cmp, compress_mean(v, spec)[0], spec)[1]
+    idx = topn(q, k_cmp, lse, spec)
+    g = torch.Generator().manual_seed(3)
+    r0, r1 = 5, 40
+    pieces = RowPieces(torch.randn(r1 - r0, spec.HQ, spec.DV, generator=g),
+                       torch.randn(T - r1, spec.HQ, spec.DV, generator=g), r0, r1, T)
+    cfg = Config.make(**{**dict(BLOCK_N=16, BLOCK_Q=0, TMA=0, SHARE=1, FORCED=0), **slc},
+                      num_warps=4, num_stages=1)
+    kw = dict(canonical=True, forced_listed=True, gates={"cmp": gates[0], "slc": gates[1]})
+    want = selection_fwd(q, k, v, idx, spec, cfg, outs={"cmp": pieces.full()}, **kw)[0]
+    got = selection_fwd(q, k, v, idx, spec, cfg, outs={"cmp": pieces}, **kw)[0]
+    assert torch.equal(got, want)
+    # and the pieces do enter the sum: zeroing the tail changes the tail's rows only
+    zeroed = RowPieces(pieces.main, torch.zeros_like(pieces.tail), r0, r1, T)
+    other = selection_fwd(q, k, v, idx, spec, cfg, outs={"cmp": zeroed}, **kw)[0]
+    assert torch.equal(other[:, :r1], want[:, :r1]) and not torch.equal(other[:, r1:], want[:, r1:])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -220,6 +221,25 @@ def cmp_seqlens(cu_seqlens: torch.Tensor, l: int, d: int) -> torch.Tensor:
     lens = cu[1:] - cu[:-1]
     n_cmp = torch.where(lens >= l, torch.div(lens - l, d, rounding_mode="floor") + 1, 0)
     return torch.cat([n_cmp.new_zeros(1), n_cmp.cumsum(0)]).to(torch.int32)
+
+
+@dataclass(frozen=True)
+class RowPieces:
+    """A branch output o [1, T, HQ, DV] held in pieces, as a vendor kernel left it (uncopied):
+    rows t < r0 are 0, rows r0 <= t < r1 are main[t - r0], rows t >= r1 are tail[t - r1].
+    main [r1 - r0, HQ, DV] and tail [T - r1, HQ, DV] are contiguous."""
+    main: torch.Tensor
+    tail: torch.Tensor
+    r0: int
+    r1: int
+    T: int
+
+    def full(self) -> torch.Tensor:
+        """o [1, T, HQ, DV] as one tensor."""
+        o = self.main.new_zeros(1, self.T, *self.main.shape[1:])
+        o[0, self.r0:self.r1] = self.main
+        o[0, self.r1:] = self.tail
+        return o
 
 
 def outputs(out: tuple[torch.Tensor, torch.Tensor] | None, o_shape: tuple, lse_shape: tuple,

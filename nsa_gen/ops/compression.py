@@ -8,7 +8,7 @@ from ..kernels import kernel_def, kernel_fn, kernel_module, num_cmp_blocks
 from ..spec import NSASpec
 from .common import (check, check_grad_inputs, check_seqlens, check_tensor, cmp_seqlens,
                      cmp_tile_table, dkv_launch_options, dot_precision, fall_back, kv_tile_args,
-                     launch_options, outputs, tile_table, tma_config)
+                     launch_options, outputs, RowPieces, tile_table, tma_config)
 
 
 def compress_mean(x: torch.Tensor, spec: NSASpec, config: Config | None = None,
@@ -163,8 +163,8 @@ def _check_cmp_inputs(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
 def compression_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, spec: NSASpec,
                     config: Config | None = None, cu_seqlens: torch.Tensor | None = None,
                     cu_seqlens_cmp: torch.Tensor | None = None,
-                    out: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    out: tuple[torch.Tensor, torch.Tensor] | None = None, pieces: bool = False,
+                    ) -> tuple[torch.Tensor | RowPieces, torch.Tensor]:
     """Attention of each query over the compressed blocks wholly in its past: query t
     (position in its sequence) sees block i iff i * d + l - 1 <= t.
 
@@ -177,26 +177,32 @@ def compression_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, s
     config CUDNN = 1 runs it as batched causal attention through torch's cuDNN attention
     (`_residue_attention`; on the CPU, the same batching in fp32 math) instead of the
     generated kernel; it falls back to the kernel, with a warning, for packed sequences, fp32
-    on CUDA, or when cuDNN refuses.
+    on CUDA, or when cuDNN refuses. pieces: with CUDNN = 1, B = 1 and no `out`, o comes back
+    as RowPieces, where cuDNN wrote it (selection_fwd's gated sum reads it so; the copy into
+    one tensor costs 0.27-0.54 ms at 64k on an H200); otherwise o is one tensor.
     """
     NC = _check_cmp_inputs(q, k_cmp, v_cmp, spec, cu_seqlens, cu_seqlens_cmp)
     B, T = q.shape[:2]
     config = config or kernel_def("compression_fwd").default(spec, T)
     q, k_cmp, v_cmp = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous()
+    config = _cudnn_config(config, q, spec, cu_seqlens)
+    if config["CUDNN"] and pieces and B == 1 and out is None and NC > 0:
+        lse = torch.empty(B, T, spec.HQ, device=q.device, dtype=torch.float32)
+        try:
+            return _residue_attention(q, k_cmp, v_cmp, spec, None, lse), lse
+        except RuntimeError as e:
+            config = _cudnn_refused(config, q, spec, e)
     o, lse = outputs(out, (B, T, spec.HQ, spec.DV), (B, T, spec.HQ), q)
     if B * T == 0:
         return o, lse
     if NC == 0:  # no block anywhere: nothing to launch over
         return o.zero_(), lse.fill_(float("-inf"))
-    config = _cudnn_config(config, q, spec, cu_seqlens)
     if config["CUDNN"]:
         try:
             _residue_attention(q, k_cmp, v_cmp, spec, o, lse)
             return o, lse
-        except RuntimeError as e:  # cuDNN refuses this GPU, shape or version: not again
-            _CUDNN_REFUSED.add(_cudnn_key(q, spec))
-            config = fall_back("compression_fwd", config, "cuDNN attention failed", str(e)[:120],
-                               CUDNN=0)
+        except RuntimeError as e:
+            config = _cudnn_refused(config, q, spec, e)
     tiles = tile_table(cu_seqlens, B, T, config["BLOCK_T"], spec.l, spec.d, q.device)
     config = tma_config("compression_fwd", config, k_cmp, v_cmp)
     fn = kernel_fn("compression_fwd", spec, config)
@@ -212,6 +218,12 @@ _CUDNN_REFUSED: set[tuple] = set()
 
 def _cudnn_key(q: torch.Tensor, spec: NSASpec) -> tuple:
     return (q.device, q.dtype, spec.DK, spec.DV)
+
+
+def _cudnn_refused(config: Config, q: torch.Tensor, spec: NSASpec, e: Exception) -> Config:
+    """cuDNN refused this GPU, shape or version: the kernel instead, now and from now on."""
+    _CUDNN_REFUSED.add(_cudnn_key(q, spec))
+    return fall_back("compression_fwd", config, "cuDNN attention failed", str(e)[:120], CUDNN=0)
 
 
 def _cudnn_config(config: Config, q: torch.Tensor, spec: NSASpec, cu_seqlens) -> Config:
@@ -249,35 +261,44 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cau
     return o.to(q.dtype), lse
 
 
-def _residue_attention(q, k_cmp, v_cmp, spec: NSASpec, o: torch.Tensor, lse: torch.Tensor) -> None:
-    """compression_fwd as batched causal attention (config CUDNN=1), into o and lse.
+def _residue_attention(q, k_cmp, v_cmp, spec: NSASpec, o: torch.Tensor | None,
+                       lse: torch.Tensor) -> RowPieces | None:
+    """compression_fwd as batched causal attention (config CUDNN=1): lse into `lse`, the output
+    into o, or with o None (B = 1) left where the attention wrote it, as RowPieces.
 
     Query t sees block i iff i * d + l - 1 <= t. With t = l - 1 + p * d + r (0 <= r < d) that
     is i <= p for every r: the d residues are a batch of plain causal attentions of NCF
     queries over the first NCF blocks, NCF = (T - l + 1) // d. The queries are a strided view
     of q ([d, HQ, NCF, DK], no copy) and the blocks are broadcast over the batch (stride 0),
-    so a vendor kernel runs it whole; its output comes in token order ([NCF, d, HQ, DV] in
-    memory) and is copied into o. The < d tokens after those see every block (one
-    non-causal call); those before l - 1 see none (o = 0, lse = -inf)."""
+    so a vendor kernel runs it whole; cuDNN's output comes in token order ([NCF, d, HQ, DV] in
+    memory: the pieces' main rows without a copy). The < d tokens after those see every block
+    (one non-causal call); those before l - 1 see none (o = 0, lse = -inf)."""
     B, T = q.shape[:2]
-    l, d, HQ = spec.l, spec.d, spec.HQ
-    NC, ncf = k_cmp.shape[1], max(0, (T - l + 1) // d)
+    l, d, HQ, DV = spec.l, spec.d, spec.HQ, spec.DV
+    ncf = max(0, (T - l + 1) // d)
     r0, r1 = l - 1, l - 1 + ncf * d
-    o[:, :r0].zero_()
     lse[:, :r0].fill_(float("-inf"))
+    if o is not None:
+        o[:, :r0].zero_()
     for b in range(B):  # the residue view cannot fold a second batch dim into the first
         kv = [x[b].permute(1, 0, 2).unsqueeze(0) for x in (k_cmp, v_cmp)]  # [1, H, NC, D]
+        main = tail = q.new_empty(0, HQ, DV)
         if ncf:
             qv = q[b, r0:r1].view(ncf, d, HQ, spec.DK).permute(1, 2, 0, 3)
             ob, lb = _attend(qv, *(x[:, :, :ncf].expand(d, -1, -1, -1) for x in kv),
                              spec.softmax_scale, causal=True)
-            o[b, r0:r1].view(ncf, d, HQ, spec.DV).copy_(ob.permute(2, 0, 1, 3))
+            main = ob.permute(2, 0, 1, 3).reshape(ncf * d, HQ, DV)  # a view where cuDNN wrote it
             lse[b, r0:r1].view(ncf, d, HQ).copy_(lb.permute(2, 0, 1))
         if r1 < T:
             ob, lb = _attend(q[b, r1:].permute(1, 0, 2).unsqueeze(0), *kv, spec.softmax_scale,
                              causal=False)
-            o[b, r1:].copy_(ob[0].permute(1, 0, 2))
+            tail = ob[0].permute(1, 0, 2).contiguous()
             lse[b, r1:].copy_(lb[0].permute(1, 0))
+        if o is None:
+            return RowPieces(main, tail, r0, r1, T)
+        o[b, r0:r1] = main
+        o[b, r1:] = tail
+    return None
 
 
 def compression_bwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, o: torch.Tensor,

@@ -11,7 +11,7 @@ from ..kernels import (TOPN_INDEX_BITS, kernel_def, kernel_fn, kernel_module, ne
 from ..spec import NSASpec
 from .common import (check, check_grad_inputs, check_qkv, check_seqlens, check_tensor, launch_options,
                      dim_widths, fall_back, seq_end, seq_start, tile_args, tile_table,
-                     tma_config)
+                     tma_config, RowPieces)
 from .gate import check_branches
 
 
@@ -93,7 +93,18 @@ def _gate_args(gates: dict, outs: dict, spec: NSASpec, o: torch.Tensor) -> dict:
     args = {"g_slc": _gate_tensor("gates['slc']", gates["slc"], shape, o)}
     for name in ("cmp", "swa"):
         has = name in gates
-        args[f"o_{name}"] = _gate_tensor(f"outs['{name}']", outs[name], shape + (spec.DV,), o) if has else o
+        x = outs.get(name)
+        if isinstance(x, RowPieces) and name == "cmp":  # compression_fwd's pieces, uncopied
+            check(shape[0] == 1 and x.T == shape[1] and x.main.shape[1:] == (spec.HQ, spec.DV)
+                  and x.main.dtype == o.dtype and x.main.device == o.device,
+                  "outs['cmp'] pieces do not match the output")
+            stand_in = x.main if x.main.numel() else x.tail
+            args.update(o_cmp=x.main if x.main.numel() else stand_in,
+                        o_cmp_tail=x.tail if x.tail.numel() else stand_in, cmp_r0=x.r0, cmp_r1=x.r1)
+        else:
+            args[f"o_{name}"] = _gate_tensor(f"outs['{name}']", x, shape + (spec.DV,), o) if has else o
+            if name == "cmp":  # one tensor: every row from o_cmp
+                args.update(o_cmp_tail=args["o_cmp"], cmp_r0=0, cmp_r1=shape[0] * shape[1])
         args[f"g_{name}"] = _gate_tensor(f"gates['{name}']", gates[name], shape, o) if has else o
         args[f"HAS_{name.upper()}"] = int(has)
     return args
