@@ -25,7 +25,7 @@ verify)
   echo "pass $(grep -c '| pass' "$OUT/verify.txt")"; grep "^| [a-z]" "$OUT/verify.txt" | grep -v "| pass\|| spec" | head ;;
 tune)
   for S in deepseek-nsa small-group fla-compat mqa; do
-    timeout 120 python3 cli.py tune $S --kernels compression_fwd --seqlens 8192 16384 32768 65536 \
+    timeout 140 python3 cli.py tune $S --kernels compression_fwd --seqlens 8k,16k,32k,64k \
       --trials 4 --try CUDNN=1 --db tuning_db --jobs 8 --timeout 60 --no-progress 2>&1 | quiet | tail -6
   done
   tar -czf "$OUT/db.tar.gz" --exclude='.*.lock' tuning_db ;;

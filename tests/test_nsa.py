@@ -302,3 +302,30 @@ def test_selection_gated_reads_cmp_pieces(slc, poison):
     zeroed = RowPieces(pieces.main, torch.zeros_like(pieces.tail), r0, r1, T)
     other = selection_fwd(q, k, v, idx, spec, cfg, outs={"cmp": zeroed}, **kw)[0]
     assert torch.equal(other[:, :r1], want[:, :r1]) and not torch.equal(other[:, r1:], want[:, r1:])
+
+
+def test_nsa_fwd_bwd_with_cmp_through_cudnn(poison, monkeypatch):
+    """With autograd, compression_fwd's CUDNN variant gives the compressed branch's backward
+    the o and lse it needs in one tensor each: the reference's output and gradients."""
+    from nsa_gen.ops import compression
+    calls = []
+    real = compression._attend
+    monkeypatch.setattr(compression, "_attend", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    spec = SPECS[4]
+    B, T = 1, 61
+    q, k, v, gates, _ = inputs(spec, B, T, seed=11)
+    do = torch.randn(B, T, spec.HQ, spec.DV)
+    leaves = [q, k, v, *gates]
+    pinned = _Pinned(None, cudnn=True)
+    pinned.slc = kernel_default("selection_fwd", spec, T)
+    o, gr = grads_of(lambda: nsa(q, k, v, *gates, spec=spec, dispatcher=pinned), leaves, do)
+    assert len(calls) == 2  # the residue batch and the tail
+    o_ref, gr_ref = grads_of(lambda: naive.naive_nsa(spec, q, k, v, *gates), leaves, do)
+    assert rel(o, o_ref) < 1e-4
+    for name, a, b in zip(["dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_swa"], gr, gr_ref):
+        assert rel(a, b) < 1e-4, name
+
+
+def kernel_default(stem, spec, T):
+    from nsa_gen.kernels import kernel_def
+    return kernel_def(stem).default(spec, T)

@@ -274,6 +274,7 @@ def _residue_attention(q, k_cmp, v_cmp, spec: NSASpec, o: torch.Tensor | None,
     memory: the pieces' main rows without a copy). The < d tokens after those see every block
     (one non-causal call); those before l - 1 see none (o = 0, lse = -inf)."""
     B, T = q.shape[:2]
+    check(o is not None or B == 1, "RowPieces hold one sequence: B must be 1 without o")
     l, d, HQ, DV = spec.l, spec.d, spec.HQ, spec.DV
     ncf = max(0, (T - l + 1) // d)
     r0, r1 = l - 1, l - 1 + ncf * d
