@@ -681,6 +681,8 @@ KERNELS: dict[str, KernelDef] = {
                                  structural=("TMA", "CUDNN"),
                                  # cuDNN's fused attention: Ampere and later
                                  min_arch=TMA_ARCH + (("CUDNN", 80),),
+                                 # (BLOCK_T is unread too, but its values depend on the
+                                 # spec: a sampled CUDNN config may repeat with another)
                                  unread=tuple((n, v, lambda c: c["CUDNN"] == 1) for n, v in
                                               (("TMA", 0), ("BLOCK_C", 64), ("num_warps", 4),
                                                ("num_stages", 2)))),
