@@ -234,11 +234,16 @@ class RowPieces:
     r1: int
     T: int
 
+    def write(self, o: torch.Tensor) -> None:
+        """Copy the rows into one sequence's o [T, HQ, DV], zeros included."""
+        o[:self.r0].zero_()
+        o[self.r0:self.r1] = self.main
+        o[self.r1:] = self.tail
+
     def full(self) -> torch.Tensor:
         """o [1, T, HQ, DV] as one tensor."""
-        o = self.main.new_zeros(1, self.T, *self.main.shape[1:])
-        o[0, self.r0:self.r1] = self.main
-        o[0, self.r1:] = self.tail
+        o = self.main.new_empty(1, self.T, *self.main.shape[1:])
+        self.write(o[0])
         return o
 
 

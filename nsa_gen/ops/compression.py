@@ -279,8 +279,6 @@ def _residue_attention(q, k_cmp, v_cmp, spec: NSASpec, o: torch.Tensor | None,
     ncf = max(0, (T - l + 1) // d)
     r0, r1 = l - 1, l - 1 + ncf * d
     lse[:, :r0].fill_(float("-inf"))
-    if o is not None:
-        o[:, :r0].zero_()
     for b in range(B):  # the residue view cannot fold a second batch dim into the first
         kv = [x[b].permute(1, 0, 2).unsqueeze(0) for x in (k_cmp, v_cmp)]  # [1, H, NC, D]
         main = tail = q.new_empty(0, HQ, DV)
@@ -295,10 +293,10 @@ def _residue_attention(q, k_cmp, v_cmp, spec: NSASpec, o: torch.Tensor | None,
                              causal=False)
             tail = ob[0].permute(1, 0, 2).contiguous()
             lse[b, r1:].copy_(lb[0].permute(1, 0))
+        rows = RowPieces(main, tail, r0, r1, T)
         if o is None:
-            return RowPieces(main, tail, r0, r1, T)
-        o[b, r0:r1] = main
-        o[b, r1:] = tail
+            return rows
+        rows.write(o[b])
     return None
 
 
