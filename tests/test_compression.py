@@ -348,3 +348,26 @@ def test_compression_fwd_case_times_the_pieces():
     bad = RowPieces(out[0].main, torch.zeros_like(out[0].tail), out[0].r0, out[0].r1, out[0].T)
     assert case.rel_error((bad, out[1])) > 1e-3
     assert case.rel_error(case.run(cudnn_config(spec, 77).replace(CUDNN=0))) < 1e-5
+
+
+@pytest.mark.parametrize("pieces", [False, True])
+def test_compression_fwd_cudnn_error_falls_back(pieces, monkeypatch, caplog):
+    """An error from the attention call (cuDNN refusing a GPU or shape) runs the generated
+    kernel instead, with a warning: one tensor, the kernel's numbers, pieces asked or not."""
+    from nsa_gen.ops import common, compression
+
+    def refuse(*a, **kw):
+        raise RuntimeError("cuDNN: no engine for this graph")
+    monkeypatch.setattr(compression, "_attend", refuse)
+    monkeypatch.setattr(compression, "_CUDNN_REFUSED", set())
+    common._FALLBACKS_WARNED.discard(("compression_fwd", "cuDNN attention failed"))
+    spec = make_spec(4, H=2)
+    q, k, v = rand_qkv(spec, 1, 77, torch.float32, seed=9)
+    k_cmp, v_cmp = naive_compress(k, spec.l, spec.d), naive_compress(v, spec.l, spec.d)
+    cfg = cudnn_config(spec, 77)
+    with caplog.at_level("WARNING", logger="nsa_gen"):
+        got = compression_fwd(q, k_cmp, v_cmp, spec, cfg, pieces=pieces)
+    assert any("cuDNN attention failed" in r.getMessage() for r in caplog.records)
+    want = compression_fwd(q, k_cmp, v_cmp, spec, cfg.replace(CUDNN=0))
+    assert isinstance(got[0], torch.Tensor)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

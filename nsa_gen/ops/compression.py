@@ -186,23 +186,23 @@ def compression_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, s
     config = config or kernel_def("compression_fwd").default(spec, T)
     q, k_cmp, v_cmp = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous()
     config = _cudnn_config(config, q, spec, cu_seqlens)
-    if config["CUDNN"] and pieces and B == 1 and out is None and NC > 0:
-        lse = torch.empty(B, T, spec.HQ, device=q.device, dtype=torch.float32)
-        try:
-            return _residue_attention(q, k_cmp, v_cmp, spec, None, lse), lse
-        except RuntimeError as e:
-            config = _cudnn_refused(config, q, spec, e)
-    o, lse = outputs(out, (B, T, spec.HQ, spec.DV), (B, T, spec.HQ), q)
+    cudnn = config.get("CUDNN", 0) and NC > 0
+    o_shape = (B, T, spec.HQ, spec.DV)
+    if cudnn and pieces and B == 1 and out is None:  # o stays where cuDNN writes it
+        o, lse = None, torch.empty(o_shape[:3], device=q.device, dtype=torch.float32)
+    else:
+        o, lse = outputs(out, o_shape, o_shape[:3], q)
     if B * T == 0:
         return o, lse
     if NC == 0:  # no block anywhere: nothing to launch over
         return o.zero_(), lse.fill_(float("-inf"))
-    if config["CUDNN"]:
+    if cudnn:
         try:
-            _residue_attention(q, k_cmp, v_cmp, spec, o, lse)
-            return o, lse
+            rows = _residue_attention(q, k_cmp, v_cmp, spec, o, lse)
+            return (o if o is not None else rows), lse
         except RuntimeError as e:
             config = _cudnn_refused(config, q, spec, e)
+            o = o if o is not None else torch.empty(o_shape, device=q.device, dtype=q.dtype)
     tiles = tile_table(cu_seqlens, B, T, config["BLOCK_T"], spec.l, spec.d, q.device)
     config = tma_config("compression_fwd", config, k_cmp, v_cmp)
     fn = kernel_fn("compression_fwd", spec, config)
@@ -231,7 +231,7 @@ def _cudnn_config(config: Config, q: torch.Tensor, spec: NSASpec, cu_seqlens) ->
     packed sequences (their lengths would be read back to the host), a CUDA input cuDNN
     attention does not take (fp32), or one it refused before."""
     if not config.get("CUDNN", 0):
-        return config.replace(CUDNN=0) if "CUDNN" not in dict(config.params) else config
+        return config
     if cu_seqlens is not None:
         return fall_back("compression_fwd", config, "CUDNN=1 runs without cu_seqlens", CUDNN=0)
     if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
