@@ -200,10 +200,10 @@ def test_varlen_op_case_matches_reference(poison):
 
 
 class _Pinned:
-    """A dispatcher: the kernels' heuristic defaults, selection_fwd's replaced by `slc`, and
-    with cudnn, compression_fwd's by its CUDNN = 1 variant."""
+    """A dispatcher: the kernels' heuristic defaults, selection_fwd's replaced by `slc` (if
+    given), and with cudnn, compression_fwd's by its CUDNN = 1 variant."""
 
-    def __init__(self, slc, cudnn=False):
+    def __init__(self, slc=None, cudnn=False):
         self.slc, self.cudnn = slc, cudnn
 
     def get(self, stem, spec, T, B=1, device=None):
@@ -211,7 +211,7 @@ class _Pinned:
         kd = kernel_def(stem)
         if stem == "compression_fwd" and self.cudnn:
             return kd.canonical(kd.default(spec, T).replace(CUDNN=1))
-        return self.slc if stem == "selection_fwd" else kd.default(spec, T)
+        return self.slc if stem == "selection_fwd" and self.slc else kd.default(spec, T)
 
 
 @pytest.mark.parametrize("G,slc,branches", [
@@ -316,16 +316,10 @@ def test_nsa_fwd_bwd_with_cmp_through_cudnn(poison, monkeypatch):
     q, k, v, gates, _ = inputs(spec, B, T, seed=11)
     do = torch.randn(B, T, spec.HQ, spec.DV)
     leaves = [q, k, v, *gates]
-    pinned = _Pinned(None, cudnn=True)
-    pinned.slc = kernel_default("selection_fwd", spec, T)
-    o, gr = grads_of(lambda: nsa(q, k, v, *gates, spec=spec, dispatcher=pinned), leaves, do)
+    o, gr = grads_of(lambda: nsa(q, k, v, *gates, spec=spec, dispatcher=_Pinned(cudnn=True)),
+                     leaves, do)
     assert len(calls) == 2  # the residue batch and the tail
     o_ref, gr_ref = grads_of(lambda: naive.naive_nsa(spec, q, k, v, *gates), leaves, do)
     assert rel(o, o_ref) < 1e-4
     for name, a, b in zip(["dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_swa"], gr, gr_ref):
         assert rel(a, b) < 1e-4, name
-
-
-def kernel_default(stem, spec, T):
-    from nsa_gen.kernels import kernel_def
-    return kernel_def(stem).default(spec, T)

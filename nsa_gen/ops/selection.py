@@ -98,9 +98,10 @@ def _gate_args(gates: dict, outs: dict, spec: NSASpec, o: torch.Tensor) -> dict:
             check(shape[0] == 1 and x.T == shape[1] and x.main.shape[1:] == (spec.HQ, spec.DV)
                   and x.main.dtype == o.dtype and x.main.device == o.device,
                   "outs['cmp'] pieces do not match the output")
-            stand_in = x.main if x.main.numel() else x.tail
-            args.update(o_cmp=x.main if x.main.numel() else stand_in,
-                        o_cmp_tail=x.tail if x.tail.numel() else stand_in, cmp_r0=x.r0, cmp_r1=x.r1)
+            # An empty piece is never read; the other stands in for its pointer.
+            main = x.main if x.main.numel() else x.tail
+            args.update(o_cmp=main, o_cmp_tail=x.tail if x.tail.numel() else main,
+                        cmp_r0=x.r0, cmp_r1=x.r1)
         else:
             args[f"o_{name}"] = _gate_tensor(f"outs['{name}']", x, shape + (spec.DV,), o) if has else o
             if name == "cmp":  # one tensor: every row from o_cmp
