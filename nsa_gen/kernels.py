@@ -461,8 +461,12 @@ def _cmp_bwd_context(spec: NSASpec, cfg: Config) -> dict:
 
 
 def _cmp_bwd_space(spec: NSASpec) -> dict[str, list]:
-    # DKV_SPLIT_T: tokens per dk/dv program (0 = all); multiples of every DKV_BLOCK_T.
-    return dict(_bwd_space(spec, "BLOCK_C"), DKV_SPLIT_T=[0, 2048, 4096, 8192, 16384])
+    """DKV_SPLIT_T: tokens per dk/dv program (0 = all); multiples of every DKV_BLOCK_T.
+    CUDNN: 1 runs the residue form's attention backward in torch's cuDNN attention
+    (ops/compression._residue_attention_bwd), not the generated kernels; the tile params are
+    then unread."""
+    return dict(_bwd_space(spec, "BLOCK_C"), DKV_SPLIT_T=[0, 2048, 4096, 8192, 16384],
+                CUDNN=[0, 1])
 
 
 def _cmp_bwd_default(spec: NSASpec, T: int) -> Config:
@@ -477,8 +481,9 @@ def _cmp_bwd_default(spec: NSASpec, T: int) -> Config:
     nc = num_cmp_blocks(T, spec.l, spec.d)
     cfg = _bwd_default(spec, T, "BLOCK_C", 64, max(16, min(32 if wide else 64, next_pow2(nc))))
     split = 2048 if T <= 16384 else 4096 if wide else 8192
+    # The generated kernels by default (deterministic, every GPU and dtype); the DB picks CUDNN.
     return Config.make(num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                       DKV_SPLIT_T=split if T > split else 0, **dict(cfg.params))
+                       DKV_SPLIT_T=split if T > split else 0, CUDNN=0, **dict(cfg.params))
 
 
 def _cmp_bwd_smem(spec: NSASpec, cfg: Config) -> int:
@@ -692,8 +697,14 @@ KERNELS: dict[str, KernelDef] = {
     "compression_bwd": KernelDef("compression_bwd", "cmp", _cmp_bwd_context, _cmp_bwd_default,
                                  _cmp_bwd_space, _cmp_bwd_smem,
                                  # the selection branch's top-n is not differentiated
-                                 lambda s: s.has("cmp"), structural=("DKV_SPLIT_T",),
-                                 per_token=("DKV_SPLIT_T",)),
+                                 lambda s: s.has("cmp"), structural=("DKV_SPLIT_T", "CUDNN"),
+                                 per_token=("DKV_SPLIT_T",), min_arch=(("CUDNN", 80),),
+                                 # (the token tiles are unread too, as in compression_fwd)
+                                 unread=tuple((n, v, lambda c: c["CUDNN"] == 1) for n, v in
+                                              (("BLOCK_C", 64), ("DKV_BLOCK_C", 16),
+                                               ("DKV_SPLIT_T", 0), ("DKV_WARPS", 4),
+                                               ("DKV_STAGES", 2), ("num_warps", 4),
+                                               ("num_stages", 2)))),
     "window_bwd": KernelDef("window_bwd", "swa", _swa_bwd_context, _swa_bwd_default,
                             _swa_bwd_space, _swa_bwd_smem, lambda s: s.has("swa")),
     # Not one of the three attention branches: "gate" names its launcher module (ops/gate.py),

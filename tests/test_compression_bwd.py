@@ -111,7 +111,7 @@ def test_compression_bwd_tiles(cfg, l, d, poison):  # noqa: E741
     # The smallest group that fills tl.dot's 16 rows in both kernels.
     G = max(1, 16 // min(cfg["BLOCK_T"], cfg["DKV_BLOCK_T"]))
     spec = make_spec(G, DK=32, DV=48, l=l, d=d)
-    config = Config.make(num_warps=4, num_stages=2, DKV_WARPS=4, DKV_STAGES=2, **cfg)
+    config = Config.make(num_warps=4, num_stages=2, DKV_WARPS=4, DKV_STAGES=2, CUDNN=0, **cfg)
     if not cfg["DKV_SPLIT_T"]:
         assert kernel_def("compression_bwd").valid(spec, config)
     B, T = 1, 83
@@ -235,3 +235,102 @@ def test_one_split_stores_directly(dtype, monkeypatch, poison):
     want = compression_bwd(*args, spec, whole)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert rel_err(got[1].float(), ref[4]) < TOL[dtype]
+
+
+# ------------------------------------------- compression_bwd as batched causal attention (CUDNN)
+
+def cudnn_bwd_config(spec, T):
+    kd = kernel_def("compression_bwd")
+    return kd.canonical(kd.default(spec, T).replace(CUDNN=1))
+
+
+@pytest.mark.parametrize("l,d,T", [(8, 4, 77), (8, 4, 79), (16, 16, 77), (4, 1, 40), (32, 8, 70),
+                                   (8, 4, 9), (8, 8, 8)])
+@pytest.mark.parametrize("G", [1, 4, 16])
+def test_compression_bwd_cudnn(G, l, d, T, monkeypatch, poison):  # noqa: E741
+    """CUDNN = 1: the backward of the residue batch (d causal attentions over the broadcast
+    blocks, each residue's block gradients summed) and of the tail (T = 77: 2 tokens, 79:
+    none, 9: all of them, NCF = 0), rows before l - 1 zero. On the CPU the attention backward
+    is torch math; on a GPU, cuDNN's. Through CompressionFunction and compress_mean, so dk and
+    dv are checked too."""
+    from nsa_gen.ops import compression
+    calls = []
+
+    def counted(q, k, v, o, lse, do, scale, causal):
+        calls.append((tuple(q.shape), tuple(k.shape), causal))
+        return attend_bwd(q, k, v, o, lse, do, scale, causal)
+    attend_bwd = compression._attend_bwd
+    monkeypatch.setattr(compression, "_attend_bwd", counted)
+    spec = make_spec(G, H=2 if G < 16 else 1, l=l, d=d)
+    dtype = torch.float16 if DEVICE == "cuda" else torch.float32
+    B = 2
+    q, k, v, do = rand_inputs(spec, B, T, dtype, seed=T + G)
+    o, lse, *grads = run_function(spec, q, k, v, do, cudnn_bwd_config(spec, T))
+    ncf, tail = (T - l + 1) // d, (T - l + 1) % d
+    NC = (T - l) // d + 1
+    per_seq = ([((d, spec.HQ, ncf, spec.DK), (d, spec.H, ncf, spec.DK), True)] if ncf else []) + \
+        ([((1, spec.HQ, tail, spec.DK), (1, spec.H, NC, spec.DK), False)] if tail else [])
+    assert calls == per_seq * B
+    check_grads([o, *grads], ref_grads(spec, q, k, v, do), dtype)
+    assert (grads[0][:, :l - 1] == 0).all()
+
+
+def test_compression_bwd_cudnn_matches_kernels():
+    """The residue form's gradients equal the generated kernels' to fp32 rounding, from the
+    same forward outputs (compression_bwd called directly)."""
+    spec = make_spec(4, H=2)
+    q, k, v, do = rand_inputs(spec, 2, 61, torch.float32, seed=11)
+    k_cmp, v_cmp = naive_compress(k, spec.l, spec.d), naive_compress(v, spec.l, spec.d)
+    o, lse = ref_grads(spec, q, k, v, do)[0], ref_lse(spec, q, k_cmp)
+    cfg = cudnn_bwd_config(spec, 61)
+    got = compression_bwd(q, k_cmp, v_cmp, o, lse, do, spec, cfg)
+    want = compression_bwd(q, k_cmp, v_cmp, o, lse, do, spec, cfg.replace(CUDNN=0))
+    for name, a, b in zip(("dq", "dk_cmp", "dv_cmp"), got, want):
+        assert rel_err(a, b) < 1e-5, name
+
+
+@pytest.mark.parametrize("why", ["packed", "deterministic", "error"])
+def test_compression_bwd_cudnn_falls_back(why, monkeypatch, caplog):
+    """The generated kernels instead, with a warning: for packed sequences (their lengths
+    would be read back), under torch.use_deterministic_algorithms (cuDNN's backward is not
+    deterministic), and when the attention backward raises (cuDNN refusing a GPU or shape).
+    The gradients are then CUDNN = 0's, bit for bit."""
+    from nsa_gen.ops import common, compression
+    spec = make_spec(4, H=2)
+    cu = [0, 45, 50, 113] if why == "packed" else None
+    message = {"packed": "CUDNN=1 runs without cu_seqlens",
+               "deterministic": "deterministic algorithms requested",
+               "error": "cuDNN attention failed"}[why]
+    common._FALLBACKS_WARNED.discard(("compression_bwd", message))
+    monkeypatch.setattr(compression, "_CUDNN_REFUSED", set())
+    if why == "deterministic":
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    if why == "error":
+        def refuse(*a, **kw):
+            raise RuntimeError("cuDNN: no engine for this graph")
+        monkeypatch.setattr(compression, "_attend_bwd", refuse)
+    q, k, v, do = rand_inputs(spec, 1, 113, torch.float32, seed=5)
+    cfg = cudnn_bwd_config(spec, 113)
+    with caplog.at_level("WARNING", logger="nsa_gen"):
+        got = run_function(spec, q, k, v, do, cfg, cu)
+    assert any(message in r.getMessage() for r in caplog.records)
+    want = run_function(spec, q, k, v, do, cfg.replace(CUDNN=0), cu)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_compression_bwd_case_runs_cudnn(monkeypatch):
+    """The tuner's and verify's compression_bwd case runs a CUDNN config through the residue
+    form and checks it against the reference; wrong gradients fail it."""
+    from nsa_gen.harness import make_case
+    from nsa_gen.ops import compression
+    spec = make_spec(4, H=2)
+    case = make_case("compression_bwd", spec, 77, dtype=torch.float32, device=DEVICE, seed=3)
+    cfg = cudnn_bwd_config(spec, 77)
+    assert case.rel_error(case.run(cfg)) < 1e-5
+    real = compression._attend_bwd
+
+    def off(*a, **kw):
+        dq, dk, dv = real(*a, **kw)
+        return dq, dk, dv * 1.01
+    monkeypatch.setattr(compression, "_attend_bwd", off)
+    assert case.rel_error(case.run(cfg)) > 1e-3

@@ -201,15 +201,17 @@ def test_varlen_op_case_matches_reference(poison):
 
 class _Pinned:
     """A dispatcher: the kernels' heuristic defaults, selection_fwd's replaced by `slc` (if
-    given), and with cudnn, compression_fwd's by its CUDNN = 1 variant."""
+    given), and with cudnn (cudnn_bwd), compression_fwd's (compression_bwd's) by its CUDNN = 1
+    variant."""
 
-    def __init__(self, slc=None, cudnn=False):
-        self.slc, self.cudnn = slc, cudnn
+    def __init__(self, slc=None, cudnn=False, cudnn_bwd=False):
+        self.slc = slc
+        self.cudnn = {"compression_fwd": cudnn, "compression_bwd": cudnn_bwd}
 
     def get(self, stem, spec, T, B=1, device=None):
         from nsa_gen.kernels import kernel_def
         kd = kernel_def(stem)
-        if stem == "compression_fwd" and self.cudnn:
+        if self.cudnn.get(stem):
             return kd.canonical(kd.default(spec, T).replace(CUDNN=1))
         return self.slc if stem == "selection_fwd" and self.slc else kd.default(spec, T)
 
@@ -304,21 +306,26 @@ def test_selection_gated_reads_cmp_pieces(slc, poison):
     assert torch.equal(other[:, :r1], want[:, :r1]) and not torch.equal(other[:, r1:], want[:, r1:])
 
 
-def test_nsa_fwd_bwd_with_cmp_through_cudnn(poison, monkeypatch):
+@pytest.mark.parametrize("fwd,bwd", [(True, False), (False, True), (True, True)])
+def test_nsa_fwd_bwd_with_cmp_through_cudnn(fwd, bwd, poison, monkeypatch):
     """With autograd, compression_fwd's CUDNN variant gives the compressed branch's backward
-    the o and lse it needs in one tensor each: the reference's output and gradients."""
+    the o and lse it needs in one tensor each, and compression_bwd's CUDNN variant takes them
+    from either forward: the reference's output and gradients."""
     from nsa_gen.ops import compression
     calls = []
-    real = compression._attend
-    monkeypatch.setattr(compression, "_attend", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for name in ("_attend", "_attend_bwd"):
+        real = getattr(compression, name)
+        monkeypatch.setattr(compression, name,
+                            lambda *a, _n=name, _f=real, **kw: calls.append(_n) or _f(*a, **kw))
     spec = SPECS[4]
     B, T = 1, 61
     q, k, v, gates, _ = inputs(spec, B, T, seed=11)
     do = torch.randn(B, T, spec.HQ, spec.DV)
     leaves = [q, k, v, *gates]
-    o, gr = grads_of(lambda: nsa(q, k, v, *gates, spec=spec, dispatcher=_Pinned(cudnn=True)),
-                     leaves, do)
-    assert len(calls) == 2  # the residue batch and the tail
+    o, gr = grads_of(lambda: nsa(q, k, v, *gates, spec=spec,
+                                 dispatcher=_Pinned(cudnn=fwd, cudnn_bwd=bwd)), leaves, do)
+    # the residue batch and the tail, each way
+    assert calls == ["_attend"] * 2 * fwd + ["_attend_bwd"] * 2 * bwd
     o_ref, gr_ref = grads_of(lambda: naive.naive_nsa(spec, q, k, v, *gates), leaves, do)
     assert rel(o, o_ref) < 1e-4
     for name, a, b in zip(["dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_swa"], gr, gr_ref):

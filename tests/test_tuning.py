@@ -259,10 +259,13 @@ def test_structural_variants_of_the_default_are_seeded(spec, tmp_path, monkeypat
     keep, _ = pruned_space(stem, spec, H200)
     default = kd.default(spec, 131072)
     seeds = t.seeds(stem, 131072, 1, keep)
-    assert seeds[0] == default and kd.structural == ("DKV_SPLIT_T",)
-    splits = [c["DKV_SPLIT_T"] for c in seeds[1:]]
+    assert seeds[0] == default and kd.structural == ("DKV_SPLIT_T", "CUDNN")
+    split_seeds = [c for c in seeds[1:] if c["CUDNN"] == 0]
+    splits = [c["DKV_SPLIT_T"] for c in split_seeds]
     assert sorted(splits + [default["DKV_SPLIT_T"]]) == sorted(kd.space(spec)["DKV_SPLIT_T"])
-    assert all(c.replace(DKV_SPLIT_T=default["DKV_SPLIT_T"]) == default for c in seeds[1:])
+    assert all(c.replace(DKV_SPLIT_T=default["DKV_SPLIT_T"]) == default for c in split_seeds)
+    # The cuDNN variant once, in canonical form (its tile params unread).
+    assert [c for c in seeds[1:] if c["CUDNN"]] == [kd.canonical(default.replace(CUDNN=1))]
     topn = t.seeds("topn", 4096, 1, pruned_space("topn", spec, H200)[0])
     assert [(c["MERGE"], c["INSERT"], c["TMA"], c["KEY"], c["IMP"]) for c in topn] == [  # INSERT 4 at 4-token tiles
         ("bitonic", 4, 0, 32, "dot"), ("sort", 4, 0, 32, "dot"), ("rank", 4, 0, 32, "dot"),

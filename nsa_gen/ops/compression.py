@@ -185,7 +185,7 @@ def compression_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, s
     B, T = q.shape[:2]
     config = config or kernel_def("compression_fwd").default(spec, T)
     q, k_cmp, v_cmp = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous()
-    config = _cudnn_config(config, q, spec, cu_seqlens)
+    config = _cudnn_config("compression_fwd", config, q, spec, cu_seqlens)
     cudnn = config.get("CUDNN", 0) and NC > 0
     o_shape = (B, T, spec.HQ, spec.DV)
     if cudnn and pieces and B == 1 and out is None:  # o stays where cuDNN writes it
@@ -201,7 +201,7 @@ def compression_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, s
             rows = _residue_attention(q, k_cmp, v_cmp, spec, o, lse)
             return (o if o is not None else rows), lse
         except RuntimeError as e:
-            config = _cudnn_refused(config, q, spec, e)
+            config = _cudnn_refused("compression_fwd", config, q, spec, e)
             o = o if o is not None else torch.empty(o_shape, device=q.device, dtype=q.dtype)
     tiles = tile_table(cu_seqlens, B, T, config["BLOCK_T"], spec.l, spec.d, q.device)
     config = tma_config("compression_fwd", config, k_cmp, v_cmp)
@@ -212,32 +212,37 @@ def compression_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, s
     return o, lse
 
 
-# (device, dtype, DK, DV) for which cuDNN attention raised: later launches go to the kernel.
+# (stem, device, dtype, DK, DV) for which cuDNN attention raised: later launches of that
+# stem go to the kernel (cuDNN may take a shape forward and refuse it backward).
 _CUDNN_REFUSED: set[tuple] = set()
 
 
-def _cudnn_key(q: torch.Tensor, spec: NSASpec) -> tuple:
-    return (q.device, q.dtype, spec.DK, spec.DV)
+def _cudnn_key(stem: str, q: torch.Tensor, spec: NSASpec) -> tuple:
+    return (stem, q.device, q.dtype, spec.DK, spec.DV)
 
 
-def _cudnn_refused(config: Config, q: torch.Tensor, spec: NSASpec, e: Exception) -> Config:
+def _cudnn_refused(stem: str, config: Config, q: torch.Tensor, spec: NSASpec,
+                   e: Exception) -> Config:
     """cuDNN refused this GPU, shape or version: the kernel instead, now and from now on."""
-    _CUDNN_REFUSED.add(_cudnn_key(q, spec))
-    return fall_back("compression_fwd", config, "cuDNN attention failed", str(e)[:120], CUDNN=0)
+    _CUDNN_REFUSED.add(_cudnn_key(stem, q, spec))
+    return fall_back(stem, config, "cuDNN attention failed", str(e)[:120], CUDNN=0)
 
 
-def _cudnn_config(config: Config, q: torch.Tensor, spec: NSASpec, cu_seqlens) -> Config:
+def _cudnn_config(stem: str, config: Config, q: torch.Tensor, spec: NSASpec, cu_seqlens) -> Config:
     """`config`, with CUDNN off (and a warning, once) where the residue form cannot run:
     packed sequences (their lengths would be read back to the host), a CUDA input cuDNN
-    attention does not take (fp32), or one it refused before."""
+    attention does not take (fp32), one it refused before, or, backward, under
+    torch.use_deterministic_algorithms (cuDNN's backward accumulates dq with atomics)."""
     if not config.get("CUDNN", 0):
         return config
     if cu_seqlens is not None:
-        return fall_back("compression_fwd", config, "CUDNN=1 runs without cu_seqlens", CUDNN=0)
+        return fall_back(stem, config, "CUDNN=1 runs without cu_seqlens", CUDNN=0)
     if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
-        return fall_back("compression_fwd", config, f"cuDNN attention needs 16-bit inputs, not {q.dtype}",
+        return fall_back(stem, config, f"cuDNN attention needs 16-bit inputs, not {q.dtype}",
                          CUDNN=0)
-    if q.is_cuda and _cudnn_key(q, spec) in _CUDNN_REFUSED:
+    if stem == "compression_bwd" and torch.are_deterministic_algorithms_enabled():
+        return fall_back(stem, config, "deterministic algorithms requested", CUDNN=0)
+    if q.is_cuda and _cudnn_key(stem, q, spec) in _CUDNN_REFUSED:
         return config.replace(CUDNN=0)
     return config
 
@@ -261,6 +266,72 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cau
     return o.to(q.dtype), lse
 
 
+def _attend_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                lse: torch.Tensor, do: torch.Tensor, scale: float, causal: bool,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `_attend`: q, k, v as there, o and do [N, HQ, Tq, DV] (the same strides,
+    unit last), lse [N, HQ, Tq] (fp32, natural log) -> (dq [N, HQ, Tq, DK] with q's strides,
+    dk [N, H, Tk, DK], dv [N, H, Tk, DV]), in q's dtype. torch's cuDNN attention backward on
+    CUDA (it takes the log-sum-exp as its forward returns it, [N, HQ, Tq, 1]); elsewhere the
+    same math in fp32."""
+    if q.is_cuda:
+        seed = torch.zeros((), dtype=torch.int64, device=q.device)  # unread: no dropout
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            do, q, k, v, o, lse.unsqueeze(-1).contiguous(), seed, seed, None, None, None,
+            q.shape[2], k.shape[2], 0.0, causal, scale=scale)
+    N, HQ, Tq = q.shape[:3]
+    H = k.shape[1]
+    G = HQ // H
+    qf, kf, vf = q.float(), k.float().repeat_interleave(G, 1), v.float().repeat_interleave(G, 1)
+    s = qf @ kf.transpose(-1, -2) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    p = torch.exp(s - lse[..., None])
+    dof = do.float()
+    ds = p * (dof @ vf.transpose(-1, -2) - (dof * o.float()).sum(-1, keepdim=True))
+    dq = torch.empty_like(q).copy_(ds @ kf * scale)  # empty_like keeps q's strides, as cuDNN's
+
+    def group_sum(x):
+        return x.view(N, H, G, *x.shape[2:]).sum(2).to(q.dtype)
+    return dq, group_sum(ds.transpose(-1, -2) @ qf * scale), group_sum(p.transpose(-1, -2) @ dof)
+
+
+class _Residues:
+    """The residue form of the compressed attention at T tokens (see _residue_attention):
+    NCF = (T - l + 1) // d queries a residue, the batch's rows r0 = l - 1 .. r1 = r0 + NCF * d,
+    and views of one sequence's tensors in it (no copies)."""
+
+    def __init__(self, spec: NSASpec, T: int):
+        self.d = spec.d
+        self.ncf = max(0, (T - spec.l + 1) // spec.d)
+        self.r0, self.r1 = spec.l - 1, spec.l - 1 + self.ncf * spec.d
+
+    def main(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, HQ, *] -> the batch's rows as [d, HQ, NCF, *]: residue r, position p is row
+        r0 + p * d + r. (lse [T, HQ] -> [d, HQ, NCF].)"""
+        x = x[self.r0:self.r1]
+        x = x.view(self.ncf, self.d, *x.shape[1:])
+        return x.permute(1, 2, 0, *range(3, x.dim()))
+
+    def main_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of `main` for [d, HQ, NCF, D]: [NCF * d, HQ, D] in row order (a view
+        when x's memory is in row order, as cuDNN writes it)."""
+        return x.permute(2, 0, 1, 3).reshape(self.ncf * self.d, x.shape[1], x.shape[3])
+
+    def tail(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, HQ, *] -> the rows after the batch as [1, HQ, T - r1, *]."""
+        return x[self.r1:].transpose(0, 1).unsqueeze(0)
+
+    @staticmethod
+    def blocks(x: torch.Tensor) -> torch.Tensor:
+        """One sequence's k_cmp or v_cmp [NC, H, D] -> [1, H, NC, D]."""
+        return x.permute(1, 0, 2).unsqueeze(0)
+
+    def main_blocks(self, kv: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The batch's blocks, the first NCF, broadcast over the d residues (stride 0)."""
+        return [x[:, :, :self.ncf].expand(self.d, -1, -1, -1) for x in kv]
+
+
 def _residue_attention(q, k_cmp, v_cmp, spec: NSASpec, o: torch.Tensor | None,
                        lse: torch.Tensor) -> RowPieces | None:
     """compression_fwd as batched causal attention (config CUDNN=1): lse into `lse`, the output
@@ -275,29 +346,52 @@ def _residue_attention(q, k_cmp, v_cmp, spec: NSASpec, o: torch.Tensor | None,
     (one non-causal call); those before l - 1 see none (o = 0, lse = -inf)."""
     B, T = q.shape[:2]
     check(o is not None or B == 1, "RowPieces hold one sequence: B must be 1 without o")
-    l, d, HQ, DV = spec.l, spec.d, spec.HQ, spec.DV
-    ncf = max(0, (T - l + 1) // d)
-    r0, r1 = l - 1, l - 1 + ncf * d
-    lse[:, :r0].fill_(float("-inf"))
+    rv = _Residues(spec, T)
+    lse[:, :rv.r0].fill_(float("-inf"))
     for b in range(B):  # the residue view cannot fold a second batch dim into the first
-        kv = [x[b].permute(1, 0, 2).unsqueeze(0) for x in (k_cmp, v_cmp)]  # [1, H, NC, D]
-        main = tail = q.new_empty(0, HQ, DV)
-        if ncf:
-            qv = q[b, r0:r1].view(ncf, d, HQ, spec.DK).permute(1, 2, 0, 3)
-            ob, lb = _attend(qv, *(x[:, :, :ncf].expand(d, -1, -1, -1) for x in kv),
-                             spec.softmax_scale, causal=True)
-            main = ob.permute(2, 0, 1, 3).reshape(ncf * d, HQ, DV)  # a view where cuDNN wrote it
-            lse[b, r0:r1].view(ncf, d, HQ).copy_(lb.permute(2, 0, 1))
-        if r1 < T:
-            ob, lb = _attend(q[b, r1:].permute(1, 0, 2).unsqueeze(0), *kv, spec.softmax_scale,
-                             causal=False)
+        kv = [rv.blocks(x[b]) for x in (k_cmp, v_cmp)]
+        main = tail = q.new_empty(0, spec.HQ, spec.DV)
+        if rv.ncf:
+            ob, lb = _attend(rv.main(q[b]), *rv.main_blocks(kv), spec.softmax_scale, causal=True)
+            main = rv.main_rows(ob)  # a view where cuDNN wrote it
+            rv.main(lse[b]).copy_(lb)
+        if rv.r1 < T:
+            ob, lb = _attend(rv.tail(q[b]), *kv, spec.softmax_scale, causal=False)
             tail = ob[0].permute(1, 0, 2).contiguous()
-            lse[b, r1:].copy_(lb[0].permute(1, 0))
-        rows = RowPieces(main, tail, r0, r1, T)
+            rv.tail(lse[b]).copy_(lb)
+        rows = RowPieces(main, tail, rv.r0, rv.r1, T)
         if o is None:
             return rows
         rows.write(o[b])
     return None
+
+
+def _residue_attention_bwd(q, k_cmp, v_cmp, o, lse, do, spec: NSASpec, dq: torch.Tensor,
+                           dk_cmp: torch.Tensor, dv_cmp: torch.Tensor) -> None:
+    """compression_bwd in the residue form (config CUDNN=1), into dq, dk_cmp, dv_cmp: the
+    attention backward of the forward's batch and of its tail (see _residue_attention), from
+    any forward's o and lse. A block's gradient is the sum over the residues that see it
+    (each residue's comes separately: the blocks are broadcast) and the tail's, in fp32."""
+    B, T = q.shape[:2]
+    rv = _Residues(spec, T)
+    dq[:, :rv.r0].zero_()
+    for b in range(B):
+        kv = [rv.blocks(x[b]) for x in (k_cmp, v_cmp)]
+        dkv = [torch.zeros(x.shape[1:], device=q.device, dtype=torch.float32) for x in kv]
+        if rv.ncf:
+            gq, *gkv = _attend_bwd(rv.main(q[b]), *rv.main_blocks(kv), rv.main(o[b]),
+                                   rv.main(lse[b]), rv.main(do[b]), spec.softmax_scale, causal=True)
+            dq[b, rv.r0:rv.r1] = rv.main_rows(gq)
+            for acc, g in zip(dkv, gkv):
+                acc[:, :rv.ncf] += g.float().sum(0)
+        if rv.r1 < T:
+            gq, *gkv = _attend_bwd(rv.tail(q[b]), *kv, rv.tail(o[b]), rv.tail(lse[b]),
+                                   rv.tail(do[b]), spec.softmax_scale, causal=False)
+            rv.tail(dq[b]).copy_(gq)
+            for acc, g in zip(dkv, gkv):
+                acc += g[0].float()
+        for out, acc in zip((dk_cmp, dv_cmp), dkv):
+            out[b] = acc.permute(1, 0, 2)
 
 
 def compression_bwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, o: torch.Tensor,
@@ -312,13 +406,18 @@ def compression_bwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, o
     Queries that see no block get dq = 0. Deterministic: no float atomics; each compressed
     block's dk/dv is summed by one program over the tokens that see it (see
     templates/compression_bwd.py.j2). Gradients reach k and v through `compress_mean`
-    (plain torch) by autograd.
+    (plain torch) by autograd. config CUDNN = 1 runs the residue form's attention backward
+    through torch's cuDNN attention instead (`_residue_attention_bwd`; on the CPU, fp32
+    math), which is not deterministic (cuDNN accumulates dq with atomics); it falls back to
+    the kernels, with a warning, where compression_fwd's CUDNN does, and under
+    torch.use_deterministic_algorithms(True).
     """
     NC = _check_cmp_inputs(q, k_cmp, v_cmp, spec, cu_seqlens, cu_seqlens_cmp)
     B, T = q.shape[:2]
     check_grad_inputs(spec, q, o, lse, do)
     config = config or kernel_def("compression_bwd").default(spec, T)
-    q, k_cmp, v_cmp, do, lse = (x.contiguous() for x in (q, k_cmp, v_cmp, do, lse))
+    config = _cudnn_config("compression_bwd", config, q, spec, cu_seqlens)
+    q, k_cmp, v_cmp, o, do, lse = (x.contiguous() for x in (q, k_cmp, v_cmp, o, do, lse))
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk_cmp = torch.empty(k_cmp.shape, device=q.device, dtype=q.dtype)
     dv_cmp = torch.empty(v_cmp.shape, device=q.device, dtype=q.dtype)
@@ -326,8 +425,13 @@ def compression_bwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, o
         return dq, dk_cmp, dv_cmp
     if NC == 0:  # no query sees any block
         return dq.zero_(), dk_cmp, dv_cmp
+    if config.get("CUDNN", 0):
+        try:
+            _residue_attention_bwd(q, k_cmp, v_cmp, o, lse, do, spec, dq, dk_cmp, dv_cmp)
+            return dq, dk_cmp, dv_cmp
+        except RuntimeError as e:  # the kernels below write every element again
+            config = _cudnn_refused("compression_bwd", config, q, spec, e)
     # delta = rowsum(o * do) in fp32, written by the dq kernel for the dk/dv kernel.
-    o = o.contiguous()
     delta = torch.empty(lse.shape, device=q.device, dtype=torch.float32)
     mod = kernel_module("compression_bwd", spec, config)
     dkv_opts, prec = dkv_launch_options(config), dot_precision(q)
