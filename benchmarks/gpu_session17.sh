@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Session 17's device calls: bash benchmarks/gpu_session17.sh STEP...
+# The compressed attention through cuDNN (sessions 17-18): bash benchmarks/gpu_session17.sh STEP...
 #   probe    benchmarks/cudnn_cmp_probe.py at 64k (three specs) and 16k (two)
-#   test     tests/test_compression.py's CUDNN tests on the GPU (cuDNN, fp16)
-#   verify   bf16 verification of compression_fwd (its CUDNN = 1 variant a row of its own) and
-#            nsa, four built-in specs, T = 4096
+#   test     the CUDNN tests of compression_fwd and compression_bwd on the GPU (cuDNN, fp16)
+#   verify   bf16 verification of compression_fwd and compression_bwd (each CUDNN = 1 variant a
+#            row of its own) and nsa, four built-in specs, T = 4096
 #   tune     compression_fwd studies (4 trials, CUDNN = 1 among them) at 8k-64k, four specs,
 #            into tuning_db (returned as $OUT/db.tar.gz)
+#   tunebwd  the same for compression_bwd (3 trials)
+#   benchfb  forward + backward of three specs at 64k with the baselines
 #   bench    the forward benchmark of three specs at 8k-64k with the baselines
 #   bench64  the same at 64k only
 #   swa      benchmarks/cudnn_swa_probe.py at 64k: the window through cuDNN in chunks of C
@@ -18,10 +20,11 @@ probe)
   timeout 200 python3 benchmarks/cudnn_cmp_probe.py fla-compat deepseek-nsa small-group --out "$OUT/p64" 2>&1 | quiet
   timeout 100 python3 benchmarks/cudnn_cmp_probe.py fla-compat small-group --seqlen 16384 --out "$OUT/p16" 2>&1 | quiet ;;
 test)
-  TRITON_INTERPRET=0 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_compression.py -k cudnn 2>&1 | tail -4 ;;
+  TRITON_INTERPRET=0 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_compression.py \
+    tests/test_compression_bwd.py -k cudnn 2>&1 | tail -4 ;;
 verify)
   timeout 200 python3 cli.py verify deepseek-nsa fla-compat small-group mqa -T 4096 \
-    --kernels compression_fwd nsa --dtype bfloat16 2>&1 | quiet > "$OUT/verify.txt"
+    --kernels compression_fwd compression_bwd nsa --dtype bfloat16 2>&1 | quiet > "$OUT/verify.txt"
   echo "pass $(grep -c '| pass' "$OUT/verify.txt")"; grep "^| [a-z]" "$OUT/verify.txt" | grep -v "| pass\|| spec" | head ;;
 tune)
   for S in deepseek-nsa small-group fla-compat mqa; do
@@ -29,6 +32,15 @@ tune)
       --trials 4 --try CUDNN=1 --db tuning_db --jobs 8 --timeout 60 --no-progress 2>&1 | quiet | tail -6
   done
   tar -czf "$OUT/db.tar.gz" --exclude='.*.lock' tuning_db ;;
+tunebwd)
+  for S in deepseek-nsa small-group fla-compat mqa; do
+    timeout 170 python3 cli.py tune $S --kernels compression_bwd --seqlens 8k,16k,32k,64k \
+      --trials 3 --try CUDNN=1 --db tuning_db --jobs 8 --timeout 90 --no-progress 2>&1 | quiet | tail -6
+  done
+  tar -czf "$OUT/db.tar.gz" --exclude='.*.lock' tuning_db ;;
+benchfb)
+  timeout 400 python3 cli.py bench deepseek-nsa fla-compat small-group --seqlens 65536 --backward \
+    --out "$OUT/benchfb" 2>&1 | quiet | tail -12 ;;
 bench)
   timeout 400 python3 cli.py bench deepseek-nsa fla-compat small-group --seqlens 8192 16384 32768 65536 \
     --out "$OUT/bench" 2>&1 | quiet | tail -22 ;;
