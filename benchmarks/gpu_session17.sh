@@ -10,7 +10,8 @@
 #   benchfb  forward + backward of three specs at 64k with the baselines
 #   bench    the forward benchmark of three specs at 8k-64k with the baselines
 #   bench64  the same at 64k only
-#   swa      benchmarks/cudnn_swa_probe.py at 64k: the window through cuDNN in chunks of C
+#   swa      benchmarks/cudnn_swa_probe.py at 64k: the window through cuDNN in chunks of C,
+#            forward and backward
 set -o pipefail
 source "$(dirname "$0")/device_env.sh"
 export NSA_GEN_LOG=ERROR
@@ -48,6 +49,6 @@ bench64)
   timeout 250 python3 cli.py bench deepseek-nsa fla-compat small-group --seqlens 65536 \
     --out "$OUT/bench" 2>&1 | quiet | tail -12 ;;
 swa)
-  timeout 150 python3 benchmarks/cudnn_swa_probe.py deepseek-nsa:64 deepseek-nsa:128 deepseek-nsa:256 \
-    small-group:128 --out "$OUT/swa" 2>&1 | quiet ;;
+  timeout 200 python3 benchmarks/cudnn_swa_probe.py deepseek-nsa:64 deepseek-nsa:128 deepseek-nsa:256 \
+    small-group:128 --backward --out "$OUT/swa" 2>&1 | quiet ;;
 esac; done
