@@ -7,6 +7,7 @@
 #   tune     compression_fwd studies (4 trials, CUDNN = 1 among them) at 8k-64k, four specs,
 #            into tuning_db (returned as $OUT/db.tar.gz)
 #   tunebwd  the same for compression_bwd (3 trials)
+#            (both tune steps take their lengths from $SEQLENS, default 8k,16k,32k,64k)
 #   benchfb  forward + backward of three specs at 64k with the baselines
 #   bench    the forward benchmark of three specs at 8k-64k with the baselines
 #   bench64  the same at 64k only
@@ -15,6 +16,7 @@
 set -o pipefail
 source "$(dirname "$0")/device_env.sh"
 export NSA_GEN_LOG=ERROR
+SEQLENS=${SEQLENS:-8k,16k,32k,64k}
 gpu_info
 for step in "$@"; do case $step in
 probe)
@@ -29,13 +31,13 @@ verify)
   echo "pass $(grep -c '| pass' "$OUT/verify.txt")"; grep "^| [a-z]" "$OUT/verify.txt" | grep -v "| pass\|| spec" | head ;;
 tune)
   for S in deepseek-nsa small-group fla-compat mqa; do
-    timeout 140 python3 cli.py tune $S --kernels compression_fwd --seqlens 8k,16k,32k,64k \
+    timeout 140 python3 cli.py tune $S --kernels compression_fwd --seqlens "$SEQLENS" \
       --trials 4 --try CUDNN=1 --db tuning_db --jobs 8 --timeout 60 --no-progress 2>&1 | quiet | tail -6
   done
   tar -czf "$OUT/db.tar.gz" --exclude='.*.lock' tuning_db ;;
 tunebwd)
   for S in deepseek-nsa small-group fla-compat mqa; do
-    timeout 170 python3 cli.py tune $S --kernels compression_bwd --seqlens 8k,16k,32k,64k \
+    timeout 170 python3 cli.py tune $S --kernels compression_bwd --seqlens "$SEQLENS" \
       --trials 3 --try CUDNN=1 --db tuning_db --jobs 8 --timeout 90 --no-progress 2>&1 | quiet | tail -6
   done
   tar -czf "$OUT/db.tar.gz" --exclude='.*.lock' tuning_db ;;
