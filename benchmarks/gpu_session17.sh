@@ -17,6 +17,15 @@ set -o pipefail
 source "$(dirname "$0")/device_env.sh"
 export NSA_GEN_LOG=ERROR
 SEQLENS=${SEQLENS:-8k,16k,32k,64k}
+# tune_cudnn KERNEL TRIALS TIMEOUT TRIAL_TIMEOUT: studies with CUDNN = 1 tried, four specs,
+# into tuning_db, returned as $OUT/db.tar.gz
+tune_cudnn() {
+  for S in deepseek-nsa small-group fla-compat mqa; do
+    timeout "$3" python3 cli.py tune $S --kernels "$1" --seqlens "$SEQLENS" --trials "$2" \
+      --try CUDNN=1 --db tuning_db --jobs 8 --timeout "$4" --no-progress 2>&1 | quiet | tail -6
+  done
+  tar -czf "$OUT/db.tar.gz" --exclude='.*.lock' tuning_db
+}
 gpu_info
 for step in "$@"; do case $step in
 probe)
@@ -30,17 +39,9 @@ verify)
     --kernels compression_fwd compression_bwd nsa --dtype bfloat16 2>&1 | quiet > "$OUT/verify.txt"
   echo "pass $(grep -c '| pass' "$OUT/verify.txt")"; grep "^| [a-z]" "$OUT/verify.txt" | grep -v "| pass\|| spec" | head ;;
 tune)
-  for S in deepseek-nsa small-group fla-compat mqa; do
-    timeout 140 python3 cli.py tune $S --kernels compression_fwd --seqlens "$SEQLENS" \
-      --trials 4 --try CUDNN=1 --db tuning_db --jobs 8 --timeout 60 --no-progress 2>&1 | quiet | tail -6
-  done
-  tar -czf "$OUT/db.tar.gz" --exclude='.*.lock' tuning_db ;;
+  tune_cudnn compression_fwd 4 140 60 ;;
 tunebwd)
-  for S in deepseek-nsa small-group fla-compat mqa; do
-    timeout 170 python3 cli.py tune $S --kernels compression_bwd --seqlens "$SEQLENS" \
-      --trials 3 --try CUDNN=1 --db tuning_db --jobs 8 --timeout 90 --no-progress 2>&1 | quiet | tail -6
-  done
-  tar -czf "$OUT/db.tar.gz" --exclude='.*.lock' tuning_db ;;
+  tune_cudnn compression_bwd 3 170 90 ;;
 benchfb)
   timeout 400 python3 cli.py bench deepseek-nsa fla-compat small-group --seqlens 65536 --backward \
     --out "$OUT/benchfb" 2>&1 | quiet | tail -12 ;;

@@ -34,6 +34,14 @@ def shrink(name: str, **changes):
     return load_spec(name).replace(**changes)
 
 
+def cudnn_config(stem: str, spec, T: int):
+    """The default config of compression_fwd or compression_bwd at T with its CUDNN = 1
+    variant on, in canonical form (the form the tuner tries and the DB would hold)."""
+    from nsa_gen.kernels import kernel_def
+    kd = kernel_def(stem)
+    return kd.canonical(kd.default(spec, T).replace(CUDNN=1))
+
+
 # Kernel tests run on the CPU interpreter unless TRITON_INTERPRET=0 is given on a GPU machine,
 # where bf16 (garbage in the interpreter's tl.dot) is added.
 def _device() -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPES, TOL, rel_err
+from conftest import DEVICE, DTYPES, TOL, cudnn_config, rel_err
 from nsa_gen.config import Config
 from nsa_gen.kernels import kernel_def
 from nsa_gen.naive import naive_compress, naive_compressed_attention
@@ -282,11 +282,6 @@ def test_compression_fwd_rejects_bad_shapes():
 
 # ---------------------------------------------------- compression_fwd as batched causal attention
 
-def cudnn_config(spec, T):
-    kd = kernel_def("compression_fwd")
-    return kd.canonical(kd.default(spec, T).replace(CUDNN=1))
-
-
 @pytest.mark.parametrize("l,d,T", [(8, 4, 77), (8, 4, 79), (16, 16, 77), (4, 1, 40), (32, 8, 70),
                                    (8, 4, 9), (8, 8, 8)])
 @pytest.mark.parametrize("G", [1, 4, 16])
@@ -309,7 +304,7 @@ def test_compression_fwd_cudnn(G, l, d, T, monkeypatch):  # noqa: E741
     q, k, v = rand_qkv(spec, B, T, dtype, seed=T + G)
     k_cmp, v_cmp = naive_compress(k, l, d).to(dtype), naive_compress(v, l, d).to(dtype)
     out = poisoned(spec, B, T, dtype)
-    o, lse = compression_fwd(q, k_cmp, v_cmp, spec, config=cudnn_config(spec, T), out=out)
+    o, lse = compression_fwd(q, k_cmp, v_cmp, spec, config=cudnn_config("compression_fwd", spec, T), out=out)
     ncf, tail = (T - l + 1) // d, (T - l + 1) % d
     per_seq = ([((d, spec.HQ, ncf, spec.DK), True)] if ncf else []) + \
         ([((1, spec.HQ, tail, spec.DK), False)] if tail else [])
@@ -326,7 +321,7 @@ def test_compression_fwd_cudnn_falls_back(caplog):
     q, k, v = rand_qkv(spec, 1, 113, torch.float32, seed=5)
     k_cmp, cu_cmp = compress_mean(k, spec, cu_seqlens=cu_t)
     v_cmp, _ = compress_mean(v, spec, cu_seqlens=cu_t)
-    cfg = cudnn_config(spec, 113)
+    cfg = cudnn_config("compression_fwd", spec, 113)
     common._FALLBACKS_WARNED.discard(("compression_fwd", "CUDNN=1 runs without cu_seqlens"))
     with caplog.at_level("WARNING", logger="nsa_gen"):
         got = compression_fwd(q, k_cmp, v_cmp, spec, cfg, cu_seqlens=cu_t)
@@ -343,11 +338,11 @@ def test_compression_fwd_case_times_the_pieces():
     from nsa_gen.ops.common import RowPieces
     spec = make_spec(4, H=2)
     case = make_case("compression_fwd", spec, 77, dtype=torch.float32, device=DEVICE, seed=3)
-    out = case.run(cudnn_config(spec, 77))
+    out = case.run(cudnn_config("compression_fwd", spec, 77))
     assert isinstance(out[0], RowPieces) and case.rel_error(out) < 1e-5
     bad = RowPieces(out[0].main, torch.zeros_like(out[0].tail), out[0].r0, out[0].r1, out[0].T)
     assert case.rel_error((bad, out[1])) > 1e-3
-    assert case.rel_error(case.run(cudnn_config(spec, 77).replace(CUDNN=0))) < 1e-5
+    assert case.rel_error(case.run(cudnn_config("compression_fwd", spec, 77).replace(CUDNN=0))) < 1e-5
 
 
 @pytest.mark.parametrize("pieces", [False, True])
@@ -364,7 +359,7 @@ def test_compression_fwd_cudnn_error_falls_back(pieces, monkeypatch, caplog):
     spec = make_spec(4, H=2)
     q, k, v = rand_qkv(spec, 1, 77, torch.float32, seed=9)
     k_cmp, v_cmp = naive_compress(k, spec.l, spec.d), naive_compress(v, spec.l, spec.d)
-    cfg = cudnn_config(spec, 77)
+    cfg = cudnn_config("compression_fwd", spec, 77)
     with caplog.at_level("WARNING", logger="nsa_gen"):
         got = compression_fwd(q, k_cmp, v_cmp, spec, cfg, pieces=pieces)
     assert any("cuDNN attention failed" in r.getMessage() for r in caplog.records)

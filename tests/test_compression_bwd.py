@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPES, TOL, rand_inputs, rel_err
+from conftest import DEVICE, DTYPES, TOL, cudnn_config, rand_inputs, rel_err
 from conftest import check_grads as check_grads_of
 from nsa_gen.config import Config
 from nsa_gen.kernels import kernel_def
@@ -239,11 +239,6 @@ def test_one_split_stores_directly(dtype, monkeypatch, poison):
 
 # ------------------------------------------- compression_bwd as batched causal attention (CUDNN)
 
-def cudnn_bwd_config(spec, T):
-    kd = kernel_def("compression_bwd")
-    return kd.canonical(kd.default(spec, T).replace(CUDNN=1))
-
-
 @pytest.mark.parametrize("l,d,T", [(8, 4, 77), (8, 4, 79), (16, 16, 77), (4, 1, 40), (32, 8, 70),
                                    (8, 4, 9), (8, 8, 8)])
 @pytest.mark.parametrize("G", [1, 4, 16])
@@ -265,7 +260,7 @@ def test_compression_bwd_cudnn(G, l, d, T, monkeypatch, poison):  # noqa: E741
     dtype = torch.float16 if DEVICE == "cuda" else torch.float32
     B = 2
     q, k, v, do = rand_inputs(spec, B, T, dtype, seed=T + G)
-    o, lse, *grads = run_function(spec, q, k, v, do, cudnn_bwd_config(spec, T))
+    o, lse, *grads = run_function(spec, q, k, v, do, cudnn_config("compression_bwd", spec, T))
     ncf, tail = (T - l + 1) // d, (T - l + 1) % d
     NC = (T - l) // d + 1
     per_seq = ([((d, spec.HQ, ncf, spec.DK), (d, spec.H, ncf, spec.DK), True)] if ncf else []) + \
@@ -282,7 +277,7 @@ def test_compression_bwd_cudnn_matches_kernels():
     q, k, v, do = rand_inputs(spec, 2, 61, torch.float32, seed=11)
     k_cmp, v_cmp = naive_compress(k, spec.l, spec.d), naive_compress(v, spec.l, spec.d)
     o, lse = ref_grads(spec, q, k, v, do)[0], ref_lse(spec, q, k_cmp)
-    cfg = cudnn_bwd_config(spec, 61)
+    cfg = cudnn_config("compression_bwd", spec, 61)
     got = compression_bwd(q, k_cmp, v_cmp, o, lse, do, spec, cfg)
     want = compression_bwd(q, k_cmp, v_cmp, o, lse, do, spec, cfg.replace(CUDNN=0))
     for name, a, b in zip(("dq", "dk_cmp", "dv_cmp"), got, want):
@@ -310,7 +305,7 @@ def test_compression_bwd_cudnn_falls_back(why, monkeypatch, caplog):
             raise RuntimeError("cuDNN: no engine for this graph")
         monkeypatch.setattr(compression, "_attend_bwd", refuse)
     q, k, v, do = rand_inputs(spec, 1, 113, torch.float32, seed=5)
-    cfg = cudnn_bwd_config(spec, 113)
+    cfg = cudnn_config("compression_bwd", spec, 113)
     with caplog.at_level("WARNING", logger="nsa_gen"):
         got = run_function(spec, q, k, v, do, cfg, cu)
     assert any(message in r.getMessage() for r in caplog.records)
@@ -325,7 +320,7 @@ def test_compression_bwd_case_runs_cudnn(monkeypatch):
     from nsa_gen.ops import compression
     spec = make_spec(4, H=2)
     case = make_case("compression_bwd", spec, 77, dtype=torch.float32, device=DEVICE, seed=3)
-    cfg = cudnn_bwd_config(spec, 77)
+    cfg = cudnn_config("compression_bwd", spec, 77)
     assert case.rel_error(case.run(cfg)) < 1e-5
     real = compression._attend_bwd
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import rel_err as rel
-from conftest import shrink
+from conftest import cudnn_config, shrink
 from nsa_gen import naive
 from nsa_gen.api import NativeSparseAttention, nsa, reference_nsa
 
@@ -212,7 +212,7 @@ class _Pinned:
         from nsa_gen.kernels import kernel_def
         kd = kernel_def(stem)
         if self.cudnn.get(stem):
-            return kd.canonical(kd.default(spec, T).replace(CUDNN=1))
+            return cudnn_config(stem, spec, T)
         return self.slc if stem == "selection_fwd" and self.slc else kd.default(spec, T)
 
 
