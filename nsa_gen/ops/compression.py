@@ -257,13 +257,21 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cau
         out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal,
                                                                  False, scale=scale)
         return out[0], out[1].reshape(q.shape[:3])
+    s, _, vf = _cpu_scores(q, k, v, scale, causal)
+    lse = torch.logsumexp(s, -1)
+    o = torch.exp(s - lse[..., None]) @ vf
+    return o.to(q.dtype), lse
+
+
+def _cpu_scores(q, k, v, scale: float, causal: bool) -> tuple:
+    """The CPU stand-in's fp32 scores [N, HQ, Tq, Tk] (-inf above the diagonal when causal),
+    with k and v in fp32 repeated to the query heads, for `_attend` and `_attend_bwd`."""
     G = q.shape[1] // k.shape[1]
-    s = q.float() @ k.float().repeat_interleave(G, 1).transpose(-1, -2) * scale
+    kf, vf = k.float().repeat_interleave(G, 1), v.float().repeat_interleave(G, 1)
+    s = q.float() @ kf.transpose(-1, -2) * scale
     if causal:
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    o = torch.exp(s - lse[..., None]) @ v.float().repeat_interleave(G, 1)
-    return o.to(q.dtype), lse
+    return s, kf, vf
 
 
 def _attend_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
@@ -279,13 +287,10 @@ def _attend_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tens
         return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             do, q, k, v, o, lse.unsqueeze(-1).contiguous(), seed, seed, None, None, None,
             q.shape[2], k.shape[2], 0.0, causal, scale=scale)
-    N, HQ, Tq = q.shape[:3]
-    H = k.shape[1]
-    G = HQ // H
-    qf, kf, vf = q.float(), k.float().repeat_interleave(G, 1), v.float().repeat_interleave(G, 1)
-    s = qf @ kf.transpose(-1, -2) * scale
-    if causal:
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    N, H = q.shape[0], k.shape[1]
+    G = q.shape[1] // H
+    s, kf, vf = _cpu_scores(q, k, v, scale, causal)
+    qf = q.float()
     p = torch.exp(s - lse[..., None])
     dof = do.float()
     ds = p * (dof @ vf.transpose(-1, -2) - (dof * o.float()).sum(-1, keepdim=True))
