@@ -7,7 +7,8 @@
 #   tune     compression_fwd studies (4 trials, CUDNN = 1 among them) at 8k-64k, four specs,
 #            into tuning_db (returned as $OUT/db.tar.gz)
 #   tunebwd  the same for compression_bwd (3 trials)
-#            (both tune steps take their lengths from $SEQLENS, default 8k,16k,32k,64k)
+#            (both tune steps take their lengths from $SEQLENS, default 8k,16k,32k,64k, and
+#            their specs from $SPECS, default deepseek-nsa small-group fla-compat mqa)
 #   benchfb  forward + backward of three specs at 64k with the baselines
 #   bench    the forward benchmark of three specs at 8k-64k with the baselines
 #   bench64  the same at 64k only
@@ -17,14 +18,16 @@ set -o pipefail
 source "$(dirname "$0")/device_env.sh"
 export NSA_GEN_LOG=ERROR
 SEQLENS=${SEQLENS:-8k,16k,32k,64k}
-# tune_cudnn KERNEL TRIALS TIMEOUT TRIAL_TIMEOUT: studies with CUDNN = 1 tried, four specs,
-# into tuning_db, returned as $OUT/db.tar.gz
+SPECS=${SPECS:-deepseek-nsa small-group fla-compat mqa}
+# tune_cudnn KERNEL TRIALS TIMEOUT TRIAL_TIMEOUT: studies with CUDNN = 1 tried, for each of
+# $SPECS, into tuning_db, returned as $OUT/db.tar.gz (rewritten after each spec, so a call cut
+# short still returns what finished)
 tune_cudnn() {
-  for S in deepseek-nsa small-group fla-compat mqa; do
+  for S in $SPECS; do
     timeout "$3" python3 cli.py tune $S --kernels "$1" --seqlens "$SEQLENS" --trials "$2" \
       --try CUDNN=1 --db tuning_db --jobs 8 --timeout "$4" --no-progress 2>&1 | quiet | tail -6
+    tar -czf "$OUT/db.tar.gz" --exclude='.*.lock' tuning_db
   done
-  tar -czf "$OUT/db.tar.gz" --exclude='.*.lock' tuning_db
 }
 gpu_info
 for step in "$@"; do case $step in
