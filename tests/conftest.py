@@ -52,6 +52,9 @@ def _device() -> str:
 DEVICE = _device()
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+# The CUDNN variants' test dtype: cuDNN attention takes 16-bit inputs only (fp32 on a GPU falls
+# back to the kernels), and the interpreter's stand-in is fp32 math.
+CUDNN_DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
 
 
 def rel_err(x, ref) -> float:

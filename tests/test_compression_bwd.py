@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPES, TOL, cudnn_config, rand_inputs, rel_err
+from conftest import CUDNN_DTYPE, DEVICE, DTYPES, TOL, cudnn_config, rand_inputs, rel_err
 from conftest import check_grads as check_grads_of
 from nsa_gen.config import Config
 from nsa_gen.kernels import kernel_def
@@ -256,8 +256,9 @@ def test_compression_bwd_cudnn(G, l, d, T, monkeypatch, poison):  # noqa: E741
         return attend_bwd(q, k, v, o, lse, do, scale, causal)
     attend_bwd = compression._attend_bwd
     monkeypatch.setattr(compression, "_attend_bwd", counted)
+    monkeypatch.setattr(compression, "_CUDNN_REFUSED", set())  # one refusal fails one case
     spec = make_spec(G, H=2 if G < 16 else 1, l=l, d=d)
-    dtype = torch.float16 if DEVICE == "cuda" else torch.float32
+    dtype = CUDNN_DTYPE
     B = 2
     q, k, v, do = rand_inputs(spec, B, T, dtype, seed=T + G)
     o, lse, *grads = run_function(spec, q, k, v, do, cudnn_config("compression_bwd", spec, T))
@@ -271,17 +272,19 @@ def test_compression_bwd_cudnn(G, l, d, T, monkeypatch, poison):  # noqa: E741
 
 
 def test_compression_bwd_cudnn_matches_kernels():
-    """The residue form's gradients equal the generated kernels' to fp32 rounding, from the
-    same forward outputs (compression_bwd called directly)."""
+    """The residue form's gradients equal the generated kernels' to rounding (fp32's in the
+    interpreter, fp16's on a GPU), from the same forward outputs (compression_bwd called
+    directly)."""
     spec = make_spec(4, H=2)
-    q, k, v, do = rand_inputs(spec, 2, 61, torch.float32, seed=11)
+    dtype = CUDNN_DTYPE
+    q, k, v, do = rand_inputs(spec, 2, 61, dtype, seed=11)
     k_cmp, v_cmp = naive_compress(k, spec.l, spec.d), naive_compress(v, spec.l, spec.d)
-    o, lse = ref_grads(spec, q, k, v, do)[0], ref_lse(spec, q, k_cmp)
+    o, lse = ref_grads(spec, q, k, v, do)[0].to(dtype), ref_lse(spec, q, k_cmp)
     cfg = cudnn_config("compression_bwd", spec, 61)
     got = compression_bwd(q, k_cmp, v_cmp, o, lse, do, spec, cfg)
     want = compression_bwd(q, k_cmp, v_cmp, o, lse, do, spec, cfg.replace(CUDNN=0))
     for name, a, b in zip(("dq", "dk_cmp", "dv_cmp"), got, want):
-        assert rel_err(a, b) < 1e-5, name
+        assert rel_err(a, b) < (1e-5 if dtype == torch.float32 else 5e-3), name
 
 
 @pytest.mark.parametrize("why", ["packed", "deterministic", "error"])
@@ -304,7 +307,7 @@ def test_compression_bwd_cudnn_falls_back(why, monkeypatch, caplog):
         def refuse(*a, **kw):
             raise RuntimeError("cuDNN: no engine for this graph")
         monkeypatch.setattr(compression, "_attend_bwd", refuse)
-    q, k, v, do = rand_inputs(spec, 1, 113, torch.float32, seed=5)
+    q, k, v, do = rand_inputs(spec, 1, 113, CUDNN_DTYPE, seed=5)
     cfg = cudnn_config("compression_bwd", spec, 113)
     with caplog.at_level("WARNING", logger="nsa_gen"):
         got = run_function(spec, q, k, v, do, cfg, cu)
@@ -318,14 +321,15 @@ def test_compression_bwd_case_runs_cudnn(monkeypatch):
     form and checks it against the reference; wrong gradients fail it."""
     from nsa_gen.harness import make_case
     from nsa_gen.ops import compression
+    monkeypatch.setattr(compression, "_CUDNN_REFUSED", set())
     spec = make_spec(4, H=2)
-    case = make_case("compression_bwd", spec, 77, dtype=torch.float32, device=DEVICE, seed=3)
+    case = make_case("compression_bwd", spec, 77, dtype=CUDNN_DTYPE, device=DEVICE, seed=3)
     cfg = cudnn_config("compression_bwd", spec, 77)
-    assert case.rel_error(case.run(cfg)) < 1e-5
+    assert case.rel_error(case.run(cfg)) < TOL[CUDNN_DTYPE] / 2
     real = compression._attend_bwd
 
     def off(*a, **kw):
         dq, dk, dv = real(*a, **kw)
-        return dq, dk, dv * 1.01
+        return dq, dk, dv * 1.1
     monkeypatch.setattr(compression, "_attend_bwd", off)
-    assert case.rel_error(case.run(cfg)) > 1e-3
+    assert case.rel_error(case.run(cfg)) > TOL[CUDNN_DTYPE]

@@ -257,20 +257,21 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cau
         out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal,
                                                                  False, scale=scale)
         return out[0], out[1].reshape(q.shape[:3])
-    s, _, vf = _cpu_scores(q, k, v, scale, causal)
+    s, _, vf = _fp32_scores(q, k, v, scale, causal)
     lse = torch.logsumexp(s, -1)
     o = torch.exp(s - lse[..., None]) @ vf
     return o.to(q.dtype), lse
 
 
-def _cpu_scores(q, k, v, scale: float, causal: bool) -> tuple:
-    """The CPU stand-in's fp32 scores [N, HQ, Tq, Tk] (-inf above the diagonal when causal),
+def _fp32_scores(q, k, v, scale: float, causal: bool) -> tuple:
+    """The math stand-in's fp32 scores [N, HQ, Tq, Tk] (-inf above the diagonal when causal),
     with k and v in fp32 repeated to the query heads, for `_attend` and `_attend_bwd`."""
     G = q.shape[1] // k.shape[1]
     kf, vf = k.float().repeat_interleave(G, 1), v.float().repeat_interleave(G, 1)
     s = q.float() @ kf.transpose(-1, -2) * scale
     if causal:
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1),
+                          float("-inf"))
     return s, kf, vf
 
 
@@ -280,16 +281,17 @@ def _attend_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tens
     """Gradients of `_attend`: q, k, v as there, o and do [N, HQ, Tq, DV] (the same strides,
     unit last), lse [N, HQ, Tq] (fp32, natural log) -> (dq [N, HQ, Tq, DK] with q's strides,
     dk [N, H, Tk, DK], dv [N, H, Tk, DV]), in q's dtype. torch's cuDNN attention backward on
-    CUDA (it takes the log-sum-exp as its forward returns it, [N, HQ, Tq, 1]); elsewhere the
-    same math in fp32."""
-    if q.is_cuda:
+    CUDA (it takes the log-sum-exp as its forward returns it, [N, HQ, Tq, 1]); elsewhere, and
+    for one query over one key (cuDNN's backward refuses Tq = Tk = 1: "s_q = s_kv = 1 is not
+    supported", cuDNN 9.19), the same math in fp32."""
+    if q.is_cuda and (q.shape[2], k.shape[2]) != (1, 1):
         seed = torch.zeros((), dtype=torch.int64, device=q.device)  # unread: no dropout
         return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             do, q, k, v, o, lse.unsqueeze(-1).contiguous(), seed, seed, None, None, None,
             q.shape[2], k.shape[2], 0.0, causal, scale=scale)
     N, H = q.shape[0], k.shape[1]
     G = q.shape[1] // H
-    s, kf, vf = _cpu_scores(q, k, v, scale, causal)
+    s, kf, vf = _fp32_scores(q, k, v, scale, causal)
     qf = q.float()
     p = torch.exp(s - lse[..., None])
     dof = do.float()
