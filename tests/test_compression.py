@@ -362,7 +362,7 @@ def test_compression_fwd_cudnn_error_falls_back(pieces, monkeypatch, caplog):
     common._FALLBACKS_WARNED.discard(("compression_fwd", "cuDNN attention failed"))
     spec = make_spec(4, H=2)
     q, k, v = rand_qkv(spec, 1, 77, CUDNN_DTYPE, seed=9)
-    k_cmp, v_cmp = naive_compress(k, spec.l, spec.d), naive_compress(v, spec.l, spec.d)
+    k_cmp, v_cmp = (naive_compress(x, spec.l, spec.d).to(CUDNN_DTYPE) for x in (k, v))
     cfg = cudnn_config("compression_fwd", spec, 77)
     with caplog.at_level("WARNING", logger="nsa_gen"):
         got = compression_fwd(q, k_cmp, v_cmp, spec, cfg, pieces=pieces)

@@ -278,7 +278,7 @@ def test_compression_bwd_cudnn_matches_kernels():
     spec = make_spec(4, H=2)
     dtype = CUDNN_DTYPE
     q, k, v, do = rand_inputs(spec, 2, 61, dtype, seed=11)
-    k_cmp, v_cmp = naive_compress(k, spec.l, spec.d), naive_compress(v, spec.l, spec.d)
+    k_cmp, v_cmp = (naive_compress(x, spec.l, spec.d).to(dtype) for x in (k, v))
     o, lse = ref_grads(spec, q, k, v, do)[0].to(dtype), ref_lse(spec, q, k_cmp)
     cfg = cudnn_config("compression_bwd", spec, 61)
     got = compression_bwd(q, k_cmp, v_cmp, o, lse, do, spec, cfg)
