@@ -16,7 +16,7 @@
 #            forward and backward
 set -o pipefail
 source "$(dirname "$0")/device_env.sh"
-export NSA_GEN_LOG=ERROR
+export NSA_GEN_LOG=${NSA_GEN_LOG:-ERROR}
 SEQLENS=${SEQLENS:-8k,16k,32k,64k}
 SPECS=${SPECS:-deepseek-nsa small-group fla-compat mqa}
 # tune_cudnn KERNEL TRIALS TIMEOUT TRIAL_TIMEOUT: studies with CUDNN = 1 tried, for each of

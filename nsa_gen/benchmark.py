@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .ops.common import FALLBACK_COUNTS
 from .spec import BRANCHES, NSASpec, load_spec
 
 
@@ -113,6 +114,7 @@ def bench_spec(spec: NSASpec, seqlens: list[int], *, dtype=torch.bfloat16, backw
         cfg = api._configs(spec, T, B, None)
         row["configs"] = {s: str(cfg(s)) for s in ("compress_mean", "compression_fwd", "topn",
                                                    "selection_fwd", "window_fwd", "gate_fwd")}
+        fell_before = FALLBACK_COUNTS.copy()
 
         def total():
             return api.nsa(q, k, v, gates["cmp"], gates["slc"], gates["swa"], spec=spec)
@@ -163,6 +165,12 @@ def bench_spec(spec: NSASpec, seqlens: list[int], *, dtype=torch.bfloat16, backw
             except Exception as e:  # keep the forward numbers and the baselines
                 row["nsa_gen_fb_error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 log(f"{spec.name} T={T}: backward failed: {row['nsa_gen_fb_error']}")
+
+        # A launch that fell back did not run the config `configs` names: say so beside it.
+        fell = FALLBACK_COUNTS - fell_before
+        if fell:
+            row["fallbacks"] = {f"{stem}: {why}": n for (stem, why), n in sorted(fell.items())}
+            log(f"{spec.name} T={T}: launches that fell back: {row['fallbacks']}")
 
         fl = {b: flops(spec, T, b) for b in ("cmp", "topn", "slc", "swa", "full")}
         real = fl["cmp"] + (fl["topn"] + fl["slc"] if spec.has("slc") else 0) + (fl["swa"] if spec.has("swa") else 0)
@@ -381,6 +389,11 @@ def markdown(rows: list[dict]) -> str:
         out += (["", ""] if out else []) + ["Decode (one new token a sequence):", ""] + _table(dec, COLS_DECODE)
     if any("nsa_gen_fb" in r for r in rows):
         out += ["", "Forward + backward:", ""] + _table(rows, COLS_FB)
+    fell = [f"- {r['spec']} T={r['T']}: {what} ({n} launches)" for r in rows
+            for what, n in r.get("fallbacks", {}).items()]
+    if fell:
+        out += ["", "Launches that fell back from the config named (their times are the "
+                "fallback's):", ""] + fell
     return "\n".join(out)
 
 

@@ -30,6 +30,38 @@ def test_bench_spec_paths(monkeypatch, tmp_path):
     md = benchmark.markdown(rows)
     assert "Forward + backward:" in md and "| small-group | 40 |" in md
     assert benchmark.plot(rows, tmp_path / "p.png") in (True, False)
+    assert "fallbacks" not in r and "fell back" not in md
+
+
+def test_bench_reports_fallbacks(monkeypatch):
+    """A launch that falls back from the config the row names (here compression_fwd's CUDNN
+    variant, refused) is counted in the row and listed under the table: its time is the
+    fallback's, not the named config's."""
+    from nsa_gen import api
+    from nsa_gen.ops import compression
+    monkeypatch.setattr(benchmark, "_bench", lambda fn, **kw: (fn(), 1.0)[1])
+    monkeypatch.setattr(compression, "_CUDNN_REFUSED", set())
+
+    def refuse(*a, **kw):
+        raise RuntimeError("cuDNN: no engine for this graph")
+    monkeypatch.setattr(compression, "_attend", refuse)
+    configs = api._configs
+
+    def with_cudnn(spec, T, B, dispatcher):
+        cfg = configs(spec, T, B, dispatcher)
+        return lambda stem: cfg(stem).replace(CUDNN=1) if stem == "compression_fwd" else cfg(stem)
+    monkeypatch.setattr(api, "_configs", with_cudnn)
+    spec = shrink("fla-compat", heads={"q": 4, "kv": 2}, head_dim={"k": 32, "v": 16},
+                  compression={"block": 16, "stride": 16},
+                  selection={"block": 16, "top_n": 2, "initial_blocks": 1, "local_blocks": 1})
+    rows = benchmark.bench_spec(spec, [48], dtype=torch.float32, device="cpu", baselines=False,
+                                log=lambda s: None)
+    fell = rows[0]["fallbacks"]
+    assert "CUDNN=1" in rows[0]["configs"]["compression_fwd"]
+    # every compression_fwd launch of the row: nsa() twice (warm-up, memory), the branch's
+    # output, its timed call (on a GPU the later ones skip cuDNN: "refused these inputs before")
+    assert sum(fell.values()) == 4 and "compression_fwd: cuDNN attention failed" in fell
+    assert "- fla-compat T=48: compression_fwd: cuDNN attention failed (" in benchmark.markdown(rows)
 
 
 def test_bench_decode_paths(monkeypatch):

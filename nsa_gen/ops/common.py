@@ -1,6 +1,7 @@
 """Checks and helpers shared by every launcher."""
 from __future__ import annotations
 
+import collections
 import logging
 from dataclasses import dataclass
 
@@ -91,12 +92,16 @@ def seq_end(cu_seqlens: torch.Tensor | None, T: int, device) -> torch.Tensor | N
 # (kernel, reason) pairs fall_back has warned about: once each per process, not on every
 # launch of a training loop.
 _FALLBACKS_WARNED: set[tuple[str, str]] = set()
+# Every fall_back, counted by (kernel, reason): the benchmark reports the launches that did
+# not run the config it names (the warning above comes once; this counts all).
+FALLBACK_COUNTS: collections.Counter[tuple[str, str]] = collections.Counter()
 
 
 def fall_back(stem: str, config, why: str, detail: str = "", **changes):
     """`config` with `changes`, for a launch its config cannot serve as it is (`why` says
     why, `detail` adds this launch's numbers); logs a warning the first time a kernel falls
-    back for that reason."""
+    back for that reason, and counts each time in FALLBACK_COUNTS."""
+    FALLBACK_COUNTS[(stem, why)] += 1
     if (stem, why) not in _FALLBACKS_WARNED:
         _FALLBACKS_WARNED.add((stem, why))
         logging.getLogger("nsa_gen").warning(

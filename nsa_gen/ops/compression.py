@@ -243,7 +243,7 @@ def _cudnn_config(stem: str, config: Config, q: torch.Tensor, spec: NSASpec, cu_
     if stem == "compression_bwd" and torch.are_deterministic_algorithms_enabled():
         return fall_back(stem, config, "deterministic algorithms requested", CUDNN=0)
     if q.is_cuda and _cudnn_key(stem, q, spec) in _CUDNN_REFUSED:
-        return config.replace(CUDNN=0)
+        return fall_back(stem, config, "cuDNN attention refused these inputs before", CUDNN=0)
     return config
 
 
