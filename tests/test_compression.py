@@ -349,6 +349,35 @@ def test_compression_fwd_case_times_the_pieces(monkeypatch):
     assert case.rel_error(case.run(cudnn_config("compression_fwd", spec, 77).replace(CUDNN=0))) < bound
 
 
+def test_compression_fwd_cudnn_refusal_is_per_shape(monkeypatch):
+    """A cuDNN refusal is remembered for those inputs' shape only: the same T then runs the
+    kernel without trying cuDNN again, another T still tries it."""
+    from nsa_gen.ops import compression
+    monkeypatch.setattr(compression, "_CUDNN_REFUSED", set())
+    attend, tried = compression._attend, []
+
+    def refuse_at_77(q, *a, **kw):
+        tried.append(T)
+        if T == 77:
+            raise RuntimeError("cuDNN: no engine for this graph")
+        return attend(q, *a, **kw)
+    monkeypatch.setattr(compression, "_attend", refuse_at_77)
+    spec = make_spec(4, H=2)
+    # T = 77 tries cuDNN and is refused; again, it goes straight to the kernel; T = 113 tries
+    for T, tries in ((77, True), (77, False), (113, True)):
+        q, k, v = rand_qkv(spec, 1, T, CUDNN_DTYPE, seed=T)
+        k_cmp, v_cmp = (naive_compress(x, spec.l, spec.d).to(CUDNN_DTYPE) for x in (k, v))
+        cfg = cudnn_config("compression_fwd", spec, T)
+        tried.clear()
+        got = compression_fwd(q, k_cmp, v_cmp, spec, cfg)
+        assert bool(tried) == tries, T
+        want = compression_fwd(q, k_cmp, v_cmp, spec, cfg.replace(CUDNN=0))
+        if T == 77:  # the kernel's numbers, bit for bit
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+        else:
+            assert rel_err(got[0], want[0]) < TOL[CUDNN_DTYPE]
+
+
 @pytest.mark.parametrize("pieces", [False, True])
 def test_compression_fwd_cudnn_error_falls_back(pieces, monkeypatch, caplog):
     """An error from the attention call (cuDNN refusing a GPU or shape) runs the generated

@@ -212,18 +212,22 @@ def compression_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, s
     return o, lse
 
 
-# (stem, device, dtype, DK, DV) for which cuDNN attention raised: later launches of that
-# stem go to the kernel (cuDNN may take a shape forward and refuse it backward).
+# The launches (kernel, device, dtype, heads, head dims, B, T) for which cuDNN attention
+# raised: they go to the kernels from then on, without trying cuDNN again. Keyed by the
+# whole shape, because cuDNN refuses shapes, not head dims alone (9.19's backward refuses one
+# query over one key), and may take a shape forward and refuse it backward: one odd length
+# must not switch the variant off for every other.
 _CUDNN_REFUSED: set[tuple] = set()
 
 
 def _cudnn_key(stem: str, q: torch.Tensor, spec: NSASpec) -> tuple:
-    return (stem, q.device, q.dtype, spec.DK, spec.DV)
+    return (stem, q.device, q.dtype, spec.HQ, spec.H, spec.DK, spec.DV, *q.shape[:2])
 
 
 def _cudnn_refused(stem: str, config: Config, q: torch.Tensor, spec: NSASpec,
                    e: Exception) -> Config:
-    """cuDNN refused this GPU, shape or version: the kernel instead, now and from now on."""
+    """cuDNN refused this GPU, shape or version: the kernel instead, for these inputs now
+    and from now on."""
     _CUDNN_REFUSED.add(_cudnn_key(stem, q, spec))
     return fall_back(stem, config, "cuDNN attention failed", str(e)[:120], CUDNN=0)
 
@@ -242,7 +246,7 @@ def _cudnn_config(stem: str, config: Config, q: torch.Tensor, spec: NSASpec, cu_
                          CUDNN=0)
     if stem == "compression_bwd" and torch.are_deterministic_algorithms_enabled():
         return fall_back(stem, config, "deterministic algorithms requested", CUDNN=0)
-    if q.is_cuda and _cudnn_key(stem, q, spec) in _CUDNN_REFUSED:
+    if _cudnn_key(stem, q, spec) in _CUDNN_REFUSED:
         return fall_back(stem, config, "cuDNN attention refused these inputs before", CUDNN=0)
     return config
 
