@@ -14,6 +14,11 @@
 #   bench64  the same at 64k only
 #   swa      benchmarks/cudnn_swa_probe.py at 64k: the window through cuDNN in chunks of C,
 #            forward and backward
+#   fewin    benchmarks/cudnn_fe_window_probe.py at 64k: the window through cuDNN's own sliding
+#            window (the cuDNN frontend's graph API), forward and backward. Needs the frontend
+#            wheel in .whl: python3 -m pip download --no-deps --only-binary=:all:
+#            --python-version 3.12 --platform manylinux_2_28_x86_64 -d .whl
+#            nvidia-cudnn-frontend==1.32.0
 set -o pipefail
 source "$(dirname "$0")/device_env.sh"
 export NSA_GEN_LOG=${NSA_GEN_LOG:-ERROR}
@@ -57,4 +62,9 @@ bench64)
 swa)
   timeout 200 python3 benchmarks/cudnn_swa_probe.py deepseek-nsa:64 deepseek-nsa:128 deepseek-nsa:256 \
     small-group:128 --backward --out "$OUT/swa" 2>&1 | quiet ;;
+fewin)
+  if ls .whl/nvidia_cudnn_frontend-*.whl >/dev/null 2>&1; then
+    timeout 200 python3 benchmarks/cudnn_fe_window_probe.py deepseek-nsa small-group --backward \
+      --out "$OUT/fewin" 2>&1 | quiet
+  else echo "fewin: no nvidia-cudnn-frontend wheel in .whl"; fi ;;
 esac; done
