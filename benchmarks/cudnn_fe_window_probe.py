@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nsa_gen.benchmark import _bench  # noqa: E402
-from probe_main import probe_main  # noqa: E402
+from probe_main import probe_main, random_qkv  # noqa: E402
 
 BACKWARD = "--backward" in sys.argv
 if BACKWARD:
@@ -71,11 +71,8 @@ def probe(name: str, T: int) -> dict:
 
     spec = load_spec(name)
     row = {"spec": name, "T": T, "w": spec.w, "cudnn": cudnn.backend_version()}
-    torch.manual_seed(T)
     dev, dt = "cuda", torch.bfloat16
-    q = torch.randn(1, T, spec.HQ, spec.DK, device=dev, dtype=dt)
-    k = torch.randn(1, T, spec.H, spec.DK, device=dev, dtype=dt)
-    v = torch.randn(1, T, spec.H, spec.DV, device=dev, dtype=dt)
+    q, k, v = random_qkv(spec, T)
     cfg = _configs(spec, T, 1, None)("window_fwd")
     row["config"] = str(cfg)
     o_ref, lse_ref = window_fwd(q, k, v, spec, cfg)

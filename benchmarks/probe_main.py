@@ -40,6 +40,16 @@ def dispatched_case(name: str, stem: str, T: int, seed: int = 0):
     return spec, cfg, make_case(stem, spec, T, dtype=torch.bfloat16, device="cuda", seed=seed)
 
 
+def random_qkv(spec, T: int) -> tuple:
+    """Fresh bf16 inputs on the GPU, seeded by T: q [1, T, HQ, DK], k [1, T, H, DK],
+    v [1, T, H, DV]."""
+    import torch
+    torch.manual_seed(T)
+    kw = dict(device="cuda", dtype=torch.bfloat16)
+    return (torch.randn(1, T, spec.HQ, spec.DK, **kw), torch.randn(1, T, spec.H, spec.DK, **kw),
+            torch.randn(1, T, spec.H, spec.DV, **kw))
+
+
 def time_variant(row: dict, prefix: str, run: Callable[[], Sequence], want: Sequence) -> None:
     """Run and time `run` (a launch returning its outputs) into row[prefix + "_ms"], and
     compare its outputs with `want`: row["same"] (bit-identical) and row["max_abs_diff"].
