@@ -55,6 +55,9 @@ TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 # The CUDNN variants' test dtype: cuDNN attention takes 16-bit inputs only (fp32 on a GPU falls
 # back to the kernels), and the interpreter's stand-in is fp32 math.
 CUDNN_DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
+# A harness case of a CUDNN variant: the error it passes under, and the error a wrong output
+# must exceed (fp32 rounding in the interpreter; fp16's on a GPU).
+CUDNN_TOL, CUDNN_WRONG = (1e-5, 1e-3) if CUDNN_DTYPE == torch.float32 else (TOL[torch.float16] / 2, TOL[torch.float16])
 
 
 def rel_err(x, ref) -> float:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import CUDNN_DTYPE, DEVICE, DTYPES, TOL, cudnn_config, rand_inputs, rel_err
+from conftest import CUDNN_DTYPE, CUDNN_TOL, CUDNN_WRONG, DEVICE, DTYPES, TOL, cudnn_config, rand_inputs, rel_err
 from conftest import check_grads as check_grads_of
 from nsa_gen.config import Config
 from nsa_gen.kernels import kernel_def
@@ -325,11 +325,11 @@ def test_compression_bwd_case_runs_cudnn(monkeypatch):
     spec = make_spec(4, H=2)
     case = make_case("compression_bwd", spec, 77, dtype=CUDNN_DTYPE, device=DEVICE, seed=3)
     cfg = cudnn_config("compression_bwd", spec, 77)
-    assert case.rel_error(case.run(cfg)) < TOL[CUDNN_DTYPE] / 2
+    assert case.rel_error(case.run(cfg)) < CUDNN_TOL
     real = compression._attend_bwd
 
     def off(*a, **kw):
         dq, dk, dv = real(*a, **kw)
-        return dq, dk, dv * 1.1
+        return dq, dk, dv * (1.01 if CUDNN_DTYPE == torch.float32 else 1.1)  # past fp16 rounding
     monkeypatch.setattr(compression, "_attend_bwd", off)
-    assert case.rel_error(case.run(cfg)) > TOL[CUDNN_DTYPE]
+    assert case.rel_error(case.run(cfg)) > CUDNN_WRONG
