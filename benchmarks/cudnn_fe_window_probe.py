@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nsa_gen.benchmark import _bench  # noqa: E402
-from probe_main import probe_main, random_qkv  # noqa: E402
+from probe_main import max_diff, probe_main, random_qkv  # noqa: E402
 
 BACKWARD = "--backward" in sys.argv
 if BACKWARD:
@@ -55,10 +55,6 @@ def _graph(cudnn):
 def _band(cudnn, w: int) -> dict:
     """Query t sees keys t - w < s <= t: NSA's window."""
     return dict(diagonal_alignment=cudnn.diagonal_alignment.TOP_LEFT, left_bound=w, right_bound=0)
-
-
-def _max_diff(a, b) -> float:
-    return float((a.float() - b.float()).abs().max())
 
 
 def probe(name: str, T: int) -> dict:
@@ -96,8 +92,8 @@ def probe(name: str, T: int) -> dict:
             g.execute(pack, ws, handle=handle)
         fwd()
         torch.cuda.synchronize()
-        row["err_o"] = _max_diff(o, o_ref)
-        row["err_lse"] = _max_diff(stats[0, :, :, 0].t(), lse_ref[0])
+        row["err_o"] = max_diff(o, o_ref)
+        row["err_lse"] = max_diff(stats[0, :, :, 0].t(), lse_ref[0])
         row["cudnn_ms"] = _bench(fwd)
         row["workspace_MiB"] = g.get_workspace_size() / 2**20
         if BACKWARD:
@@ -139,7 +135,7 @@ def backward(row, spec, q, k, v, o, stats, o_ref, lse_ref, handle, cudnn) -> Non
     bwd()
     torch.cuda.synchronize()
     for n, a, b in zip(("dq", "dk", "dv"), got, want):
-        row[f"err_{n}"] = _max_diff(a, b)
+        row[f"err_{n}"] = max_diff(a, b)
         row[f"scale_{n}"] = float(b.float().abs().max())
     row["cudnn_bwd_ms"] = _bench(bwd)
 

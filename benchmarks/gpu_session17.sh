@@ -19,6 +19,8 @@
 #            wheel in .whl: python3 -m pip download --no-deps --only-binary=:all:
 #            --python-version 3.12 --platform manylinux_2_28_x86_64 -d .whl
 #            nvidia-cudnn-frontend==1.32.0
+#   flexwin  benchmarks/flex_window_probe.py at 64k: the window through torch's FlexAttention
+#            (block mask of the band), forward and backward
 set -o pipefail
 source "$(dirname "$0")/device_env.sh"
 export NSA_GEN_LOG=${NSA_GEN_LOG:-ERROR}
@@ -67,4 +69,7 @@ fewin)
     timeout 200 python3 benchmarks/cudnn_fe_window_probe.py deepseek-nsa small-group --backward \
       --out "$OUT/fewin" 2>&1 | quiet
   else echo "fewin: no nvidia-cudnn-frontend wheel in .whl"; fi ;;
+flexwin)
+  timeout 300 python3 benchmarks/flex_window_probe.py deepseek-nsa small-group --backward \
+    --out "$OUT/flexwin" 2>&1 | quiet ;;
 esac; done

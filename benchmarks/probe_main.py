@@ -50,6 +50,11 @@ def random_qkv(spec, T: int) -> tuple:
             torch.randn(1, T, spec.H, spec.DV, **kw))
 
 
+def max_diff(a, b) -> float:
+    """The largest absolute difference of two tensors, in fp32."""
+    return float((a.float() - b.float()).abs().max())
+
+
 def time_variant(row: dict, prefix: str, run: Callable[[], Sequence], want: Sequence) -> None:
     """Run and time `run` (a launch returning its outputs) into row[prefix + "_ms"], and
     compare its outputs with `want`: row["same"] (bit-identical) and row["max_abs_diff"].
