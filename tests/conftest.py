@@ -34,6 +34,28 @@ def shrink(name: str, **changes):
     return load_spec(name).replace(**changes)
 
 
+def cmp_spec(G: int, DK: int = 48, DV: int = 32, l: int = 8, d: int = 4, H: int = 1):  # noqa: E741
+    """The paper's spec scaled down for the compressed branch's tests; DK = 48 is cut into
+    32 + 16 tiles, DK != DV."""
+    from nsa_gen.spec import load_spec
+    return load_spec("deepseek-nsa").replace(
+        heads={"q": G * H, "kv": H}, head_dim={"k": DK, "v": DV},
+        compression={"block": l, "stride": d, "phi": "mean"},
+        selection={"block": max(16, l), "top_n": 4, "initial_blocks": 1, "local_blocks": 2},
+        window=16)
+
+
+def check_deterministic(spec, run_function, dtype):
+    """No float atomics: two runs of run_function(spec, q, k, v, do, cu=...) over two packed
+    sequences give bit-for-bit equal outputs and gradients."""
+    cu = [0, 41, 83]
+    q, k, v, do = rand_inputs(spec, 1, cu[-1], dtype, seed=7)
+    a = run_function(spec, q, k, v, do, cu=cu)
+    b = run_function(spec, q, k, v, do, cu=cu)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
 def cudnn_config(stem: str, spec, T: int):
     """The default config of compression_fwd or compression_bwd at T with its CUDNN = 1
     variant on, in canonical form (the form the tuner tries and the DB would hold)."""

@@ -10,21 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import CUDNN_DTYPE, CUDNN_TOL, CUDNN_WRONG, DEVICE, DTYPES, TOL, cudnn_config, rel_err
+from conftest import cmp_spec, CUDNN_DTYPE, CUDNN_TOL, CUDNN_WRONG, DEVICE, DTYPES, TOL, cudnn_config, rel_err
 from nsa_gen.config import Config
 from nsa_gen.kernels import kernel_def
 from nsa_gen.naive import naive_compress, naive_compressed_attention
 from nsa_gen.ops.compression import compress_mean, compression_fwd
-from nsa_gen.spec import load_spec
 
 
-def make_spec(G: int, DK: int = 48, DV: int = 32, l: int = 8, d: int = 4, H: int = 1):  # noqa: E741
-    """The paper's spec scaled down; DK = 48 is cut into 32 + 16 tiles, DK != DV."""
-    return load_spec("deepseek-nsa").replace(
-        heads={"q": G * H, "kv": H}, head_dim={"k": DK, "v": DV},
-        compression={"block": l, "stride": d, "phi": "mean"},
-        selection={"block": max(16, l), "top_n": 4, "initial_blocks": 1, "local_blocks": 2},
-        window=16)
+make_spec = cmp_spec
 
 
 def rand(shape, dtype, g):

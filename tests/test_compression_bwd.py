@@ -11,23 +11,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import CUDNN_DTYPE, CUDNN_TOL, CUDNN_WRONG, DEVICE, DTYPES, TOL, cudnn_config, rand_inputs, rel_err
+from conftest import check_deterministic, cmp_spec, CUDNN_DTYPE, CUDNN_TOL, CUDNN_WRONG, DEVICE, DTYPES, TOL, cudnn_config, rand_inputs, rel_err
 from conftest import check_grads as check_grads_of
 from nsa_gen.config import Config
 from nsa_gen.kernels import kernel_def
 from nsa_gen.naive import naive_compress, naive_compressed_attention
 from nsa_gen.ops.common import cmp_tile_table
 from nsa_gen.ops.compression import CompressionFunction, compress_mean, compression_bwd
-from nsa_gen.spec import load_spec
 
 
-def make_spec(G: int, DK: int = 48, DV: int = 32, l: int = 8, d: int = 4, H: int = 1):  # noqa: E741
-    """The paper's spec scaled down; DK = 48 is cut into 32 + 16 tiles, DK != DV."""
-    return load_spec("deepseek-nsa").replace(
-        heads={"q": G * H, "kv": H}, head_dim={"k": DK, "v": DV},
-        compression={"block": l, "stride": d, "phi": "mean"},
-        selection={"block": max(16, l), "top_n": 4, "initial_blocks": 1, "local_blocks": 2},
-        window=16)
+make_spec = cmp_spec
 
 
 def ref_grads(spec, q, k, v, do, cu: list[int] | None = None):
@@ -166,13 +159,7 @@ def test_cmp_tile_table():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_compression_bwd_deterministic(dtype):
     """No atomics: two runs give bit-for-bit equal gradients."""
-    spec = make_spec(4, H=2)
-    cu = [0, 41, 83]
-    q, k, v, do = rand_inputs(spec, 1, cu[-1], dtype, seed=7)
-    a = run_function(spec, q, k, v, do, cu=cu)
-    b = run_function(spec, q, k, v, do, cu=cu)
-    for x, y in zip(a, b):
-        assert torch.equal(x, y)
+    check_deterministic(make_spec(4, H=2), run_function, dtype)
 
 
 def test_compression_bwd_no_blocks(poison):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPES, check_grads, rand_inputs
+from conftest import check_deterministic, DEVICE, DTYPES, check_grads, rand_inputs
 from nsa_gen.config import Config
 from nsa_gen.kernels import kernel_def
 from nsa_gen.naive import naive_window
@@ -107,10 +107,4 @@ def test_window_bwd_varlen(G, dtype, poison):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_window_bwd_deterministic(dtype):
     """No atomics: two runs give bit-for-bit equal gradients."""
-    spec = make_spec(4, H=2, w=20)
-    cu = [0, 41, 83]
-    q, k, v, do = rand_inputs(spec, 1, cu[-1], dtype, seed=7)
-    a = run_function(spec, q, k, v, do, cu=cu)
-    b = run_function(spec, q, k, v, do, cu=cu)
-    for x, y in zip(a, b):
-        assert torch.equal(x, y)
+    check_deterministic(make_spec(4, H=2, w=20), run_function, dtype)
