@@ -54,7 +54,8 @@ def _graph(cudnn):
 
 def _band(cudnn, w: int) -> dict:
     """Query t sees keys t - w < s <= t: NSA's window."""
-    return dict(diagonal_alignment=cudnn.diagonal_alignment.TOP_LEFT, left_bound=w, right_bound=0)
+    return dict(diagonal_alignment=cudnn.diagonal_alignment.TOP_LEFT, diagonal_band_left_bound=w,
+                diagonal_band_right_bound=0)
 
 
 def probe(name: str, T: int) -> dict:
