@@ -21,6 +21,12 @@
 #            nvidia-cudnn-frontend==1.32.0
 #   flexwin  benchmarks/flex_window_probe.py at 64k: the window through torch's FlexAttention
 #            (block mask of the band), forward and backward
+#   wintest  the CUDNN tests of window_fwd and window_bwd on the GPU (cuDNN's band, fp16; needs
+#            the frontend wheel in .whl, as fewin)
+#   winverify  bf16 verification of window_fwd and window_bwd (each CUDNN = 1 variant a row of
+#            its own), deepseek-nsa and small-group, T = 4096
+#   wintune  window_fwd (3 trials) and window_bwd (3 trials) studies with CUDNN = 1 tried, at
+#            $SEQLENS for $SPECS, into tuning_db (returned as $OUT/db.tar.gz)
 set -o pipefail
 source "$(dirname "$0")/device_env.sh"
 export NSA_GEN_LOG=${NSA_GEN_LOG:-ERROR}
@@ -31,6 +37,7 @@ SPECS=${SPECS:-deepseek-nsa small-group fla-compat mqa}
 # short still returns what finished)
 tune_cudnn() {
   for S in $SPECS; do
+    [ -n "$NEED" ] && ! grep -q "$NEED" "nsa_gen/specs/$S.yaml" && continue
     timeout "$3" python3 cli.py tune $S --kernels "$1" --seqlens "$SEQLENS" --trials "$2" \
       --try CUDNN=1 --db tuning_db --jobs 8 --timeout "$4" --no-progress 2>&1 | quiet | tail -6
     tar -czf "$OUT/db.tar.gz" --exclude='.*.lock' tuning_db
@@ -72,4 +79,14 @@ fewin)
 flexwin)
   timeout 300 python3 benchmarks/flex_window_probe.py deepseek-nsa small-group --backward \
     --out "$OUT/flexwin" 2>&1 | quiet ;;
+wintest)
+  TRITON_INTERPRET=0 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_window.py \
+    tests/test_window_bwd.py -k cudnn 2>&1 | tail -4 ;;
+winverify)
+  timeout 200 python3 cli.py verify deepseek-nsa small-group -T 4096 --kernels window_fwd window_bwd \
+    --dtype bfloat16 2>&1 | quiet > "$OUT/winverify.txt"
+  echo "pass $(grep -c '| pass' "$OUT/winverify.txt")"; grep "^| [a-z]" "$OUT/winverify.txt" | grep -v "| pass\|| spec" | head ;;
+wintune)
+  NEED=swa tune_cudnn window_fwd 3 100 40
+  NEED=swa tune_cudnn window_bwd 3 140 60 ;;
 esac; done

@@ -390,12 +390,17 @@ def _swa_fwd_context(spec: NSASpec, cfg: Config) -> dict:
 
 
 def _swa_fwd_space(spec: NSASpec) -> dict[str, list]:
-    return _tile_space(spec, "BLOCK_N")
+    """CUDNN: 1 runs the branch as cuDNN's own sliding-window attention (the cuDNN
+    frontend's diagonal band, ops/window._band_fwd), not the generated kernel; the tile
+    params are then unread."""
+    return dict(_tile_space(spec, "BLOCK_N"), CUDNN=[0, 1])
 
 
 def _swa_fwd_default(spec: NSASpec, T: int) -> Config:
-    # A key tile wider than the window would be mostly masked.
-    return _tile_default(spec, T, "BLOCK_N", min(64, max(16, next_pow2(spec.w))), 2)
+    # A key tile wider than the window would be mostly masked. The generated kernel by
+    # default (every GPU and dtype, no optional dependency); the DB picks CUDNN.
+    block_n = min(64, max(16, next_pow2(spec.w)))
+    return _tile_default(spec, T, "BLOCK_N", block_n, 2).replace(CUDNN=0)
 
 
 def _swa_fwd_smem(spec: NSASpec, cfg: Config) -> int:
@@ -495,15 +500,19 @@ def _swa_bwd_context(spec: NSASpec, cfg: Config) -> dict:
 
 
 def _swa_bwd_space(spec: NSASpec) -> dict[str, list]:
-    return _bwd_space(spec, "BLOCK_N")
+    """CUDNN: 1 runs cuDNN's band backward (ops/window._band_bwd), not the generated
+    kernels; the tile params are then unread."""
+    return dict(_bwd_space(spec, "BLOCK_N"), CUDNN=[0, 1])
 
 
 def _swa_bwd_default(spec: NSASpec, T: int) -> Config:
     # dq: a key tile wider than the window would be mostly masked (as in the forward).
     # dk/dv: 32 keys a program beyond 256 dims (DK + DV): 12.0 vs 20.6 ms at deepseek-nsa.
+    # The generated kernels by default (deterministic, no optional dependency); the DB
+    # picks CUDNN.
     dkv = 32 if spec.DK + spec.DV > 256 else 64
     return _bwd_default(spec, T, "BLOCK_N", min(64, max(16, next_pow2(spec.w))),
-                        max(16, min(dkv, next_pow2(T))))
+                        max(16, min(dkv, next_pow2(T)))).replace(CUDNN=0)
 
 
 def _swa_bwd_smem(spec: NSASpec, cfg: Config) -> int:
@@ -693,7 +702,13 @@ KERNELS: dict[str, KernelDef] = {
                                                ("num_stages", 2)))),
     "window_fwd": KernelDef("window_fwd", "swa", _swa_fwd_context, _swa_fwd_default,
                             _swa_fwd_space, _swa_fwd_smem, lambda s: s.has("swa"),
-                            structural=("TMA",), min_arch=TMA_ARCH),
+                            structural=("TMA", "CUDNN"),
+                            # cuDNN's fused attention: Ampere and later
+                            min_arch=TMA_ARCH + (("CUDNN", 80),),
+                            # (BLOCK_T is unread too, as in compression_fwd)
+                            unread=tuple((n, v, lambda c: c["CUDNN"] == 1) for n, v in
+                                         (("TMA", 0), ("BLOCK_N", 64), ("num_warps", 4),
+                                          ("num_stages", 2)))),
     "compression_bwd": KernelDef("compression_bwd", "cmp", _cmp_bwd_context, _cmp_bwd_default,
                                  _cmp_bwd_space, _cmp_bwd_smem,
                                  # the selection branch's top-n is not differentiated
@@ -706,7 +721,13 @@ KERNELS: dict[str, KernelDef] = {
                                                ("DKV_STAGES", 2), ("num_warps", 4),
                                                ("num_stages", 2)))),
     "window_bwd": KernelDef("window_bwd", "swa", _swa_bwd_context, _swa_bwd_default,
-                            _swa_bwd_space, _swa_bwd_smem, lambda s: s.has("swa")),
+                            _swa_bwd_space, _swa_bwd_smem, lambda s: s.has("swa"),
+                            structural=("CUDNN",), min_arch=(("CUDNN", 80),),
+                            # (the token tiles are unread too, as in compression_fwd)
+                            unread=tuple((n, v, lambda c: c["CUDNN"] == 1) for n, v in
+                                         (("BLOCK_N", 64), ("DKV_BLOCK_N", 16), ("DKV_WARPS", 4),
+                                          ("DKV_STAGES", 2), ("num_warps", 4),
+                                          ("num_stages", 2)))),
     # Not one of the three attention branches: "gate" names its launcher module (ops/gate.py),
     # autograd (GateFunction) and reference (naive_gate). nsa() gates every spec's output, a
     # single branch's too (o = g * o_br), so it applies to every spec.

@@ -57,8 +57,9 @@ def check_deterministic(spec, run_function, dtype):
 
 
 def cudnn_config(stem: str, spec, T: int):
-    """The default config of compression_fwd or compression_bwd at T with its CUDNN = 1
-    variant on, in canonical form (the form the tuner tries and the DB would hold)."""
+    """The default config at T of a kernel with a CUDNN variant (compression_fwd/bwd,
+    window_fwd/bwd) with CUDNN = 1, in canonical form (the form the tuner tries and the DB
+    would hold)."""
     from nsa_gen.kernels import kernel_def
     kd = kernel_def(stem)
     return kd.canonical(kd.default(spec, T).replace(CUDNN=1))

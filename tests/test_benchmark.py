@@ -4,6 +4,7 @@ import torch
 
 from conftest import shrink
 from nsa_gen import benchmark
+from nsa_gen.ops import common
 
 
 def test_bench_spec_paths(monkeypatch, tmp_path):
@@ -40,7 +41,7 @@ def test_bench_reports_fallbacks(monkeypatch):
     from nsa_gen import api
     from nsa_gen.ops import compression
     monkeypatch.setattr(benchmark, "_bench", lambda fn, **kw: (fn(), 1.0)[1])
-    monkeypatch.setattr(compression, "_CUDNN_REFUSED", set())
+    monkeypatch.setattr(common, "_CUDNN_REFUSED", set())
 
     def refuse(*a, **kw):
         raise RuntimeError("cuDNN: no engine for this graph")

@@ -14,6 +14,7 @@ from conftest import cmp_spec, CUDNN_DTYPE, CUDNN_TOL, CUDNN_WRONG, DEVICE, DTYP
 from nsa_gen.config import Config
 from nsa_gen.kernels import kernel_def
 from nsa_gen.naive import naive_compress, naive_compressed_attention
+from nsa_gen.ops import common
 from nsa_gen.ops.compression import compress_mean, compression_fwd
 
 
@@ -291,7 +292,7 @@ def test_compression_fwd_cudnn(G, l, d, T, monkeypatch):  # noqa: E741
         return attend(q, k, v, scale, causal)
     attend = compression._attend
     monkeypatch.setattr(compression, "_attend", counted)
-    monkeypatch.setattr(compression, "_CUDNN_REFUSED", set())  # one refusal fails one case
+    monkeypatch.setattr(common, "_CUDNN_REFUSED", set())  # one refusal fails one case
     spec = make_spec(G, H=2 if G < 16 else 1, l=l, d=d)
     dtype = CUDNN_DTYPE
     B = 2
@@ -329,9 +330,8 @@ def test_compression_fwd_case_times_the_pieces(monkeypatch):
     1: the output in pieces, uncopied) and checks the pieces' rows against the reference; a
     wrong piece fails."""
     from nsa_gen.harness import make_case
-    from nsa_gen.ops import compression
     from nsa_gen.ops.common import RowPieces
-    monkeypatch.setattr(compression, "_CUDNN_REFUSED", set())
+    monkeypatch.setattr(common, "_CUDNN_REFUSED", set())
     spec = make_spec(4, H=2)
     case = make_case("compression_fwd", spec, 77, dtype=CUDNN_DTYPE, device=DEVICE, seed=3)
     out = case.run(cudnn_config("compression_fwd", spec, 77))
@@ -345,7 +345,7 @@ def test_compression_fwd_cudnn_refusal_is_per_shape(monkeypatch):
     """A cuDNN refusal is remembered for those inputs' shape only: the same T then runs the
     kernel without trying cuDNN again, another T still tries it."""
     from nsa_gen.ops import compression
-    monkeypatch.setattr(compression, "_CUDNN_REFUSED", set())
+    monkeypatch.setattr(common, "_CUDNN_REFUSED", set())
     attend, tried = compression._attend, []
 
     def refuse_at_77(q, *a, **kw):
@@ -379,7 +379,7 @@ def test_compression_fwd_cudnn_error_falls_back(pieces, monkeypatch, caplog):
     def refuse(*a, **kw):
         raise RuntimeError("cuDNN: no engine for this graph")
     monkeypatch.setattr(compression, "_attend", refuse)
-    monkeypatch.setattr(compression, "_CUDNN_REFUSED", set())
+    monkeypatch.setattr(common, "_CUDNN_REFUSED", set())
     common._FALLBACKS_WARNED.discard(("compression_fwd", "cuDNN attention failed"))
     spec = make_spec(4, H=2)
     q, k, v = rand_qkv(spec, 1, 77, CUDNN_DTYPE, seed=9)

@@ -16,6 +16,7 @@ from conftest import check_grads as check_grads_of
 from nsa_gen.config import Config
 from nsa_gen.kernels import kernel_def
 from nsa_gen.naive import naive_compress, naive_compressed_attention
+from nsa_gen.ops import common
 from nsa_gen.ops.common import cmp_tile_table
 from nsa_gen.ops.compression import CompressionFunction, compress_mean, compression_bwd
 
@@ -243,7 +244,7 @@ def test_compression_bwd_cudnn(G, l, d, T, monkeypatch, poison):  # noqa: E741
         return attend_bwd(q, k, v, o, lse, do, scale, causal)
     attend_bwd = compression._attend_bwd
     monkeypatch.setattr(compression, "_attend_bwd", counted)
-    monkeypatch.setattr(compression, "_CUDNN_REFUSED", set())  # one refusal fails one case
+    monkeypatch.setattr(common, "_CUDNN_REFUSED", set())  # one refusal fails one case
     spec = make_spec(G, H=2 if G < 16 else 1, l=l, d=d)
     dtype = CUDNN_DTYPE
     B = 2
@@ -287,7 +288,7 @@ def test_compression_bwd_cudnn_falls_back(why, monkeypatch, caplog):
                "deterministic": "deterministic algorithms requested",
                "error": "cuDNN attention failed"}[why]
     common._FALLBACKS_WARNED.discard(("compression_bwd", message))
-    monkeypatch.setattr(compression, "_CUDNN_REFUSED", set())
+    monkeypatch.setattr(common, "_CUDNN_REFUSED", set())
     if why == "deterministic":
         monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     if why == "error":
@@ -308,7 +309,7 @@ def test_compression_bwd_case_runs_cudnn(monkeypatch):
     form and checks it against the reference; wrong gradients fail it."""
     from nsa_gen.harness import make_case
     from nsa_gen.ops import compression
-    monkeypatch.setattr(compression, "_CUDNN_REFUSED", set())
+    monkeypatch.setattr(common, "_CUDNN_REFUSED", set())
     spec = make_spec(4, H=2)
     case = make_case("compression_bwd", spec, 77, dtype=CUDNN_DTYPE, device=DEVICE, seed=3)
     cfg = cudnn_config("compression_bwd", spec, 77)

@@ -19,7 +19,7 @@ from nsa_gen.kernels import KERNELS, kernel_def
 from nsa_gen.spec import load_spec
 from nsa_gen.tuning import commands, space, tuner as tuner_mod
 from nsa_gen.tuning.space import pruned_space, register_estimate, search_space
-from nsa_gen.tuning.trial import (COMPILE_ERROR, CRASH, OK, SETUP_FAILED, TIMEOUT, WRONG, TrialExecutor,
+from nsa_gen.tuning.trial import (COMPILE_ERROR, CRASH, FELL_BACK, OK, SETUP_FAILED, TIMEOUT, WRONG, TrialExecutor,
                                   TrialRequest, TrialResult, WorkerRunner, bench_counts,
                                   bench_timer, classify)
 from nsa_gen.tuning.tuner import Tuner, study_name
@@ -536,6 +536,29 @@ def test_executor_in_process(spec):
     res = ex(req(cfg(64, 2, 2)))
     assert res.status == COMPILE_ERROR and "bad tile" in res.message
     assert ex(req(cfg(), T=13)).status == SETUP_FAILED
+
+
+def test_executor_fails_a_trial_that_fell_back(monkeypatch):
+    """A trial whose launch fell back to another config (ops.common.fall_back, here a cuDNN
+    refusal of window_fwd's CUDNN variant) timed that config, not its own: it fails as
+    FELL_BACK with the reason, where the same config that runs as named passes."""
+    from nsa_gen.ops import common, window
+    spec = load_spec("deepseek-nsa").replace(
+        heads={"q": 4, "kv": 1}, head_dim={"k": 32, "v": 16}, window=8,
+        compression={"block": 8, "stride": 4, "phi": "mean"},
+        selection={"block": 16, "top_n": 2, "initial_blocks": 1, "local_blocks": 1},
+        dtype="float32")  # the interpreter's tl.dot is not meaningful in bf16
+    kd = kernel_def("window_fwd")
+    config = kd.canonical(kd.default(spec, 40).replace(CUDNN=1))
+    ex = TrialExecutor(timer=fixed_timer)
+    monkeypatch.setattr(common, "_CUDNN_REFUSED", set())
+    assert ex(TrialRequest("window_fwd", spec, 40, 1, config, "cpu")).status == OK
+
+    def refuse(*a):
+        raise RuntimeError("cuDNN: no engine for this graph")
+    monkeypatch.setattr(window, "_band_fwd", refuse)
+    res = ex(TrialRequest("window_fwd", spec, 40, 1, config, "cpu"))
+    assert res.status == FELL_BACK and "cuDNN attention failed" in res.message
 
 
 @pytest.mark.parametrize("kernel_ms, warmup, reps", [(0.01, 1000, 4000), (1.0, 10, 40),

@@ -9,10 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPES, TOL, rel_err
+from conftest import CUDNN_DTYPE, DEVICE, DTYPES, TOL, cudnn_config, rel_err
 from nsa_gen.config import Config
 from nsa_gen.kernels import kernel_def
 from nsa_gen.naive import naive_window
+from nsa_gen.ops import common, window
 from nsa_gen.ops.window import window_fwd
 from nsa_gen.spec import load_spec
 
@@ -94,7 +95,7 @@ def cfg_id(c) -> str:
 def test_window_fwd_tiles(cfg, w):
     G = max(1, 16 // cfg["BLOCK_T"])  # the smallest group that fills tl.dot's 16 rows
     spec = make_spec(G, DK=32, DV=48, w=w)
-    config = Config.make(num_warps=4, num_stages=2, **cfg)
+    config = Config.make(num_warps=4, num_stages=2, CUDNN=0, **cfg)
     assert kernel_def("window_fwd").valid(spec, config)
     B, T = 1, 101
     q, k, v = rand_qkv(spec, B, T, torch.float32, seed=w)
@@ -129,3 +130,72 @@ def test_window_fwd_rejects_bad_shapes():
         window_fwd(q, k[:, :9], v[:, :9], spec)
     with pytest.raises(ValueError):
         window_fwd(q, k, v, spec, cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32))
+
+
+# ------------------------------------------------------ window_fwd through cuDNN's band (CUDNN)
+
+def counting(monkeypatch, name: str) -> list:
+    """Count the calls of window.<name> (one of the band's entry points), still running it."""
+    calls, real = [], getattr(window, name)
+
+    def counted(*a):
+        calls.append(tuple(a[0].shape))
+        return real(*a)
+    monkeypatch.setattr(window, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("w,T", [(24, 77), (1, 40), (1000, 50), (16, 16)])
+@pytest.mark.parametrize("G", [1, 4, 16])
+def test_window_fwd_cudnn(G, w, T, monkeypatch):
+    """CUDNN = 1: cuDNN's diagonal band (left bound w, right bound 0) over [B, heads, T, D]
+    views of the inputs, B = 2, DK != DV, poisoned outputs; w = 1 and w > T at the edges. On
+    the CPU the band is torch math; on a GPU, cuDNN's graph, with no fallback."""
+    calls = counting(monkeypatch, "_band_fwd")
+    monkeypatch.setattr(common, "_CUDNN_REFUSED", set())  # one refusal fails one case
+    fell = common.FALLBACK_COUNTS.copy()
+    spec = make_spec(G, w=w, H=2 if G < 16 else 1)
+    q, k, v = rand_qkv(spec, 2, T, CUDNN_DTYPE, seed=T + G)
+    out = poisoned(spec, 2, T, CUDNN_DTYPE)
+    o, lse = window_fwd(q, k, v, spec, config=cudnn_config("window_fwd", spec, T), out=out)
+    assert calls == [q.shape] and common.FALLBACK_COUNTS == fell
+    check(o, lse, *ref_window(q, k, v, w, spec.softmax_scale), CUDNN_DTYPE)
+
+
+@pytest.mark.parametrize("why", ["packed", "error"])
+def test_window_fwd_cudnn_falls_back(why, monkeypatch, caplog):
+    """The generated kernel instead, with a warning, for packed sequences (cuDNN's graph
+    would need their lengths) and when cuDNN raises; the error is remembered for that
+    shape only, so the next call of that shape goes straight to the kernel and another shape
+    tries cuDNN again. The outputs are then CUDNN = 0's, bit for bit."""
+    message = {"packed": "CUDNN=1 runs without cu_seqlens", "error": "cuDNN attention failed"}[why]
+    common._FALLBACKS_WARNED.discard(("window_fwd", message))
+    monkeypatch.setattr(common, "_CUDNN_REFUSED", set())
+    calls = []
+    if why == "error":
+        def refuse(*a):
+            calls.append(tuple(a[0].shape))
+            raise RuntimeError("cuDNN: no engine for this graph")
+        monkeypatch.setattr(window, "_band_fwd", refuse)
+    spec = make_spec(4, H=2, w=20)
+    cu = torch.tensor([0, 45, 50, 113], dtype=torch.int32, device=DEVICE) if why == "packed" else None
+    q, k, v = rand_qkv(spec, 1, 113, CUDNN_DTYPE, seed=5)
+    cfg = cudnn_config("window_fwd", spec, 113)
+    with caplog.at_level("WARNING", logger="nsa_gen"):
+        got = window_fwd(q, k, v, spec, cfg, cu_seqlens=cu)
+    assert any(message in r.getMessage() for r in caplog.records)
+    want = window_fwd(q, k, v, spec, cfg.replace(CUDNN=0), cu_seqlens=cu)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    if why == "error":
+        window_fwd(q, k, v, spec, cfg)  # refused before: not tried again
+        window_fwd(q[:, :90], k[:, :90], v[:, :90], spec, cfg)  # another T: tried
+        assert calls == [q.shape, q[:, :90].shape]
+
+
+def test_window_fwd_cudnn_needs_the_frontend_on_cuda(monkeypatch):
+    """On CUDA without the cuDNN frontend a CUDNN config names why it cannot run (and
+    falls back); off CUDA the fp32 math stands in, so nothing is missing."""
+    monkeypatch.setattr(window, "_frontend", lambda: None)
+    assert window._frontend_missing(torch.empty(1)) is None
+    if torch.cuda.is_available():
+        assert "nvidia-cudnn-frontend" in window._frontend_missing(torch.empty(1, device="cuda"))

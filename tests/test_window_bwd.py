@@ -11,10 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import check_deterministic, DEVICE, DTYPES, check_grads, rand_inputs
+from conftest import (check_deterministic, CUDNN_DTYPE, DEVICE, DTYPES, check_grads,
+                      cudnn_config, rand_inputs, rel_err)
 from nsa_gen.config import Config
 from nsa_gen.kernels import kernel_def
 from nsa_gen.naive import naive_window
+from nsa_gen.ops import common, window
 from nsa_gen.ops.window import WindowFunction, window_bwd, window_fwd
 from nsa_gen.spec import load_spec
 
@@ -38,11 +40,11 @@ def ref_grads(spec, q, k, v, do, cu: list[int] | None = None):
     return o.detach(), q.grad, k.grad, v.grad
 
 
-def run_function(spec, q, k, v, do, config=None, cu: list[int] | None = None):
+def run_function(spec, q, k, v, do, config=None, cu: list[int] | None = None, fwd_config=None):
     """WindowFunction, backward of sum(o * do): (o, dq, dk, dv)."""
     q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
     cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=DEVICE)
-    o = WindowFunction.apply(q, k, v, spec, None, config, cu_t)
+    o = WindowFunction.apply(q, k, v, spec, fwd_config, config, cu_t)
     (o * do).sum().backward()
     return o, q.grad, k.grad, v.grad
 
@@ -81,7 +83,7 @@ def test_window_bwd_tiles(cfg, w, poison):
     # The smallest group that fills tl.dot's 16 rows in both kernels.
     G = max(1, 16 // min(cfg["BLOCK_T"], cfg["DKV_BLOCK_T"]))
     spec = make_spec(G, DK=32, DV=48, w=w)
-    config = Config.make(num_warps=4, num_stages=2, DKV_WARPS=4, DKV_STAGES=2, **cfg)
+    config = Config.make(num_warps=4, num_stages=2, DKV_WARPS=4, DKV_STAGES=2, CUDNN=0, **cfg)
     assert kernel_def("window_bwd").valid(spec, config)
     B, T = 1, 67
     q, k, v, do = rand_inputs(spec, B, T, torch.float32, seed=w)
@@ -108,3 +110,64 @@ def test_window_bwd_varlen(G, dtype, poison):
 def test_window_bwd_deterministic(dtype):
     """No atomics: two runs give bit-for-bit equal gradients."""
     check_deterministic(make_spec(4, H=2, w=20), run_function, dtype)
+
+
+# ------------------------------------------------------ window_bwd through cuDNN's band (CUDNN)
+
+@pytest.mark.parametrize("w,T", [(20, 45), (1, 40), (1000, 50)])
+@pytest.mark.parametrize("G", [1, 4, 16])
+def test_window_bwd_cudnn(G, w, T, monkeypatch, poison):
+    """CUDNN = 1 both ways (WindowFunction): cuDNN's band backward from its forward's o and
+    lse, over [B, heads, T, D] views, B = 2, DK != DV; w = 1 and w > T at the edges. On the
+    CPU the band is torch math; on a GPU, cuDNN's graphs, with no fallback."""
+    calls = []
+    real = window._band_bwd
+    monkeypatch.setattr(window, "_band_bwd", lambda *a: (calls.append(1), real(*a))[1])
+    monkeypatch.setattr(common, "_CUDNN_REFUSED", set())
+    fell = common.FALLBACK_COUNTS.copy()
+    spec = make_spec(G, H=2 if G < 16 else 1, w=w)
+    q, k, v, do = rand_inputs(spec, 2, T, CUDNN_DTYPE, seed=T + G)
+    got = run_function(spec, q, k, v, do, cudnn_config("window_bwd", spec, T),
+                       fwd_config=cudnn_config("window_fwd", spec, T))
+    assert calls == [1] and common.FALLBACK_COUNTS == fell
+    check_grads(got, ref_grads(spec, q, k, v, do), CUDNN_DTYPE)
+
+
+def test_window_bwd_cudnn_matches_kernels():
+    """From the same forward outputs (the generated kernel's), cuDNN's band backward equals
+    the generated kernels' to rounding (fp32's in the interpreter, fp16's on a GPU)."""
+    spec = make_spec(4, H=2, w=20)
+    q, k, v, do = rand_inputs(spec, 2, 61, CUDNN_DTYPE, seed=11)
+    o, lse = window_fwd(q, k, v, spec)
+    cfg = cudnn_config("window_bwd", spec, 61)
+    got = window_bwd(q, k, v, o, lse, do, spec, cfg)
+    want = window_bwd(q, k, v, o, lse, do, spec, cfg.replace(CUDNN=0))
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        assert rel_err(a, b) < (1e-5 if CUDNN_DTYPE == torch.float32 else 5e-3), name
+
+
+@pytest.mark.parametrize("why", ["packed", "deterministic", "error"])
+def test_window_bwd_cudnn_falls_back(why, monkeypatch, caplog):
+    """The generated kernels instead, with a warning: for packed sequences, under
+    torch.use_deterministic_algorithms (cuDNN's backward is not deterministic), and when
+    cuDNN raises. The gradients are then CUDNN = 0's, bit for bit."""
+    spec = make_spec(4, H=2, w=20)
+    cu = [0, 45, 50, 113] if why == "packed" else None
+    message = {"packed": "CUDNN=1 runs without cu_seqlens",
+               "deterministic": "deterministic algorithms requested",
+               "error": "cuDNN attention failed"}[why]
+    common._FALLBACKS_WARNED.discard(("window_bwd", message))
+    monkeypatch.setattr(common, "_CUDNN_REFUSED", set())
+    if why == "deterministic":
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    if why == "error":
+        def refuse(*a):
+            raise RuntimeError("cuDNN: no engine for this graph")
+        monkeypatch.setattr(window, "_band_bwd", refuse)
+    q, k, v, do = rand_inputs(spec, 1, 113, CUDNN_DTYPE, seed=5)
+    cfg = cudnn_config("window_bwd", spec, 113)
+    with caplog.at_level("WARNING", logger="nsa_gen"):
+        got = run_function(spec, q, k, v, do, cfg, cu)
+    assert any(message in r.getMessage() for r in caplog.records)
+    want = run_function(spec, q, k, v, do, cfg.replace(CUDNN=0), cu)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

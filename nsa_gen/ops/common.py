@@ -110,6 +110,92 @@ def fall_back(stem: str, config, why: str, detail: str = "", **changes):
     return config.replace(**changes)
 
 
+# The CUDNN variants (compression_fwd/bwd through torch's cuDNN attention, window_fwd/bwd
+# through the cuDNN frontend's band): the launches (kernel, device, dtype, heads, head dims,
+# B, T) for which cuDNN raised go to the kernels from then on, without trying cuDNN again.
+# Keyed by the whole shape, because cuDNN refuses shapes, not head dims alone (9.19's backward
+# refuses one query over one key), and may take a shape forward and refuse it backward: one
+# odd length must not switch the variant off for every other.
+_CUDNN_REFUSED: set[tuple] = set()
+
+
+def _cudnn_key(stem: str, q: torch.Tensor, spec: NSASpec) -> tuple:
+    return (stem, q.device, q.dtype, spec.HQ, spec.H, spec.DK, spec.DV, *q.shape[:2])
+
+
+def cudnn_refused(stem: str, config, q: torch.Tensor, spec: NSASpec, e: Exception):
+    """cuDNN refused this GPU, shape or version: the kernels instead, for these inputs now
+    and from now on."""
+    _CUDNN_REFUSED.add(_cudnn_key(stem, q, spec))
+    return fall_back(stem, config, "cuDNN attention failed", str(e)[:120], CUDNN=0)
+
+
+def cudnn_config(stem: str, config, q: torch.Tensor, spec: NSASpec, cu_seqlens,
+                 unavailable: str | None = None):
+    """`config`, with CUDNN off (and a warning, once) where its cuDNN call cannot run:
+    packed sequences (their lengths would be read back to the host), a CUDA input cuDNN
+    attention does not take (fp32), `unavailable` (a reason, e.g. a library not installed),
+    one it refused before, or, backward, under torch.use_deterministic_algorithms (cuDNN's
+    backward accumulates dq with atomics)."""
+    if not config.get("CUDNN", 0):
+        return config
+    if cu_seqlens is not None:
+        return fall_back(stem, config, "CUDNN=1 runs without cu_seqlens", CUDNN=0)
+    if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
+        return fall_back(stem, config, f"cuDNN attention needs 16-bit inputs, not {q.dtype}",
+                         CUDNN=0)
+    if unavailable:
+        return fall_back(stem, config, unavailable, CUDNN=0)
+    if stem.endswith("_bwd") and torch.are_deterministic_algorithms_enabled():
+        return fall_back(stem, config, "deterministic algorithms requested", CUDNN=0)
+    if _cudnn_key(stem, q, spec) in _CUDNN_REFUSED:
+        return fall_back(stem, config, "cuDNN attention refused these inputs before", CUDNN=0)
+    return config
+
+
+def _math_scores(q, k, v, scale: float, window: int | None) -> tuple:
+    """The math stand-in's fp32 scores [N, HQ, Tq, Tk] (-inf where hidden by `window`), with
+    k and v in fp32 repeated to the query heads."""
+    G = q.shape[1] // k.shape[1]
+    kf, vf = k.float().repeat_interleave(G, 1), v.float().repeat_interleave(G, 1)
+    s = q.float() @ kf.transpose(-1, -2) * scale
+    if window is not None:
+        i = torch.arange(s.shape[-2], device=s.device)[:, None]
+        j = torch.arange(s.shape[-1], device=s.device)[None, :]
+        s = s.masked_fill((j > i) | (j <= i - window), float("-inf"))
+    return s, kf, vf
+
+
+def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                   window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention in fp32 math, the stand-in for a cuDNN call off CUDA (the interpreter's
+    tests): q [N, HQ, Tq, DK], k [N, H, Tk, DK], v [N, H, Tk, DV] (H divides HQ) -> (o
+    [N, HQ, Tq, DV] in q's dtype, lse [N, HQ, Tq] fp32, natural log). window: None, every
+    key; w, query i sees keys i - w < j <= i (w >= Tq: causal). Every query must see a key."""
+    s, _, vf = _math_scores(q, k, v, scale, window)
+    lse = torch.logsumexp(s, -1)
+    return (torch.exp(s - lse[..., None]) @ vf).to(q.dtype), lse
+
+
+def attention_math_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                       lse: torch.Tensor, do: torch.Tensor, scale: float, window: int | None,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `attention_math` from its o and lse: o and do [N, HQ, Tq, DV] -> (dq
+    [N, HQ, Tq, DK] with q's strides, dk [N, H, Tk, DK], dv [N, H, Tk, DV]), in q's dtype."""
+    N, H = q.shape[0], k.shape[1]
+    G = q.shape[1] // H
+    s, kf, vf = _math_scores(q, k, v, scale, window)
+    qf = q.float()
+    p = torch.exp(s - lse[..., None])
+    dof = do.float()
+    ds = p * (dof @ vf.transpose(-1, -2) - (dof * o.float()).sum(-1, keepdim=True))
+    dq = torch.empty_like(q).copy_(ds @ kf * scale)  # empty_like keeps q's strides, as cuDNN's
+
+    def group_sum(x):
+        return x.view(N, H, G, *x.shape[2:]).sum(2).to(q.dtype)
+    return dq, group_sum(ds.transpose(-1, -2) @ qf * scale), group_sum(p.transpose(-1, -2) @ dof)
+
+
 def tma_config(stem: str, config, *tensors: torch.Tensor):
     """`config`, with TMA off (and a warning, once) when a tensor its descriptors would
     cover does not start 16-byte aligned, as the tensor memory accelerator needs."""

@@ -7,8 +7,10 @@ from ..config import Config
 from ..kernels import kernel_def, kernel_fn, kernel_module, num_cmp_blocks
 from ..spec import NSASpec
 from .common import (check, check_grad_inputs, check_seqlens, check_tensor, cmp_seqlens,
-                     cmp_tile_table, dkv_launch_options, dot_precision, fall_back, kv_tile_args,
-                     launch_options, outputs, RowPieces, tile_table, tma_config)
+                     attention_math, attention_math_bwd, cmp_tile_table, cudnn_config,
+                     cudnn_refused, dkv_launch_options,
+                     dot_precision, kv_tile_args, launch_options, outputs, RowPieces, tile_table,
+                     tma_config)
 
 
 def compress_mean(x: torch.Tensor, spec: NSASpec, config: Config | None = None,
@@ -185,7 +187,7 @@ def compression_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, s
     B, T = q.shape[:2]
     config = config or kernel_def("compression_fwd").default(spec, T)
     q, k_cmp, v_cmp = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous()
-    config = _cudnn_config("compression_fwd", config, q, spec, cu_seqlens)
+    config = cudnn_config("compression_fwd", config, q, spec, cu_seqlens)
     cudnn = config.get("CUDNN", 0) and NC > 0
     o_shape = (B, T, spec.HQ, spec.DV)
     if cudnn and pieces and B == 1 and out is None:  # o stays where cuDNN writes it
@@ -201,7 +203,7 @@ def compression_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, s
             rows = _residue_attention(q, k_cmp, v_cmp, spec, o, lse)
             return (o if o is not None else rows), lse
         except RuntimeError as e:
-            config = _cudnn_refused("compression_fwd", config, q, spec, e)
+            config = cudnn_refused("compression_fwd", config, q, spec, e)
             o = o if o is not None else torch.empty(o_shape, device=q.device, dtype=q.dtype)
     tiles = tile_table(cu_seqlens, B, T, config["BLOCK_T"], spec.l, spec.d, q.device)
     config = tma_config("compression_fwd", config, k_cmp, v_cmp)
@@ -210,45 +212,6 @@ def compression_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, s
                                  o, lse, tiles, DOT_PRECISION=dot_precision(q),
                                  **launch_options(config))
     return o, lse
-
-
-# The launches (kernel, device, dtype, heads, head dims, B, T) for which cuDNN attention
-# raised: they go to the kernels from then on, without trying cuDNN again. Keyed by the
-# whole shape, because cuDNN refuses shapes, not head dims alone (9.19's backward refuses one
-# query over one key), and may take a shape forward and refuse it backward: one odd length
-# must not switch the variant off for every other.
-_CUDNN_REFUSED: set[tuple] = set()
-
-
-def _cudnn_key(stem: str, q: torch.Tensor, spec: NSASpec) -> tuple:
-    return (stem, q.device, q.dtype, spec.HQ, spec.H, spec.DK, spec.DV, *q.shape[:2])
-
-
-def _cudnn_refused(stem: str, config: Config, q: torch.Tensor, spec: NSASpec,
-                   e: Exception) -> Config:
-    """cuDNN refused this GPU, shape or version: the kernel instead, for these inputs now
-    and from now on."""
-    _CUDNN_REFUSED.add(_cudnn_key(stem, q, spec))
-    return fall_back(stem, config, "cuDNN attention failed", str(e)[:120], CUDNN=0)
-
-
-def _cudnn_config(stem: str, config: Config, q: torch.Tensor, spec: NSASpec, cu_seqlens) -> Config:
-    """`config`, with CUDNN off (and a warning, once) where the residue form cannot run:
-    packed sequences (their lengths would be read back to the host), a CUDA input cuDNN
-    attention does not take (fp32), one it refused before, or, backward, under
-    torch.use_deterministic_algorithms (cuDNN's backward accumulates dq with atomics)."""
-    if not config.get("CUDNN", 0):
-        return config
-    if cu_seqlens is not None:
-        return fall_back(stem, config, "CUDNN=1 runs without cu_seqlens", CUDNN=0)
-    if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
-        return fall_back(stem, config, f"cuDNN attention needs 16-bit inputs, not {q.dtype}",
-                         CUDNN=0)
-    if stem == "compression_bwd" and torch.are_deterministic_algorithms_enabled():
-        return fall_back(stem, config, "deterministic algorithms requested", CUDNN=0)
-    if _cudnn_key(stem, q, spec) in _CUDNN_REFUSED:
-        return fall_back(stem, config, "cuDNN attention refused these inputs before", CUDNN=0)
-    return config
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
@@ -261,22 +224,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cau
         out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal,
                                                                  False, scale=scale)
         return out[0], out[1].reshape(q.shape[:3])
-    s, _, vf = _fp32_scores(q, k, v, scale, causal)
-    lse = torch.logsumexp(s, -1)
-    o = torch.exp(s - lse[..., None]) @ vf
-    return o.to(q.dtype), lse
-
-
-def _fp32_scores(q, k, v, scale: float, causal: bool) -> tuple:
-    """The math stand-in's fp32 scores [N, HQ, Tq, Tk] (-inf above the diagonal when causal),
-    with k and v in fp32 repeated to the query heads, for `_attend` and `_attend_bwd`."""
-    G = q.shape[1] // k.shape[1]
-    kf, vf = k.float().repeat_interleave(G, 1), v.float().repeat_interleave(G, 1)
-    s = q.float() @ kf.transpose(-1, -2) * scale
-    if causal:
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1),
-                          float("-inf"))
-    return s, kf, vf
+    return attention_math(q, k, v, scale, q.shape[2] if causal else None)
 
 
 def _attend_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
@@ -293,18 +241,7 @@ def _attend_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tens
         return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             do, q, k, v, o, lse.unsqueeze(-1).contiguous(), seed, seed, None, None, None,
             q.shape[2], k.shape[2], 0.0, causal, scale=scale)
-    N, H = q.shape[0], k.shape[1]
-    G = q.shape[1] // H
-    s, kf, vf = _fp32_scores(q, k, v, scale, causal)
-    qf = q.float()
-    p = torch.exp(s - lse[..., None])
-    dof = do.float()
-    ds = p * (dof @ vf.transpose(-1, -2) - (dof * o.float()).sum(-1, keepdim=True))
-    dq = torch.empty_like(q).copy_(ds @ kf * scale)  # empty_like keeps q's strides, as cuDNN's
-
-    def group_sum(x):
-        return x.view(N, H, G, *x.shape[2:]).sum(2).to(q.dtype)
-    return dq, group_sum(ds.transpose(-1, -2) @ qf * scale), group_sum(p.transpose(-1, -2) @ dof)
+    return attention_math_bwd(q, k, v, o, lse, do, scale, q.shape[2] if causal else None)
 
 
 class _Residues:
@@ -427,7 +364,7 @@ def compression_bwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, o
     B, T = q.shape[:2]
     check_grad_inputs(spec, q, o, lse, do)
     config = config or kernel_def("compression_bwd").default(spec, T)
-    config = _cudnn_config("compression_bwd", config, q, spec, cu_seqlens)
+    config = cudnn_config("compression_bwd", config, q, spec, cu_seqlens)
     q, k_cmp, v_cmp, o, do, lse = (x.contiguous() for x in (q, k_cmp, v_cmp, o, do, lse))
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk_cmp = torch.empty(k_cmp.shape, device=q.device, dtype=q.dtype)
@@ -441,7 +378,7 @@ def compression_bwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, o
             _residue_attention_bwd(q, k_cmp, v_cmp, o, lse, do, spec, dq, dk_cmp, dv_cmp)
             return dq, dk_cmp, dv_cmp
         except RuntimeError as e:  # the kernels below write every element again
-            config = _cudnn_refused("compression_bwd", config, q, spec, e)
+            config = cudnn_refused("compression_bwd", config, q, spec, e)
     # delta = rowsum(o * do) in fp32, written by the dq kernel for the dk/dv kernel.
     delta = torch.empty(lse.shape, device=q.device, dtype=torch.float32)
     mod = kernel_module("compression_bwd", spec, config)

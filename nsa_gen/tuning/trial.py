@@ -8,6 +8,7 @@ and prints its result, for debugging a single config by hand.
 """
 from __future__ import annotations
 
+import collections
 import json
 import multiprocessing as mp
 import statistics
@@ -27,6 +28,9 @@ Timer = Callable[[Callable[[], Any]], float]
 CaseFactory = Callable[..., Any]
 
 OK, WRONG = "ok", "wrong"
+# The launch ran another config than the trial's (ops.common.fall_back: a cuDNN refusal, an
+# optional library missing, a misaligned TMA input): its time is not the trial config's.
+FELL_BACK = "fell_back"
 COMPILE_ERROR, OUT_OF_RESOURCES, OUT_OF_MEMORY = "compile_error", "out_of_resources", "out_of_memory"
 ERROR, TIMEOUT, CRASH, SETUP_FAILED = "error", "timeout", "crash", "setup_failed"
 # After these the worker's CUDA context may be unusable, so the worker is replaced.
@@ -220,6 +224,7 @@ class TrialExecutor:
             return failed
         case, check, cfg = self._case, self._check, req.config
         timer = self.timer or default_timer(req)
+        fell_before = _fallbacks(req.stem)
         try:
             outs = check.run(cfg)
             _sync(req.device)
@@ -231,7 +236,17 @@ class TrialExecutor:
             _sync(req.device)
         except Exception as e:  # noqa: BLE001 - classified and reported, never raised
             return TrialResult(classify(e), message=_short(e))
+        fell = _fallbacks(req.stem) - fell_before
+        if fell:
+            return TrialResult(FELL_BACK, ms=ms, rel_error=err,
+                               message="fell back: " + "; ".join(sorted(fell)))
         return TrialResult(OK, ms=ms, rel_error=err)
+
+
+def _fallbacks(stem: str) -> collections.Counter:
+    """The launches of kernel `stem` that fell back so far, by reason."""
+    from ..ops.common import FALLBACK_COUNTS
+    return collections.Counter({why: n for (s, why), n in FALLBACK_COUNTS.items() if s == stem})
 
 
 def _sync(device: str) -> None:
