@@ -65,6 +65,41 @@ def cudnn_config(stem: str, spec, T: int):
     return kd.canonical(kd.default(spec, T).replace(CUDNN=1))
 
 
+def check_cudnn_matches_kernels(run, cfg, names: tuple[str, ...]) -> None:
+    """run(config) -> outputs of a CUDNN = 1 config equal CUDNN = 0's to rounding (fp32's in
+    the interpreter, fp16's on a GPU), output by output (`names`)."""
+    for name, a, b in zip(names, run(cfg), run(cfg.replace(CUDNN=0))):
+        assert rel_err(a, b) < (1e-5 if CUDNN_DTYPE == torch.float32 else 5e-3), name
+
+
+def check_cudnn_falls_back(stem: str, why: str, spec, run, refusing: tuple, monkeypatch, caplog):
+    """A CUDNN config of `stem` runs the generated kernels instead, with a warning, and gives
+    CUDNN = 0's outputs bit for bit: for packed sequences (why "packed": cuDNN would need
+    their lengths), under torch.use_deterministic_algorithms ("deterministic", the backward
+    variants: cuDNN's is not deterministic), and when cuDNN raises ("error": refusing =
+    (module, name) of the cuDNN call, made to raise). run(config, cu) -> outputs over 113
+    tokens, cu the packed sequences' bounds or None."""
+    from nsa_gen.ops import common
+    message = {"packed": "CUDNN=1 runs without cu_seqlens",
+               "deterministic": "deterministic algorithms requested",
+               "error": "cuDNN attention failed"}[why]
+    common._FALLBACKS_WARNED.discard((stem, message))
+    monkeypatch.setattr(common, "_CUDNN_REFUSED", set())
+    if why == "deterministic":
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    if why == "error":
+        def refuse(*a, **kw):
+            raise RuntimeError("cuDNN: no engine for this graph")
+        monkeypatch.setattr(*refusing, refuse)
+    cu = [0, 45, 50, 113] if why == "packed" else None
+    cfg = cudnn_config(stem, spec, 113)
+    with caplog.at_level("WARNING", logger="nsa_gen"):
+        got = run(cfg, cu)
+    assert any(message in r.getMessage() for r in caplog.records)
+    want = run(cfg.replace(CUDNN=0), cu)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 # Kernel tests run on the CPU interpreter unless TRITON_INTERPRET=0 is given on a GPU machine,
 # where bf16 (garbage in the interpreter's tl.dot) is added.
 def _device() -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import check_deterministic, cmp_spec, CUDNN_DTYPE, CUDNN_TOL, CUDNN_WRONG, DEVICE, DTYPES, TOL, cudnn_config, rand_inputs, rel_err
+from conftest import check_cudnn_falls_back, check_cudnn_matches_kernels, check_deterministic, cmp_spec, CUDNN_DTYPE, CUDNN_TOL, CUDNN_WRONG, DEVICE, DTYPES, TOL, cudnn_config, rand_inputs, rel_err
 from conftest import check_grads as check_grads_of
 from nsa_gen.config import Config
 from nsa_gen.kernels import kernel_def
@@ -268,40 +268,20 @@ def test_compression_bwd_cudnn_matches_kernels():
     q, k, v, do = rand_inputs(spec, 2, 61, dtype, seed=11)
     k_cmp, v_cmp = (naive_compress(x, spec.l, spec.d).to(dtype) for x in (k, v))
     o, lse = ref_grads(spec, q, k, v, do)[0].to(dtype), ref_lse(spec, q, k_cmp)
-    cfg = cudnn_config("compression_bwd", spec, 61)
-    got = compression_bwd(q, k_cmp, v_cmp, o, lse, do, spec, cfg)
-    want = compression_bwd(q, k_cmp, v_cmp, o, lse, do, spec, cfg.replace(CUDNN=0))
-    for name, a, b in zip(("dq", "dk_cmp", "dv_cmp"), got, want):
-        assert rel_err(a, b) < (1e-5 if dtype == torch.float32 else 5e-3), name
+    check_cudnn_matches_kernels(lambda cfg: compression_bwd(q, k_cmp, v_cmp, o, lse, do, spec, cfg),
+                                cudnn_config("compression_bwd", spec, 61), ("dq", "dk_cmp", "dv_cmp"))
 
 
 @pytest.mark.parametrize("why", ["packed", "deterministic", "error"])
 def test_compression_bwd_cudnn_falls_back(why, monkeypatch, caplog):
-    """The generated kernels instead, with a warning: for packed sequences (their lengths
-    would be read back), under torch.use_deterministic_algorithms (cuDNN's backward is not
-    deterministic), and when the attention backward raises (cuDNN refusing a GPU or shape).
-    The gradients are then CUDNN = 0's, bit for bit."""
-    from nsa_gen.ops import common, compression
+    """The generated kernels instead, with a warning, for packed sequences, under
+    torch.use_deterministic_algorithms, and when the attention backward raises."""
+    from nsa_gen.ops import compression
     spec = make_spec(4, H=2)
-    cu = [0, 45, 50, 113] if why == "packed" else None
-    message = {"packed": "CUDNN=1 runs without cu_seqlens",
-               "deterministic": "deterministic algorithms requested",
-               "error": "cuDNN attention failed"}[why]
-    common._FALLBACKS_WARNED.discard(("compression_bwd", message))
-    monkeypatch.setattr(common, "_CUDNN_REFUSED", set())
-    if why == "deterministic":
-        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    if why == "error":
-        def refuse(*a, **kw):
-            raise RuntimeError("cuDNN: no engine for this graph")
-        monkeypatch.setattr(compression, "_attend_bwd", refuse)
     q, k, v, do = rand_inputs(spec, 1, 113, CUDNN_DTYPE, seed=5)
-    cfg = cudnn_config("compression_bwd", spec, 113)
-    with caplog.at_level("WARNING", logger="nsa_gen"):
-        got = run_function(spec, q, k, v, do, cfg, cu)
-    assert any(message in r.getMessage() for r in caplog.records)
-    want = run_function(spec, q, k, v, do, cfg.replace(CUDNN=0), cu)
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    check_cudnn_falls_back("compression_bwd", why, spec,
+                           lambda cfg, cu: run_function(spec, q, k, v, do, cfg, cu),
+                           (compression, "_attend_bwd"), monkeypatch, caplog)
 
 
 def test_compression_bwd_case_runs_cudnn(monkeypatch):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import CUDNN_DTYPE, DEVICE, DTYPES, TOL, cudnn_config, rel_err
+from conftest import check_cudnn_falls_back, CUDNN_DTYPE, DEVICE, DTYPES, TOL, cudnn_config, rel_err
 from nsa_gen.config import Config
 from nsa_gen.kernels import kernel_def
 from nsa_gen.naive import naive_window
@@ -164,32 +164,15 @@ def test_window_fwd_cudnn(G, w, T, monkeypatch):
 
 @pytest.mark.parametrize("why", ["packed", "error"])
 def test_window_fwd_cudnn_falls_back(why, monkeypatch, caplog):
-    """The generated kernel instead, with a warning, for packed sequences (cuDNN's graph
-    would need their lengths) and when cuDNN raises; the error is remembered for that
-    shape only, so the next call of that shape goes straight to the kernel and another shape
-    tries cuDNN again. The outputs are then CUDNN = 0's, bit for bit."""
-    message = {"packed": "CUDNN=1 runs without cu_seqlens", "error": "cuDNN attention failed"}[why]
-    common._FALLBACKS_WARNED.discard(("window_fwd", message))
-    monkeypatch.setattr(common, "_CUDNN_REFUSED", set())
-    calls = []
-    if why == "error":
-        def refuse(*a):
-            calls.append(tuple(a[0].shape))
-            raise RuntimeError("cuDNN: no engine for this graph")
-        monkeypatch.setattr(window, "_band_fwd", refuse)
+    """The generated kernel instead, with a warning, for packed sequences and when cuDNN
+    raises (remembered per launch shape, as compression's refusals: ops.common)."""
     spec = make_spec(4, H=2, w=20)
-    cu = torch.tensor([0, 45, 50, 113], dtype=torch.int32, device=DEVICE) if why == "packed" else None
     q, k, v = rand_qkv(spec, 1, 113, CUDNN_DTYPE, seed=5)
-    cfg = cudnn_config("window_fwd", spec, 113)
-    with caplog.at_level("WARNING", logger="nsa_gen"):
-        got = window_fwd(q, k, v, spec, cfg, cu_seqlens=cu)
-    assert any(message in r.getMessage() for r in caplog.records)
-    want = window_fwd(q, k, v, spec, cfg.replace(CUDNN=0), cu_seqlens=cu)
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
-    if why == "error":
-        window_fwd(q, k, v, spec, cfg)  # refused before: not tried again
-        window_fwd(q[:, :90], k[:, :90], v[:, :90], spec, cfg)  # another T: tried
-        assert calls == [q.shape, q[:, :90].shape]
+
+    def run(cfg, cu):
+        cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=DEVICE)
+        return window_fwd(q, k, v, spec, cfg, cu_seqlens=cu_t)
+    check_cudnn_falls_back("window_fwd", why, spec, run, (window, "_band_fwd"), monkeypatch, caplog)
 
 
 def test_window_fwd_cudnn_needs_the_frontend_on_cuda(monkeypatch):

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import (check_deterministic, CUDNN_DTYPE, DEVICE, DTYPES, check_grads,
-                      cudnn_config, rand_inputs, rel_err)
+from conftest import (check_cudnn_falls_back, check_cudnn_matches_kernels, check_deterministic,
+                      CUDNN_DTYPE, DEVICE, DTYPES, check_grads, cudnn_config, rand_inputs)
 from nsa_gen.config import Config
 from nsa_gen.kernels import kernel_def
 from nsa_gen.naive import naive_window
@@ -139,35 +139,16 @@ def test_window_bwd_cudnn_matches_kernels():
     spec = make_spec(4, H=2, w=20)
     q, k, v, do = rand_inputs(spec, 2, 61, CUDNN_DTYPE, seed=11)
     o, lse = window_fwd(q, k, v, spec)
-    cfg = cudnn_config("window_bwd", spec, 61)
-    got = window_bwd(q, k, v, o, lse, do, spec, cfg)
-    want = window_bwd(q, k, v, o, lse, do, spec, cfg.replace(CUDNN=0))
-    for name, a, b in zip(("dq", "dk", "dv"), got, want):
-        assert rel_err(a, b) < (1e-5 if CUDNN_DTYPE == torch.float32 else 5e-3), name
+    check_cudnn_matches_kernels(lambda cfg: window_bwd(q, k, v, o, lse, do, spec, cfg),
+                                cudnn_config("window_bwd", spec, 61), ("dq", "dk", "dv"))
 
 
 @pytest.mark.parametrize("why", ["packed", "deterministic", "error"])
 def test_window_bwd_cudnn_falls_back(why, monkeypatch, caplog):
-    """The generated kernels instead, with a warning: for packed sequences, under
-    torch.use_deterministic_algorithms (cuDNN's backward is not deterministic), and when
-    cuDNN raises. The gradients are then CUDNN = 0's, bit for bit."""
+    """The generated kernels instead, with a warning, for packed sequences, under
+    torch.use_deterministic_algorithms, and when cuDNN raises."""
     spec = make_spec(4, H=2, w=20)
-    cu = [0, 45, 50, 113] if why == "packed" else None
-    message = {"packed": "CUDNN=1 runs without cu_seqlens",
-               "deterministic": "deterministic algorithms requested",
-               "error": "cuDNN attention failed"}[why]
-    common._FALLBACKS_WARNED.discard(("window_bwd", message))
-    monkeypatch.setattr(common, "_CUDNN_REFUSED", set())
-    if why == "deterministic":
-        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    if why == "error":
-        def refuse(*a):
-            raise RuntimeError("cuDNN: no engine for this graph")
-        monkeypatch.setattr(window, "_band_bwd", refuse)
     q, k, v, do = rand_inputs(spec, 1, 113, CUDNN_DTYPE, seed=5)
-    cfg = cudnn_config("window_bwd", spec, 113)
-    with caplog.at_level("WARNING", logger="nsa_gen"):
-        got = run_function(spec, q, k, v, do, cfg, cu)
-    assert any(message in r.getMessage() for r in caplog.records)
-    want = run_function(spec, q, k, v, do, cfg.replace(CUDNN=0), cu)
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    check_cudnn_falls_back("window_bwd", why, spec,
+                           lambda cfg, cu: run_function(spec, q, k, v, do, cfg, cu),
+                           (window, "_band_bwd"), monkeypatch, caplog)
