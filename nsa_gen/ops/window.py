@@ -171,7 +171,8 @@ def _execute(spec: NSASpec, ins: dict, outs: dict) -> None:
         if len(_GRAPHS) > 64:
             _GRAPHS.clear()
         with torch.cuda.device(q.device):
-            _GRAPHS[key] = _build(cudnn, spec, ins, outs)
+            _GRAPHS[key] = _build(cudnn, spec, {n: x.detach() for n, x in ins.items()},
+                                  {n: x.detach() for n, x in outs.items()})
     g, tensors, ws_bytes = _GRAPHS[key]
     if q.device not in _HANDLES:
         with torch.cuda.device(q.device):
@@ -179,7 +180,9 @@ def _execute(spec: NSASpec, ins: dict, outs: dict) -> None:
     handle = _HANDLES[q.device]
     cudnn.set_stream(handle, torch.cuda.current_stream(q.device).cuda_stream)
     ws = torch.empty(ws_bytes, device=q.device, dtype=torch.uint8)
-    g.execute({tensors[name]: x for name, x in (*ins.items(), *outs.items())}, ws, handle=handle)
+    # Detached: the frontend refuses tensors that require grad (WindowFunction's inputs do).
+    g.execute({tensors[name]: x.detach() for name, x in (*ins.items(), *outs.items())}, ws,
+              handle=handle)
 
 
 def _band_fwd(q, k, v, o, lse, spec: NSASpec) -> None:
