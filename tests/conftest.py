@@ -21,7 +21,8 @@ def poison(monkeypatch):
 
     def empty(*args, **kwargs):
         t = real_empty(*args, **kwargs)
-        t.fill_(float("nan") if t.is_floating_point() else -77777)
+        wide = t.dtype in (torch.int32, torch.int64)
+        t.fill_(float("nan") if t.is_floating_point() else -77777 if wide else 77)  # bytes: 77
         return t
 
     monkeypatch.setattr(torch, "empty", empty)
