@@ -6,11 +6,10 @@ import torch
 from ..config import Config
 from ..kernels import kernel_def, kernel_fn, kernel_module, num_cmp_blocks
 from ..spec import NSASpec
-from .common import (check, check_grad_inputs, check_seqlens, check_tensor, cmp_seqlens,
-                     attention_math, attention_math_bwd, cmp_tile_table, cudnn_config,
-                     cudnn_refused, dkv_launch_options,
-                     dot_precision, kv_tile_args, launch_options, outputs, RowPieces, tile_table,
-                     tma_config)
+from .common import (attention_math, attention_math_bwd, check, check_grad_inputs,
+                     check_seqlens, check_tensor, cmp_seqlens, cmp_tile_table, cudnn_config,
+                     cudnn_refused, dkv_launch_options, dot_precision, kv_tile_args,
+                     launch_options, outputs, RowPieces, tile_table, tma_config)
 
 
 def compress_mean(x: torch.Tensor, spec: NSASpec, config: Config | None = None,

@@ -101,11 +101,11 @@ def window_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tenso
 # outside it. torch's cuDNN attention exposes no band, so this goes through the cuDNN frontend
 # (`nvidia-cudnn-frontend`, imported as `cudnn`), an optional dependency. Its graphs see the
 # [B, T, heads, D] tensors as [B, heads, T, D] views (no copies; GQA by head counts).
-# H100, bf16, 64k (RESULTS run 39): forward -3% (deepseek-nsa) and -18% (small-group) against
-# window_fwd, backward -30% and -27% against window_bwd.
+# H200, bf16, 64k, tuner medians (RESULTS run 40): forward -9% (deepseek-nsa) and -24%
+# (small-group) against window_fwd, backward -26% and -29% against window_bwd.
 
-# Built graphs by (direction, device, dtype, w, scale, each tensor's shape and strides): a
-# build takes milliseconds, a launch microseconds.
+# Built graphs by (direction, device, dtype, w, scale, each tensor's shape and strides):
+# building one (heuristics, plans) costs far more than running it.
 _GRAPHS: dict[tuple, tuple] = {}
 _HANDLES: dict[torch.device, object] = {}
 
