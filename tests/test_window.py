@@ -165,7 +165,8 @@ def test_window_fwd_cudnn(G, w, T, monkeypatch):
 @pytest.mark.parametrize("why", ["packed", "error"])
 def test_window_fwd_cudnn_falls_back(why, monkeypatch, caplog):
     """The generated kernel instead, with a warning, for packed sequences and when cuDNN
-    raises (remembered per launch shape, as compression's refusals: ops.common)."""
+    raises. (Refusals are remembered per launch shape in ops.common, shared with
+    compression, whose tests check that.)"""
     spec = make_spec(4, H=2, w=20)
     q, k, v = rand_qkv(spec, 1, 113, CUDNN_DTYPE, seed=5)
 
