@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import cmp_spec, CUDNN_DTYPE, CUDNN_TOL, CUDNN_WRONG, DEVICE, DTYPES, TOL, cudnn_config, rel_err
+from conftest import check_cudnn_falls_back, cmp_spec, CUDNN_DTYPE, CUDNN_TOL, CUDNN_WRONG, DEVICE, DTYPES, TOL, cudnn_config, rel_err
 from nsa_gen.config import Config
 from nsa_gen.kernels import kernel_def
 from nsa_gen.naive import naive_compress, naive_compressed_attention
@@ -307,22 +307,18 @@ def test_compression_fwd_cudnn(G, l, d, T, monkeypatch):  # noqa: E741
     check(o, lse, *ref_cmp(q, k_cmp, v_cmp, l, d, spec.softmax_scale), dtype, T_blind=l - 1)
 
 
-def test_compression_fwd_cudnn_falls_back(caplog):
+def test_compression_fwd_cudnn_falls_back(monkeypatch, caplog):
     """Packed sequences run the generated kernel (their lengths would be read back), with a
     warning: the same numbers as CUDNN = 0."""
-    from nsa_gen.ops import common
     spec = make_spec(4, H=2)
-    cu_t = torch.tensor([0, 45, 50, 113], dtype=torch.int32, device=DEVICE)
     q, k, v = rand_qkv(spec, 1, 113, CUDNN_DTYPE, seed=5)
-    k_cmp, cu_cmp = compress_mean(k, spec, cu_seqlens=cu_t)
-    v_cmp, _ = compress_mean(v, spec, cu_seqlens=cu_t)
-    cfg = cudnn_config("compression_fwd", spec, 113)
-    common._FALLBACKS_WARNED.discard(("compression_fwd", "CUDNN=1 runs without cu_seqlens"))
-    with caplog.at_level("WARNING", logger="nsa_gen"):
-        got = compression_fwd(q, k_cmp, v_cmp, spec, cfg, cu_seqlens=cu_t)
-    assert any("CUDNN=1 runs without cu_seqlens" in r.getMessage() for r in caplog.records)
-    want = compression_fwd(q, k_cmp, v_cmp, spec, cfg.replace(CUDNN=0), cu_seqlens=cu_t)
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+    def run(cfg, cu):
+        cu_t = torch.tensor(cu, dtype=torch.int32, device=DEVICE)
+        k_cmp, cu_cmp = compress_mean(k, spec, cu_seqlens=cu_t)
+        v_cmp, _ = compress_mean(v, spec, cu_seqlens=cu_t)
+        return compression_fwd(q, k_cmp, v_cmp, spec, cfg, cu_seqlens=cu_t)
+    check_cudnn_falls_back("compression_fwd", "packed", spec, run, (), monkeypatch, caplog)
 
 
 def test_compression_fwd_case_times_the_pieces(monkeypatch):

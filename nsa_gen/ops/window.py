@@ -1,6 +1,8 @@
 """Sliding-window attention (the `swa` branch): launchers and autograd wrapper."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..config import Config
@@ -110,6 +112,7 @@ _GRAPHS: dict[tuple, tuple] = {}
 _HANDLES: dict[torch.device, object] = {}
 
 
+@functools.cache  # a failed import is not retried on every launch
 def _frontend():
     """The cuDNN frontend module, or None where it is not installed."""
     try:
@@ -164,6 +167,8 @@ def _execute(spec: NSASpec, ins: dict, outs: dict) -> None:
     """Run cuDNN's band attention on ins into outs (see `_build`) on torch's current stream,
     building its graph the first time these shapes and strides come."""
     cudnn = _frontend()
+    # Detached: the frontend refuses tensors that require grad (WindowFunction's inputs do).
+    ins, outs = ({n: x.detach() for n, x in d.items()} for d in (ins, outs))
     q = ins["q"]
     key = ("do" in ins, q.device, q.dtype, spec.w, spec.softmax_scale,
            *((name, tuple(x.shape), tuple(x.stride())) for name, x in (*ins.items(), *outs.items())))
@@ -171,8 +176,7 @@ def _execute(spec: NSASpec, ins: dict, outs: dict) -> None:
         if len(_GRAPHS) > 64:
             _GRAPHS.clear()
         with torch.cuda.device(q.device):
-            _GRAPHS[key] = _build(cudnn, spec, {n: x.detach() for n, x in ins.items()},
-                                  {n: x.detach() for n, x in outs.items()})
+            _GRAPHS[key] = _build(cudnn, spec, ins, outs)
     g, tensors, ws_bytes = _GRAPHS[key]
     if q.device not in _HANDLES:
         with torch.cuda.device(q.device):
@@ -180,9 +184,7 @@ def _execute(spec: NSASpec, ins: dict, outs: dict) -> None:
     handle = _HANDLES[q.device]
     cudnn.set_stream(handle, torch.cuda.current_stream(q.device).cuda_stream)
     ws = torch.empty(ws_bytes, device=q.device, dtype=torch.uint8)
-    # Detached: the frontend refuses tensors that require grad (WindowFunction's inputs do).
-    g.execute({tensors[name]: x.detach() for name, x in (*ins.items(), *outs.items())}, ws,
-              handle=handle)
+    g.execute({tensors[name]: x for name, x in (*ins.items(), *outs.items())}, ws, handle=handle)
 
 
 def _band_fwd(q, k, v, o, lse, spec: NSASpec) -> None:
