@@ -236,7 +236,20 @@ def _topn_context(spec: NSASpec, cfg: Config) -> dict:
                 M_CHUNKS=spec.l // spec.d, INITIAL=spec.initial_blocks, LOCAL=spec.local_blocks,
                 BLOCK_T=cfg["BLOCK_T"], BJ=cfg["BJ"], SCALE_LOG2=c["SCALE_LOG2"],
                 MERGE=cfg["MERGE"], MERGE_STEPS=_half_cleaners(cfg["BJ"]), TMA=cfg["TMA"],
-                INSERT=cfg["INSERT"], KEY=cfg["KEY"], IMP=cfg["IMP"], **KEY32_BOUNDS)
+                INSERT=cfg["INSERT"], KEY=cfg["KEY"], IMP=cfg["IMP"],
+                TRANS=cfg["IMP"] in ("tsum", "mma"), NT=topn_group_cols(cfg),
+                P_SHIFT=TOPN_P_SHIFT, **KEY32_BOUNDS)
+
+
+# IMP "mma" scales its fp16 probabilities (<= 1) by 2^TOPN_P_SHIFT: at most 32768, within
+# fp16's 65504, and probabilities down to 2^-29 stay normal (11 significant bits).
+TOPN_P_SHIFT = 15
+
+
+def topn_group_cols(cfg: Config) -> int:
+    """Columns of IMP "mma"'s 0/1 group-sum matrix: one per token of the tile, at least the
+    16 tl.dot needs."""
+    return max(16, cfg["BLOCK_T"])
 
 
 # 32-bit top-n keys (KEY = 32): a chunk's non-candidate keys are -1 - j >= -2^TOPN_INDEX_BITS;
@@ -262,7 +275,8 @@ def _topn_space(spec: NSASpec) -> dict[str, list]:
     return {"BLOCK_T": [t for t in (1, 2, 4, 8, 16, 32, 64, 128) if 16 <= t * gp <= 256],
             "BJ": [b for b in (bj, 2 * bj) if b * topn_r(spec) <= 256] or [bj],
             "MERGE": ["sort", "bitonic", "rank"], "INSERT": [0, 2, 4, 8], "TMA": [0, 1],
-            "KEY": [64, 32], "IMP": ["dot", "sum", "tsum"], "num_warps": [2, 4, 8],
+            "KEY": [64, 32], "IMP": ["dot", "sum", "tsum"] + (["mma"] if gp > 1 else []),
+            "num_warps": [2, 4, 8],
             "num_stages": [1, 2, 3]}
 
 
@@ -295,6 +309,9 @@ def _topn_smem(spec: NSASpec, cfg: Config) -> int:
     dk = spec.DK
     # IMP "dot" feeds the probabilities and the weights to tl.dot through shared memory.
     weights = 4 * (rows * bc + bc * cfg["BJ"]) if cfg["IMP"] == "dot" else 0
+    # IMP "mma": the group-sum matrix is tl.dot's B operand (fp32 for fp32 inputs).
+    if cfg["IMP"] == "mma":
+        weights = 4 * rows * topn_group_cols(cfg)
     return 2 * (rows * dk + max(1, cfg.num_stages) * bc * dk) + weights
 
 

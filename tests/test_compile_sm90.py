@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def topn_configs(spec):
     """Every merge x INSERT x key width at the default tiles, TMA with each key width, and the
     summed importance (IMP "sum") with each merge and key width, and the transposed sum
-    (IMP "tsum") with and without TMA and with each key width."""
+    (IMP "tsum") and the group sum on the tensor cores (IMP "mma", where the space has it)
+    with and without TMA and with each key width."""
     from nsa_gen.kernels import kernel_def
     kd = kernel_def("topn")
     base, space = kd.default(spec, 65536), kd.space(spec)
@@ -33,8 +34,9 @@ def topn_configs(spec):
             + [base.replace(TMA=1, KEY=k) for k in space["KEY"]]
             + [base.replace(IMP="sum", MERGE=m, KEY=k)
                for m, k in itertools.product(space["MERGE"], space["KEY"])]
-            + [base.replace(IMP="tsum", TMA=t, KEY=k)
-               for t, k in itertools.product(space["TMA"], space["KEY"])])
+            + [base.replace(IMP=i, TMA=t, KEY=k)
+               for i, t, k in itertools.product([i for i in ("tsum", "mma") if i in space["IMP"]],
+                                                space["TMA"], space["KEY"])])
 
 
 def topn_signature(spec, config) -> dict:
