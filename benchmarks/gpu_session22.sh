@@ -9,6 +9,9 @@
 #            small-group fla-compat), $TRIALS trials (default 6) with IMP "mma" tried at the
 #            entry's tiles and at $MMA_TRY (default BLOCK_T=4 and BLOCK_T=16), into tuning_db
 #            (returned as $OUT/db.tar.gz, rewritten after each spec)
+#   capprobe benchmarks/variant_probe.py at 64k: IMP "mma" with ptxas' register cap (MAXNREG)
+#            and one stage, so that 3-4 programs share an SM, deepseek-nsa and small-group
+#            (MMA_TRY holds space-separated P=V,... sets, each tried with IMP=mma)
 #   bench64  the forward benchmark of three specs at 64k with the baselines
 #   benchfb  forward + backward of three specs at 64k with the baselines
 set -o pipefail
@@ -31,6 +34,11 @@ probe)
     deepseek-nsa:topn:IMP=mma deepseek-nsa:topn:IMP=mma,BLOCK_T=4 deepseek-nsa:topn:IMP=mma,BLOCK_T=16 \
     small-group:topn:IMP=mma small-group:topn:IMP=mma,BLOCK_T=16 \
     fla-compat:topn:IMP=mma fla-compat:topn:IMP=mma,BLOCK_T=8 2>&1 | quiet ;;
+capprobe)
+  timeout 300 python3 benchmarks/variant_probe.py --seqlen 65536 --out "$OUT/capprobe" \
+    deepseek-nsa:topn:IMP=mma deepseek-nsa:topn:IMP=mma,num_stages=1,MAXNREG=168 \
+    deepseek-nsa:topn:IMP=mma,BLOCK_T=4,num_stages=1,MAXNREG=128 \
+    small-group:topn:IMP=mma,BLOCK_T=16 small-group:topn:IMP=mma,BLOCK_T=16,MAXNREG=128 2>&1 | quiet ;;
 tune)
   for S in $SPECS; do
     tries=(--try IMP=mma)

@@ -68,7 +68,7 @@ def compile_launch(fn, args, kwargs, ptxas: str) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
     values = dict(zip(fn.arg_names, args), **kwargs)
     sig, consts = {}, {}
     for p in fn.params:

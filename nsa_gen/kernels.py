@@ -276,7 +276,7 @@ def _topn_space(spec: NSASpec) -> dict[str, list]:
             "BJ": [b for b in (bj, 2 * bj) if b * topn_r(spec) <= 256] or [bj],
             "MERGE": ["sort", "bitonic", "rank"], "INSERT": [0, 2, 4, 8], "TMA": [0, 1],
             "KEY": [64, 32], "IMP": ["dot", "sum", "tsum"] + (["mma"] if gp > 1 else []),
-            "num_warps": [2, 4, 8],
+            "MAXNREG": [0, 128, 168], "num_warps": [2, 4, 8],
             "num_stages": [1, 2, 3]}
 
 
@@ -298,7 +298,7 @@ def _topn_default(spec: NSASpec, T: int) -> Config:
     imp = "sum" if r == 1 or 2 <= token_group_pad(spec) <= 4 else "dot"
     bj = next((b for b in _topn_space(spec)["BJ"] if b * r >= 32), topn_bj(spec))
     return Config.make(BLOCK_T=block_t, BJ=bj, MERGE="bitonic",
-                       INSERT=4 if block_t <= 4 else 0, TMA=0, KEY=32, IMP=imp,
+                       INSERT=4 if block_t <= 4 else 0, TMA=0, KEY=32, IMP=imp, MAXNREG=0,
                        num_warps=4, num_stages=2)
 
 

@@ -233,7 +233,13 @@ def kv_tile_args(k: torch.Tensor, v: torch.Tensor, spec: NSASpec, config, rows: 
 
 
 def launch_options(config) -> dict:
-    return {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    """Triton launch options of a config: num_warps, num_stages, and ptxas' register cap
+    `maxnreg` where the config has MAXNREG > 0 (a cap that lets one more program share an SM:
+    a latency-bound kernel may gain more from the extra warps than it loses to spills)."""
+    opts = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    if config.get("MAXNREG", 0):
+        opts["maxnreg"] = config["MAXNREG"]
+    return opts
 
 
 def dkv_launch_options(config) -> dict:
