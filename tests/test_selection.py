@@ -5,7 +5,7 @@ import torch
 from conftest import shrink
 from nsa_gen import naive
 from nsa_gen.config import Config
-from nsa_gen.harness import make_case
+from nsa_gen.harness import _cmp_lse, make_case
 from nsa_gen.kernels import kernel_def
 from nsa_gen.ops.common import seq_start
 from nsa_gen.ops.selection import selection_bwd, selection_fwd, topn, visible_blocks
@@ -346,6 +346,39 @@ def test_topn_importance_variants(l, d, poison):  # noqa: E741
     assert torch.equal(got, case.run(base.replace(IMP="tsum"))[0])
     # "mma" sums the heads in tl.dot's order: a near-tie may break the other way.
     assert case.rel_error(case.run(base.replace(IMP="mma"))) < 1e-4
+
+
+@pytest.mark.parametrize("scale", [1.0, 6.0])
+def test_topn_mma_fp16_probabilities(scale, poison):
+    """IMP "mma" in 16-bit inputs sums fp16 probabilities (scaled by 2^P_SHIFT) on the tensor
+    cores: it must rank as the fp32 sums of "tsum" do, up to rare near-ties, on a flat
+    (scale 1) and a peaked (q x 6: most probabilities tiny) softmax, with every block
+    scored (no forced blocks) and 16 of 64 blocks chosen, so the ranking reaches its tail.
+    (At these lengths no probability needs the 2^P_SHIFT scale to stay normal in fp16; it
+    matters past ~16k visible blocks of a flat softmax.)"""
+    spec = make_spec("G4", compression={"block": 8, "stride": 4},
+                     selection={"block": 16, "top_n": 16, "initial_blocks": 0, "local_blocks": 0})
+    case = make_case("topn", spec, 1024, B=1, dtype=torch.float16, seed=4)
+    q = case.inputs["q"]
+    q.mul_(scale)
+    k_cmp = case.inputs["k_cmp"]
+    lse = _cmp_lse(q, k_cmp, spec)
+    base = kernel_def("topn").default(spec, 1024).replace(BJ=16)
+    want = topn(q, k_cmp, lse, spec, base.replace(IMP="tsum"))
+    got = topn(q, k_cmp, lse, spec, base.replace(IMP="mma"))
+    assert (got == want).all(-1).float().mean() >= 0.99
+    assert case.rel_error((got,)) < 1e-3  # the reference's scores of its choice (q scaled in place)
+
+
+def test_topn_register_cap_is_a_launch_option():
+    """MAXNREG > 0 reaches the launch as ptxas' register cap; 0 (or no such param) leaves
+    the compiler's choice."""
+    from nsa_gen.ops.common import launch_options
+    cfg = kernel_def("topn").default(make_spec("G4"), 4096)
+    assert cfg["MAXNREG"] == 0 and "maxnreg" not in launch_options(cfg)
+    assert launch_options(cfg.replace(MAXNREG=168, num_stages=1)) == {
+        "num_warps": cfg.num_warps, "num_stages": 1, "maxnreg": 168}
+    assert "maxnreg" not in launch_options(Config.make(BLOCK_T=4))
 
 
 @pytest.mark.parametrize("local", [0, 1])
