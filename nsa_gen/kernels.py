@@ -115,7 +115,7 @@ def _common(spec: NSASpec) -> dict:
 def _slc_fwd_context(spec: NSASpec, cfg: Config) -> dict:
     gt = token_group_pad(spec)
     return dict(_common(spec), BLOCK_N=cfg["BLOCK_N"], BLOCK_Q=cfg["BLOCK_Q"], GT=gt,
-                ROWS=cfg["BLOCK_Q"] * gt, HQ_PAD=next_pow2(spec.HQ), S_PAD=next_pow2(spec.S),
+                NB=spec.BS // cfg["BLOCK_N"], ROWS=cfg["BLOCK_Q"] * gt, HQ_PAD=next_pow2(spec.HQ), S_PAD=next_pow2(spec.S),
                 DK_CHUNKS=dim_chunks(spec.DK), TMA=cfg["TMA"], SHARE=cfg["SHARE"],
                 FORCED=cfg["FORCED"], FORCED_T=cfg["FORCED"] // gt,
                 # The forced pass's tiles never straddle a selection block.
@@ -184,6 +184,7 @@ def _slc_fwd_smem(spec: NSASpec, cfg: Config) -> int:
 
 def _slc_bwd_context(spec: NSASpec, cfg: Config) -> dict:
     return dict(_common(spec), BLOCK_N=cfg["BLOCK_N"], BLOCK_Q=cfg["BLOCK_Q"],
+                NB=spec.BS // cfg["BLOCK_N"], ROWS=cfg["BLOCK_Q"] * group_pad(spec),
                 SCALE=spec.softmax_scale)
 
 
@@ -234,7 +235,8 @@ def _topn_context(spec: NSASpec, cfg: Config) -> dict:
     return dict(H=c["H"], HQ=c["HQ"], G=c["G"], G_PAD=token_group_pad(spec), DK=c["DK"],
                 DK_CHUNKS=dim_chunks(spec.DK), L=spec.l, D=spec.d, BS=spec.BS, S=spec.S, R=topn_r(spec),
                 M_CHUNKS=spec.l // spec.d, INITIAL=spec.initial_blocks, LOCAL=spec.local_blocks,
-                BLOCK_T=cfg["BLOCK_T"], BJ=cfg["BJ"], SCALE_LOG2=c["SCALE_LOG2"],
+                BLOCK_T=cfg["BLOCK_T"], BJ=cfg["BJ"], BC=topn_bc(spec, cfg),
+                ROWS=cfg["BLOCK_T"] * token_group_pad(spec), SCALE_LOG2=c["SCALE_LOG2"],
                 MERGE=cfg["MERGE"], MERGE_STEPS=_half_cleaners(cfg["BJ"]), TMA=cfg["TMA"],
                 INSERT=cfg["INSERT"], KEY=cfg["KEY"], IMP=cfg["IMP"],
                 TRANS=cfg["IMP"] in ("tsum", "mma"), NT=topn_group_cols(cfg),
@@ -667,6 +669,7 @@ def decode_splits(spec: NSASpec, cfg: Config) -> tuple[int, int]:
 
 def _decode_attend_context(spec: NSASpec, cfg: Config) -> dict:
     return dict(_decode_common(spec), BS=spec.BS, S=spec.S, W=spec.w, BLOCK_N=cfg["BLOCK_N"],
+                TILES_PER_BLOCK=spec.BS // cfg["BLOCK_N"],
                 SLOTS=cfg["SLOTS"], W_SPLIT=cfg["W_SPLIT"], HAS_CMP=spec.has("cmp"),
                 HAS_SLC=spec.has("slc"), HAS_SWA=spec.has("swa"))
 
