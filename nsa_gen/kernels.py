@@ -115,7 +115,8 @@ def _common(spec: NSASpec) -> dict:
 def _slc_fwd_context(spec: NSASpec, cfg: Config) -> dict:
     gt = token_group_pad(spec)
     return dict(_common(spec), BLOCK_N=cfg["BLOCK_N"], BLOCK_Q=cfg["BLOCK_Q"], GT=gt,
-                NB=spec.BS // cfg["BLOCK_N"], ROWS=cfg["BLOCK_Q"] * gt, HQ_PAD=next_pow2(spec.HQ), S_PAD=next_pow2(spec.S),
+                NB=spec.BS // cfg["BLOCK_N"], ROWS=cfg["BLOCK_Q"] * gt,
+                HQ_PAD=next_pow2(spec.HQ), S_PAD=next_pow2(spec.S),
                 DK_CHUNKS=dim_chunks(spec.DK), TMA=cfg["TMA"], SHARE=cfg["SHARE"],
                 FORCED=cfg["FORCED"], FORCED_T=cfg["FORCED"] // gt,
                 # The forced pass's tiles never straddle a selection block.
