@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Top-n's group sum on the tensor cores (IMP "mma", session 22): bash benchmarks/gpu_session22.sh STEP...
-#   test     the top-n importance and diagonal tests on the GPU (every IMP, fp32 and fp16)
 #   verify   bf16 verification of topn (the default and each structural variant, IMP "mma"
-#            among them) and nsa, four built-in specs, T = 4096
+#            among them) and nsa, four built-in specs, T = 4096: the GPU check of mma (the
+#            top-n tests in tests/test_selection.py build CPU tensors; call 1 ran them here
+#            and no kernel ran)
 #   probe    benchmarks/variant_probe.py at 64k: the dispatched top-n against IMP "mma" at
 #            several tiles, three specs
 #   tune     topn studies at $SEQLENS (default 64k) for $SPECS (default deepseek-nsa
@@ -22,9 +23,6 @@ SPECS=${SPECS:-deepseek-nsa small-group fla-compat}
 TRIALS=${TRIALS:-6}
 gpu_info
 for step in "$@"; do case $step in
-test)
-  TRITON_INTERPRET=0 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_selection.py \
-    -k "importance_variants or diagonal_visibility" 2>&1 | tail -4 ;;
 verify)
   timeout 240 python3 cli.py verify deepseek-nsa fla-compat small-group mqa -T 4096 \
     --kernels topn nsa --dtype bfloat16 2>&1 | quiet > "$OUT/verify.txt"

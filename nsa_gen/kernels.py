@@ -237,7 +237,7 @@ def _topn_context(spec: NSASpec, cfg: Config) -> dict:
                 DK_CHUNKS=dim_chunks(spec.DK), L=spec.l, D=spec.d, BS=spec.BS, S=spec.S, R=topn_r(spec),
                 M_CHUNKS=spec.l // spec.d, INITIAL=spec.initial_blocks, LOCAL=spec.local_blocks,
                 BLOCK_T=cfg["BLOCK_T"], BJ=cfg["BJ"], BC=topn_bc(spec, cfg),
-                ROWS=cfg["BLOCK_T"] * token_group_pad(spec), SCALE_LOG2=c["SCALE_LOG2"],
+                ROWS=token_tile_rows(spec, cfg), SCALE_LOG2=c["SCALE_LOG2"],
                 MERGE=cfg["MERGE"], MERGE_STEPS=_half_cleaners(cfg["BJ"]), TMA=cfg["TMA"],
                 INSERT=cfg["INSERT"], KEY=cfg["KEY"], IMP=cfg["IMP"],
                 TRANS=cfg["IMP"] in ("tsum", "mma"), NT=topn_group_cols(cfg),
@@ -308,7 +308,7 @@ def _topn_default(spec: NSASpec, T: int) -> Config:
 def _topn_smem(spec: NSASpec, cfg: Config) -> int:
     # The kernel loads q and k_cmp in the exact pieces of dim_chunks(DK), so DK, not its
     # power-of-two padding, sets the tile bytes.
-    rows, bc = cfg["BLOCK_T"] * token_group_pad(spec), topn_bc(spec, cfg)
+    rows, bc = token_tile_rows(spec, cfg), topn_bc(spec, cfg)
     dk = spec.DK
     # IMP "dot" feeds the probabilities and the weights to tl.dot through shared memory.
     weights = 4 * (rows * bc + bc * cfg["BJ"]) if cfg["IMP"] == "dot" else 0
@@ -333,6 +333,12 @@ def token_group_pad(spec: NSASpec) -> int:
     """Rows per token in a token tile: G rounded up to a power of two (the tile, not each
     token, must reach tl.dot's 16 rows, so unlike group_pad there is no floor of 16)."""
     return next_pow2(spec.G)
+
+
+def token_tile_rows(spec: NSASpec, cfg: Config) -> int:
+    """ROWS of a token tile (top-n, compressed and window attention): BLOCK_T tokens of
+    token_group_pad rows each."""
+    return cfg["BLOCK_T"] * token_group_pad(spec)
 
 
 def dim_chunks(D: int) -> tuple[tuple[int, int], ...]:
@@ -371,7 +377,7 @@ def _tile_default(spec: NSASpec, T: int, name: str, block_n: int, num_stages: in
 def _tile_smem(spec: NSASpec, cfg: Config, name: str) -> int:
     """Query tile, num_stages K/V tiles, and the probabilities re-laid out for the P.V dot."""
     el = 4 if spec.dtype == "float32" else 2
-    rows, bn = cfg["BLOCK_T"] * token_group_pad(spec), cfg[name]
+    rows, bn = token_tile_rows(spec, cfg), cfg[name]
     return el * (rows * spec.DK + max(1, cfg.num_stages) * bn * (spec.DK + spec.DV) + rows * bn)
 
 
@@ -379,7 +385,7 @@ def _tile_context(spec: NSASpec, cfg: Config) -> dict:
     c, gp = _common(spec), token_group_pad(spec)
     return dict(HQ=c["HQ"], H=c["H"], G=c["G"], G_PAD=gp, DK=c["DK"], DV=c["DV"],
                 DK_CHUNKS=dim_chunks(spec.DK), DV_CHUNKS=dim_chunks(spec.DV),
-                BLOCK_T=cfg["BLOCK_T"], ROWS=cfg["BLOCK_T"] * gp, SCALE_LOG2=c["SCALE_LOG2"])
+                BLOCK_T=cfg["BLOCK_T"], ROWS=token_tile_rows(spec, cfg), SCALE_LOG2=c["SCALE_LOG2"])
 
 
 def _cmp_fwd_context(spec: NSASpec, cfg: Config) -> dict:
