@@ -274,9 +274,13 @@ def _half_cleaners(n: int) -> tuple[tuple[int, int], ...]:
 
 
 def _topn_space(spec: NSASpec) -> dict[str, list]:
-    gp, bj = token_group_pad(spec), topn_bj(spec)
+    gp, bj, r = token_group_pad(spec), topn_bj(spec), topn_r(spec)
+    # 4 * bj where that chunk is at most 64 compressed blocks (R = 1): IMP "tsum" and "mma"
+    # put the chunk's blocks on the M side of the transposed tile, and wgmma needs 64 there
+    # (fla-compat at 64k, H100: IMP "mma" 2.86 -> 2.64 ms at BJ 64; at BJ 32, 2x slower).
+    bjs = [b for b in (bj, 2 * bj) if b * r <= 256] + ([4 * bj] if 4 * bj * r <= 64 else [])
     return {"BLOCK_T": [t for t in (1, 2, 4, 8, 16, 32, 64, 128) if 16 <= t * gp <= 256],
-            "BJ": [b for b in (bj, 2 * bj) if b * topn_r(spec) <= 256] or [bj],
+            "BJ": bjs or [bj],
             "MERGE": ["sort", "bitonic", "rank"], "INSERT": [0, 2, 4, 8], "TMA": [0, 1],
             "KEY": [64, 32], "IMP": ["dot", "sum", "tsum"] + (["mma"] if gp > 1 else []),
             "MAXNREG": [0, 128, 168], "num_warps": [2, 4, 8],

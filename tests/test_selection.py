@@ -315,13 +315,13 @@ def test_topn(key, poison):
 @pytest.mark.parametrize("key", ["G4", "fla"])
 @pytest.mark.parametrize("width", [64, 32])
 def test_topn_merge_variants(key, width, poison):
-    """The bitonic and rank merges keep exactly what sorting the union keeps, at every chunk
-    width, over several chunks (600 tokens: 38 selection blocks of 16), with 64- and 32-bit
+    """The bitonic and rank merges keep exactly what sorting the union keeps, at chunks of 16
+    and 32 blocks, over several chunks (600 tokens: 38 selection blocks of 16), with 64- and 32-bit
     keys."""
     spec = make_spec(key, selection={"block": 16, "top_n": 4, "initial_blocks": 1, "local_blocks": 2})
     case = make_case("topn", spec, 600, B=1, dtype=torch.float32, seed=5)
     space = kernel_def("topn").space(spec)
-    for bj in space["BJ"]:
+    for bj in space["BJ"][:2]:  # R = 1's 64-block chunks: test_topn_wide_chunks
         base = dict(kernel_def("topn").default(spec, 93).as_dict(), BJ=bj, KEY=width)
         got = {m: case.run(Config.from_dict(dict(base, MERGE=m)))[0] for m in space["MERGE"]}
         assert case.rel_error((got["bitonic"],)) < 1e-4
@@ -346,6 +346,21 @@ def test_topn_importance_variants(l, d, poison):  # noqa: E741
     assert torch.equal(got, case.run(base.replace(IMP="tsum"))[0])
     # "mma" sums the heads in tl.dot's order: a near-tie may break the other way.
     assert case.rel_error(case.run(base.replace(IMP="mma"))) < 1e-4
+
+
+def test_topn_wide_chunks(poison):
+    """At R = 1 the space offers chunks of 4 * 16 = 64 selection blocks, which put the
+    transposed tile's chunk side on wgmma's 64 rows. IMP "mma" with them, as fla-compat's 64k
+    entry runs it (the full sort, up to 8 insertions), selects what the reference selects.
+    One chunk (38 blocks): the chunk-to-chunk logic does not depend on BJ and is tested at 16
+    and 32 (test_topn_merge_variants, test_topn_importance_variants); this run alone costs
+    the interpreter a minute."""
+    spec = make_spec("G4", heads={"q": 4, "kv": 1}, compression={"block": 16, "stride": 16},
+                     selection={"block": 16, "top_n": 6, "initial_blocks": 1, "local_blocks": 2})
+    assert 64 in kernel_def("topn").space(spec)["BJ"]
+    case = make_case("topn", spec, 600, B=1, dtype=torch.float32, seed=11)
+    cfg = kernel_def("topn").default(spec, 600).replace(BJ=64, IMP="mma", MERGE="sort", INSERT=8)
+    assert case.rel_error(case.run(cfg)) < 1e-4
 
 
 @pytest.mark.parametrize("scale", [1.0, 6.0])
