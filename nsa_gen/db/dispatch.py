@@ -2,10 +2,11 @@
 
 Lookup order: overlays (paths given in code, then NSA_GEN_DB), then the DB shipped with
 the package, then the kernel's heuristic default. Among DB entries for the same kernel
-source and spec, an exact shape beats the nearest one in log2(T, B) space (whose token-count
-params, a split length, are scaled to the shape: `KernelDef.at_shape`), the exact device
-beats another board of the same architecture, and an earlier source beats a later one at
-equal distance. Every candidate is checked against the device's limits before use.
+source and spec, the exact device comes first (another board of the same architecture
+only where the device has none), then the nearest shape in log2(T, B) space (an exact one
+first; token-count params, a split length, are scaled to the shape: `KernelDef.at_shape`),
+and an earlier source beats a later one at equal distance. Every candidate is checked
+against the device's limits before use.
 
 Nothing is timed here. The first call for a (kernel, spec, shape, device) reads the DB
 (once per kernel and device) and ranks candidates; later calls are one dict lookup.
