@@ -12,6 +12,9 @@
 #   topncheck  fla-compat's 64k top-n entry (IMP "mma", BJ 64) against the reference in bf16
 #            at 8k and 16k (the dispatched configs there do not use it, so verify does not)
 #   bench64  the forward benchmark of three specs at 64k with the baselines
+#   h200     what session 23 could not run on an H200: fla-compat's top-n studies at 16k, 32k
+#            and 64k with IMP mma / tsum at BJ 64 tried, topncheck, bench64 (on an H100 it
+#            stops: the H100 has those entries)
 set -o pipefail
 source "$(dirname "$0")/device_env.sh"
 export NSA_GEN_LOG=${NSA_GEN_LOG:-ERROR}
@@ -54,6 +57,11 @@ for T in (8192, 16384):
     print(f"T={T} rel_error={err:.2e} bound={case.tolerance:.0e} {'pass' if err <= case.tolerance else 'FAIL'}")
 PY
   ;;
+h200)
+  nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 || { echo "not an H200"; exit 2; }
+  SPECS=fla-compat SEQLENS=16k,32k,64k TRIALS=6 \
+    TRY="IMP=mma,BJ=64,INSERT=8,MERGE=sort,TMA=1,BLOCK_T=4 IMP=tsum,BJ=64,INSERT=8,MERGE=sort,TMA=1,BLOCK_T=4" \
+    bash "$0" tune topncheck bench64 ;;
 bench64)
   timeout 250 python3 cli.py bench deepseek-nsa fla-compat small-group --seqlens 65536 \
     --out "$OUT/bench" 2>&1 | quiet | tail -12 ;;
