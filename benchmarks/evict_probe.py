@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import re
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nsa_gen import kernels  # noqa: E402
 from nsa_gen.benchmark import _bench  # noqa: E402
 from nsa_gen.config import parse_assignments  # noqa: E402
-from probe_main import dispatched_case, max_diff, probe_main, random_qkv, time_variant  # noqa: E402
+from probe_main import (dispatched_case, max_diff, probe_main, random_qkv,  # noqa: E402
+                        rewritten_source, time_variant)
 
 CALL = re.compile(r"tl\.(load|store)\(")
 STREAMED = ("p_q", "g_slc", "g_cmp", "g_swa", "p_x", "o_swa", "p_o")
@@ -51,18 +51,6 @@ def hinted(src: str) -> str:
     return "".join(out) + src[pos:]
 
 
-@contextmanager
-def hints_on(stem: str):
-    plain = kernels.kernel_source
-    kernels.kernel_source = lambda s, *a, **k: hinted(plain(s, *a, **k)) if s == stem else plain(s, *a, **k)
-    kernels._MODULE_CACHE.clear()
-    try:
-        yield
-    finally:
-        kernels.kernel_source = plain
-        kernels._MODULE_CACHE.clear()
-
-
 def probe(run: str, T: int) -> dict:
     import torch
 
@@ -76,7 +64,7 @@ def probe(run: str, T: int) -> dict:
     row["hints"] = len(re.findall("eviction_policy", hinted(kernels.kernel_source("selection_fwd", spec, cfg))))
     want = [o.clone() for o in case.run(cfg)]
     row["kernel_ms"] = _bench(lambda: case.run(cfg))
-    with hints_on("selection_fwd"):
+    with rewritten_source("selection_fwd", hinted):
         time_variant(row, "kernel_hinted", lambda: case.run(cfg), want)
 
     # nsa() as served: no autograd, so the selected kernel stores the gated sum.
@@ -90,7 +78,7 @@ def probe(run: str, T: int) -> dict:
         with torch.no_grad():
             o = api.nsa(q, k, v, *gates, spec=spec, dispatcher=disp)
             row["nsa_ms"] = _bench(lambda: api.nsa(q, k, v, *gates, spec=spec, dispatcher=disp))
-            with hints_on("selection_fwd"):
+            with rewritten_source("selection_fwd", hinted):
                 o2 = api.nsa(q, k, v, *gates, spec=spec, dispatcher=disp)
                 row["nsa_hinted_ms"] = _bench(lambda: api.nsa(q, k, v, *gates, spec=spec, dispatcher=disp))
         row["nsa_max_abs_diff"] = max_diff(o, o2)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -38,6 +39,26 @@ def dispatched_case(name: str, stem: str, T: int, seed: int = 0):
     spec = load_spec(name)
     cfg = default_dispatcher().get(stem, spec, T, 1)
     return spec, cfg, make_case(stem, spec, T, dtype=torch.bfloat16, device="cuda", seed=seed)
+
+
+@contextmanager
+def rewritten_source(stem: str, rewrite: Callable[[str], str]):
+    """Within the block, kernel `stem`'s generated module is `rewrite` of its rendered source
+    (a probe's variant of the code, cached by its own content hash); the module cache is
+    emptied on the way in and out, so launches pick up the change and then drop it."""
+    from nsa_gen import kernels
+    plain = kernels.kernel_source
+
+    def source(s, *args, **kwargs):
+        src = plain(s, *args, **kwargs)
+        return rewrite(src) if s == stem else src
+    kernels.kernel_source = source
+    kernels._MODULE_CACHE.clear()
+    try:
+        yield
+    finally:
+        kernels.kernel_source = plain
+        kernels._MODULE_CACHE.clear()
 
 
 def random_qkv(spec, T: int) -> tuple:

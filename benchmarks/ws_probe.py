@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nsa_gen import kernels  # noqa: E402
 from nsa_gen.benchmark import _bench  # noqa: E402
-from probe_main import dispatched_case, probe_main, time_variant  # noqa: E402
+from probe_main import dispatched_case, probe_main, rewritten_source, time_variant  # noqa: E402
 
 MAIN_LOOP = re.compile(r"for (i\w*) in range\((.*)\):")
 
@@ -35,14 +35,8 @@ def probe(run: str, T: int) -> dict:
     row["loops"] = len(MAIN_LOOP.findall(src))
     base = [o.clone() for o in case.run(cfg)]
     row["plain_ms"] = _bench(lambda: case.run(cfg))
-    plain_source = kernels.kernel_source
-    kernels.kernel_source = lambda *a, **k: warp_specialized(plain_source(*a, **k))
-    kernels._MODULE_CACHE.clear()
-    try:
+    with rewritten_source(stem, warp_specialized):
         time_variant(row, "ws", lambda: case.run(cfg), base)
-    finally:
-        kernels.kernel_source = plain_source
-        kernels._MODULE_CACHE.clear()
     return row
 
 
