@@ -1,0 +1,75 @@
+"""Where nsa()'s forward spends its time, kernel by kernel, as it runs inside the op (the
+benchmark's branch columns time each kernel alone, with the ungated selected kernel, so
+their sum need not be the total).
+
+    python benchmarks/fwd_profile.py SPEC... [--seqlen 65536] [--out DIR]
+
+Per spec: the op's median (do_bench), then the GPU kernels of 5 profiled calls, by name,
+in ms per call, and the gap between the op's time and the sum of its kernels (launch gaps,
+host work that the GPU waits on). bf16 inputs as the benchmark makes them."""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+
+def profile(name: str, T: int, calls: int = 5) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    from triton.testing import do_bench
+
+    from nsa_gen import api
+    from nsa_gen.spec import BRANCHES, load_spec
+    spec = load_spec(name)
+    torch.manual_seed(T)
+    dev, dt = "cuda", torch.bfloat16
+    q = torch.randn(1, T, spec.HQ, spec.DK, device=dev, dtype=dt)
+    k = torch.randn(1, T, spec.H, spec.DK, device=dev, dtype=dt)
+    v = torch.randn(1, T, spec.H, spec.DV, device=dev, dtype=dt)
+    gates = [torch.sigmoid(torch.randn(1, T, spec.HQ, device=dev, dtype=dt)) if spec.has(b) else None
+             for b in BRANCHES]
+
+    def fwd():
+        return api.nsa(q, k, v, *gates, spec=spec)
+    fwd()
+    ms = do_bench(fwd, warmup=10, rep=50, return_mode="median")
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fwd()
+        torch.cuda.synchronize()
+    per: dict[str, float] = defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per[ev.name[:80]] += ev.device_time / 1e3 / calls
+    kernels = dict(sorted(per.items(), key=lambda kv: -kv[1]))
+    return {"spec": name, "T": T, "op_ms": ms, "kernels_ms": sum(kernels.values()),
+            "gap_ms": ms - sum(kernels.values()), "kernels": kernels}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("specs", nargs="+")
+    ap.add_argument("--seqlen", type=int, default=65536)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    rows = []
+    for name in args.specs:
+        r = profile(name, args.seqlen)
+        rows.append(r)
+        print(f"## {name} T={r['T']}: op {r['op_ms']:.2f} ms, kernels {r['kernels_ms']:.2f}, "
+              f"gap {r['gap_ms']:.2f}")
+        for kname, t in r["kernels"].items():
+            if t >= 0.005:
+                print(f"  {t:7.3f}  {kname}")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "fwd_profile.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
