@@ -2,6 +2,9 @@
 # Session 24's device steps: bash benchmarks/gpu_session24.sh STEP...
 #   profile  benchmarks/fwd_profile.py at 64k: nsa()'s forward kernel by kernel as the op
 #            runs it, for the three target specs (where the total differs from the branch sum)
+#   parts    benchmarks/topn_parts_probe.py at 64k: top-n's time without its merge, and
+#            without merge and exp2, for the three target specs (and fla-compat with IMP mma
+#            at BJ 64), to size what a cheaper merge could gain
 #   any other step is session 23's (tune, verify, topncheck, bench64, h200): see
 #            gpu_session23.sh
 set -o pipefail
@@ -11,6 +14,9 @@ for step in "$@"; do case $step in
 profile)
   timeout 300 python3 benchmarks/fwd_profile.py fla-compat deepseek-nsa small-group \
     --out "$OUT/profile" 2>&1 | quiet ;;
+parts)
+  timeout 240 python3 benchmarks/topn_parts_probe.py --out "$OUT/parts" fla-compat deepseek-nsa \
+    small-group fla-compat:IMP=mma,BJ=64,INSERT=8,MERGE=sort,TMA=1,BLOCK_T=4 2>&1 | quiet ;;
 *)
   bash "$(dirname "$0")/gpu_session23.sh" "$step" ;;
 esac; done
