@@ -5,6 +5,8 @@
 #   parts    benchmarks/topn_parts_probe.py at 64k: top-n's time without its merge, and
 #            without merge and exp2, for the three target specs (and fla-compat with IMP mma
 #            at BJ 64), to size what a cheaper merge could gain
+#   list     benchmarks/variant_probe.py at 64k: top-n's LIST = 1 (the running list S wide,
+#            not BJ) against the dispatched config, fla-compat's entries and wider chunks
 #   any other step is session 23's (tune, verify, topncheck, bench64, h200): see
 #            gpu_session23.sh
 set -o pipefail
@@ -17,6 +19,12 @@ profile)
 parts)
   timeout 240 python3 benchmarks/topn_parts_probe.py --out "$OUT/parts" fla-compat deepseek-nsa \
     small-group fla-compat:IMP=mma,BJ=64,INSERT=8,MERGE=sort,TMA=1,BLOCK_T=4 2>&1 | quiet ;;
+list)
+  M64=IMP=mma,BJ=64,INSERT=8,MERGE=sort,TMA=1,BLOCK_T=4
+  timeout 300 python3 benchmarks/variant_probe.py --out "$OUT/list" fla-compat:topn:LIST=1 \
+    fla-compat:topn:LIST=1,INSERT=8 fla-compat:topn:$M64 fla-compat:topn:$M64,LIST=1 \
+    fla-compat:topn:$M64,LIST=1,MERGE=bitonic fla-compat:topn:$M64,LIST=1,INSERT=4 \
+    small-group:topn:BJ=32,LIST=1 deepseek-nsa:topn:BJ=32,LIST=1 2>&1 | quiet ;;
 *)
   bash "$(dirname "$0")/gpu_session23.sh" "$step" ;;
 esac; done

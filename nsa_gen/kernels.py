@@ -229,8 +229,16 @@ def topn_bj(spec: NSASpec) -> int:
     return max(16, next_pow2(spec.S))
 
 
+def topn_narrow(spec: NSASpec, cfg: Config) -> bool:
+    """Whether a top-n config keeps its running list SL = next_pow2(S) keys wide (LIST = 1)
+    instead of BJ: only where that is narrower, and not with the rank merge, which ranks the
+    whole chunk against the list (LIST is unread there)."""
+    return cfg["LIST"] == 1 and cfg["BJ"] > next_pow2(spec.S) and cfg["MERGE"] != "rank"
+
+
 def _topn_context(spec: NSASpec, cfg: Config) -> dict:
     c = _common(spec)
+    narrow, sl = topn_narrow(spec, cfg), next_pow2(spec.S)
     # Token-tile rows (G rounded to a power of two, no floor of 16): the tile reaches 16
     # rows through BLOCK_T, so small groups waste no tensor-core work on padding heads.
     return dict(H=c["H"], HQ=c["HQ"], G=c["G"], G_PAD=token_group_pad(spec), DK=c["DK"],
@@ -238,7 +246,10 @@ def _topn_context(spec: NSASpec, cfg: Config) -> dict:
                 M_CHUNKS=spec.l // spec.d, INITIAL=spec.initial_blocks, LOCAL=spec.local_blocks,
                 BLOCK_T=cfg["BLOCK_T"], BJ=cfg["BJ"], BC=topn_bc(spec, cfg),
                 ROWS=token_tile_rows(spec, cfg), SCALE_LOG2=c["SCALE_LOG2"],
-                MERGE=cfg["MERGE"], MERGE_STEPS=_half_cleaners(cfg["BJ"]), TMA=cfg["TMA"],
+                MERGE=cfg["MERGE"], MERGE_STEPS=_half_cleaners(sl if narrow else cfg["BJ"]),
+                NARROW=narrow, SL=sl,
+                CHUNK_HALVES=tuple(w for w in (cfg["BJ"] >> s for s in range(1, 8)) if w >= sl),
+                TMA=cfg["TMA"],
                 INSERT=cfg["INSERT"], KEY=cfg["KEY"], IMP=cfg["IMP"],
                 TRANS=cfg["IMP"] in ("tsum", "mma"), NT=topn_group_cols(cfg),
                 P_SHIFT=TOPN_P_SHIFT, **KEY32_BOUNDS)
@@ -281,7 +292,8 @@ def _topn_space(spec: NSASpec) -> dict[str, list]:
     bjs = [b for b in (bj, 2 * bj) if b * r <= 256] + ([4 * bj] if 4 * bj * r <= 64 else [])
     return {"BLOCK_T": [t for t in (1, 2, 4, 8, 16, 32, 64, 128) if 16 <= t * gp <= 256],
             "BJ": bjs or [bj],
-            "MERGE": ["sort", "bitonic", "rank"], "INSERT": [0, 2, 4, 8], "TMA": [0, 1],
+            "MERGE": ["sort", "bitonic", "rank"], "INSERT": [0, 2, 4, 8], "LIST": [0, 1],
+            "TMA": [0, 1],
             "KEY": [64, 32], "IMP": ["dot", "sum", "tsum"] + (["mma"] if gp > 1 else []),
             "MAXNREG": [0, 128, 168], "num_warps": [2, 4, 8],
             "num_stages": [1, 2, 3]}
@@ -305,7 +317,7 @@ def _topn_default(spec: NSASpec, T: int) -> Config:
     imp = "sum" if r == 1 or 2 <= token_group_pad(spec) <= 4 else "dot"
     bj = next((b for b in _topn_space(spec)["BJ"] if b * r >= 32), topn_bj(spec))
     return Config.make(BLOCK_T=block_t, BJ=bj, MERGE="bitonic",
-                       INSERT=4 if block_t <= 4 else 0, TMA=0, KEY=32, IMP=imp, MAXNREG=0,
+                       INSERT=4 if block_t <= 4 else 0, LIST=0, TMA=0, KEY=32, IMP=imp, MAXNREG=0,
                        num_warps=4, num_stages=2)
 
 
@@ -715,8 +727,10 @@ KERNELS: dict[str, KernelDef] = {
                                unread=(("SHARE", 1, lambda c: c["BLOCK_Q"] > 0),
                                        ("FORCED", 0, lambda c: c["BLOCK_Q"] == 0 and c["SHARE"] > 1))),
     "topn": KernelDef("topn", "slc", _topn_context, _topn_default, _topn_space, _topn_smem,
-                      lambda s: s.has("slc"), structural=("MERGE", "INSERT", "TMA", "KEY", "IMP"),
-                      min_arch=TMA_ARCH),
+                      lambda s: s.has("slc"), structural=("MERGE", "INSERT", "LIST", "TMA", "KEY", "IMP"),
+                      min_arch=TMA_ARCH,
+                      # the rank merge keeps the list BJ wide
+                      unread=(("LIST", 0, lambda c: c["MERGE"] == "rank"),)),
     "selection_bwd": KernelDef("selection_bwd", "slc", _slc_bwd_context, _slc_bwd_default,
                                _slc_bwd_space, _slc_bwd_smem, lambda s: s.has("slc")),
     "compression_fwd": KernelDef("compression_fwd", "cmp", _cmp_fwd_context, _cmp_fwd_default,
