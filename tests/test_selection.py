@@ -6,7 +6,7 @@ from conftest import shrink
 from nsa_gen import naive
 from nsa_gen.config import Config
 from nsa_gen.harness import _cmp_lse, make_case
-from nsa_gen.kernels import kernel_def
+from nsa_gen.kernels import kernel_def, kernel_source
 from nsa_gen.ops.common import seq_start
 from nsa_gen.ops.selection import selection_bwd, selection_fwd, topn, visible_blocks
 
@@ -361,6 +361,26 @@ def test_topn_wide_chunks(poison):
     case = make_case("topn", spec, 600, B=1, dtype=torch.float32, seed=11)
     cfg = kernel_def("topn").default(spec, 600).replace(BJ=64, IMP="mma", MERGE="sort", INSERT=8)
     assert case.rel_error(case.run(cfg)) < 1e-4
+
+
+def test_topn_narrow_list(poison):
+    """LIST = 1 keeps the running list next_pow2(S) keys wide instead of BJ: with S = 4 and
+    32-block chunks the sort merge (with up to 2 insertions) and the bitonic merge keep
+    exactly what the BJ-wide sort merge keeps, over several chunks (600 tokens: 38 selection
+    blocks). LIST is unread by the rank merge."""
+    spec = make_spec("G4", selection={"block": 16, "top_n": 4, "initial_blocks": 1, "local_blocks": 2})
+    kd = kernel_def("topn")
+    assert 32 in kd.space(spec)["BJ"]
+    case = make_case("topn", spec, 600, B=1, dtype=torch.float32, seed=6)
+    base = kd.default(spec, 93).replace(BJ=32, MERGE="sort", INSERT=0, LIST=0)
+    want = case.run(base)[0]
+    assert case.rel_error((want,)) < 1e-4
+    for merge, insert in (("sort", 2), ("bitonic", 0)):
+        got = case.run(base.replace(MERGE=merge, INSERT=insert, LIST=1))[0]
+        assert torch.equal(got, want), (merge, insert)
+    assert kd.canonical(base.replace(MERGE="rank", LIST=1))["LIST"] == 0
+    assert "SL = tl.constexpr(4)" in kernel_source("topn", spec, base.replace(LIST=1))
+    assert "SL = tl.constexpr" not in kernel_source("topn", spec, base)
 
 
 @pytest.mark.parametrize("scale", [1.0, 6.0])
