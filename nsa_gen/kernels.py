@@ -49,9 +49,9 @@ class KernelDef:
     # (param, compute capability x10): the param, when non-zero, needs a GPU at least that
     # new, e.g. ("TMA", 90), Hopper's tensor memory accelerator. The interpreter runs all.
     min_arch: tuple[tuple[str, int], ...] = ()
-    # (param, value, when): a config for which `when(config)` holds runs as with param =
-    # value (its variant does not read the param), so the tuner tries only that one.
-    unread: tuple[tuple[str, object, Callable[[Config], bool]], ...] = ()
+    # (param, value, when): a config for which `when(spec, config)` holds runs as with
+    # param = value (its variant does not read the param), so the tuner tries only that one.
+    unread: tuple[tuple[str, object, Callable[[NSASpec, Config], bool]], ...] = ()
     # True: the kernel takes about as long on the GPU as its launcher on the CPU (a short
     # streaming pass), so the tuner times it replayed from a CUDA graph (trial.graph_timer);
     # timed eagerly, the launcher's CPU time, the same for every config, would hide it.
@@ -69,9 +69,14 @@ class KernelDef:
         """`base` with each other value of each structural param: one config per algorithm
         the template offers besides base's, in canonical form (a variant that leaves params
         unread, CUDNN = 1, is the one config the tuner keeps of it)."""
-        space = self.space(spec)
-        return [self.canonical(base.replace(**{name: value})) for name in self.structural
-                for value in space[name] if value != base[name]]
+        space, out = self.space(spec), []
+        for name in self.structural:
+            for value in space[name]:
+                # a param the variant does not read may bring it back to base (or a repeat)
+                cfg = self.canonical(spec, base.replace(**{name: value}))
+                if value != base[name] and cfg != base and cfg not in out:
+                    out.append(cfg)
+        return out
 
     def at_shape(self, spec: NSASpec, config: Config, T_from: int, T_to: int) -> Config:
         """`config`, tuned at T_from tokens, for T_to: each per-token param scaled by
@@ -86,10 +91,11 @@ class KernelDef:
                                     key=lambda c: (abs(math.log2(c / want)), c))
         return config.replace(**changes) if changes else config
 
-    def canonical(self, config: Config) -> Config:
-        """`config` with each param its variant does not read at the value `unread` gives."""
+    def canonical(self, spec: NSASpec, config: Config) -> Config:
+        """`config` with each param its variant does not read (for `spec`) at the value
+        `unread` gives."""
         have = config.as_dict()
-        changes = {n: v for n, v, when in self.unread if when(config) and have[n] != v}
+        changes = {n: v for n, v, when in self.unread if when(spec, config) and have[n] != v}
         return config.replace(**changes) if changes else config
 
     def effective(self, config: Config, T: int) -> Config:
@@ -724,13 +730,13 @@ KERNELS: dict[str, KernelDef] = {
                                _slc_fwd_space, _slc_fwd_smem, lambda s: s.has("slc"),
                                structural=("BLOCK_Q", "TMA", "SHARE", "FORCED"),
                                min_arch=TMA_ARCH,
-                               unread=(("SHARE", 1, lambda c: c["BLOCK_Q"] > 0),
-                                       ("FORCED", 0, lambda c: c["BLOCK_Q"] == 0 and c["SHARE"] > 1))),
+                               unread=(("SHARE", 1, lambda s, c: c["BLOCK_Q"] > 0),
+                                       ("FORCED", 0, lambda s, c: c["BLOCK_Q"] == 0 and c["SHARE"] > 1))),
     "topn": KernelDef("topn", "slc", _topn_context, _topn_default, _topn_space, _topn_smem,
                       lambda s: s.has("slc"), structural=("MERGE", "INSERT", "LIST", "TMA", "KEY", "IMP"),
                       min_arch=TMA_ARCH,
-                      # the rank merge keeps the list BJ wide
-                      unread=(("LIST", 0, lambda c: c["MERGE"] == "rank"),)),
+                      # LIST = 1 where the list is no narrower, or with the rank merge
+                      unread=(("LIST", 0, lambda s, c: not topn_narrow(s, c.replace(LIST=1))),)),
     "selection_bwd": KernelDef("selection_bwd", "slc", _slc_bwd_context, _slc_bwd_default,
                                _slc_bwd_space, _slc_bwd_smem, lambda s: s.has("slc")),
     "compression_fwd": KernelDef("compression_fwd", "cmp", _cmp_fwd_context, _cmp_fwd_default,
@@ -742,7 +748,7 @@ KERNELS: dict[str, KernelDef] = {
                                  min_arch=TMA_ARCH + (("CUDNN", 80),),
                                  # (BLOCK_T is unread too, but its values depend on the
                                  # spec: a sampled CUDNN config may repeat with another)
-                                 unread=tuple((n, v, lambda c: c["CUDNN"] == 1) for n, v in
+                                 unread=tuple((n, v, lambda s, c: c["CUDNN"] == 1) for n, v in
                                               (("TMA", 0), ("BLOCK_C", 64), ("num_warps", 4),
                                                ("num_stages", 2)))),
     "window_fwd": KernelDef("window_fwd", "swa", _swa_fwd_context, _swa_fwd_default,
@@ -751,7 +757,7 @@ KERNELS: dict[str, KernelDef] = {
                             # cuDNN's fused attention: Ampere and later
                             min_arch=TMA_ARCH + (("CUDNN", 80),),
                             # (BLOCK_T is unread too, as in compression_fwd)
-                            unread=tuple((n, v, lambda c: c["CUDNN"] == 1) for n, v in
+                            unread=tuple((n, v, lambda s, c: c["CUDNN"] == 1) for n, v in
                                          (("TMA", 0), ("BLOCK_N", 64), ("num_warps", 4),
                                           ("num_stages", 2)))),
     "compression_bwd": KernelDef("compression_bwd", "cmp", _cmp_bwd_context, _cmp_bwd_default,
@@ -760,7 +766,7 @@ KERNELS: dict[str, KernelDef] = {
                                  lambda s: s.has("cmp"), structural=("DKV_SPLIT_T", "CUDNN"),
                                  per_token=("DKV_SPLIT_T",), min_arch=(("CUDNN", 80),),
                                  # (the token tiles are unread too, as in compression_fwd)
-                                 unread=tuple((n, v, lambda c: c["CUDNN"] == 1) for n, v in
+                                 unread=tuple((n, v, lambda s, c: c["CUDNN"] == 1) for n, v in
                                               (("BLOCK_C", 64), ("DKV_BLOCK_C", 16),
                                                ("DKV_SPLIT_T", 0), ("DKV_WARPS", 4),
                                                ("DKV_STAGES", 2), ("num_warps", 4),
@@ -769,7 +775,7 @@ KERNELS: dict[str, KernelDef] = {
                             _swa_bwd_space, _swa_bwd_smem, lambda s: s.has("swa"),
                             structural=("CUDNN",), min_arch=(("CUDNN", 80),),
                             # (the token tiles are unread too, as in compression_fwd)
-                            unread=tuple((n, v, lambda c: c["CUDNN"] == 1) for n, v in
+                            unread=tuple((n, v, lambda s, c: c["CUDNN"] == 1) for n, v in
                                          (("BLOCK_N", 64), ("DKV_BLOCK_N", 16), ("DKV_WARPS", 4),
                                           ("DKV_STAGES", 2), ("num_warps", 4),
                                           ("num_stages", 2)))),

@@ -51,11 +51,11 @@ def verify_spec(spec: NSASpec, *, T: int, B: int = 1, dtypes: list[torch.dtype],
         if stem in KERNELS:
             kd = KERNELS[stem]
             default = kd.default(spec, T)
-            seen = {kd.effective(kd.canonical(default), T)}
+            seen = {kd.effective(kd.canonical(spec, default), T)}
             for cfg in kd.variants(spec, default):
                 # e.g. splits longer than T (one pass), a param the variant does not read
-                if kd.effective(kd.canonical(cfg), T) not in seen:
-                    seen.add(kd.effective(kd.canonical(cfg), T))
+                if kd.effective(kd.canonical(spec, cfg), T) not in seen:
+                    seen.add(kd.effective(kd.canonical(spec, cfg), T))
                     runs.append((f"{stem} " + " ".join(f"{n}={cfg[n]}" for n in kd.structural
                                                        if cfg[n] != default[n]), cfg))
         for dtype in dtypes:

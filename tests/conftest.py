@@ -63,7 +63,7 @@ def cudnn_config(stem: str, spec, T: int):
     would hold)."""
     from nsa_gen.kernels import kernel_def
     kd = kernel_def(stem)
-    return kd.canonical(kd.default(spec, T).replace(CUDNN=1))
+    return kd.canonical(spec, kd.default(spec, T).replace(CUDNN=1))
 
 
 def check_cudnn_matches_kernels(run, cfg, names: tuple[str, ...]) -> None:

@@ -378,7 +378,7 @@ def test_topn_narrow_list(poison):
     for merge, insert in (("sort", 2), ("bitonic", 0)):
         got = case.run(base.replace(MERGE=merge, INSERT=insert, LIST=1))[0]
         assert torch.equal(got, want), (merge, insert)
-    assert kd.canonical(base.replace(MERGE="rank", LIST=1))["LIST"] == 0
+    assert kd.canonical(spec, base.replace(MERGE="rank", LIST=1))["LIST"] == 0
     assert "SL = tl.constexpr(4)" in kernel_source("topn", spec, base.replace(LIST=1))
     assert "SL = tl.constexpr" not in kernel_source("topn", spec, base)
 

@@ -265,7 +265,7 @@ def test_structural_variants_of_the_default_are_seeded(spec, tmp_path, monkeypat
     assert sorted(splits + [default["DKV_SPLIT_T"]]) == sorted(kd.space(spec)["DKV_SPLIT_T"])
     assert all(c.replace(DKV_SPLIT_T=default["DKV_SPLIT_T"]) == default for c in split_seeds)
     # The cuDNN variant once, in canonical form (its tile params unread).
-    assert [c for c in seeds[1:] if c["CUDNN"]] == [kd.canonical(default.replace(CUDNN=1))]
+    assert [c for c in seeds[1:] if c["CUDNN"]] == [kd.canonical(spec, default.replace(CUDNN=1))]
     topn = t.seeds("topn", 4096, 1, pruned_space("topn", spec, H200)[0])
     assert [(c["MERGE"], c["INSERT"], c["TMA"], c["KEY"], c["IMP"]) for c in topn] == [  # INSERT 4 at 4-token tiles
         ("bitonic", 4, 0, 32, "dot"), ("sort", 4, 0, 32, "dot"), ("rank", 4, 0, 32, "dot"),
@@ -549,7 +549,7 @@ def test_executor_fails_a_trial_that_fell_back(monkeypatch):
         selection={"block": 16, "top_n": 2, "initial_blocks": 1, "local_blocks": 1},
         dtype="float32")  # the interpreter's tl.dot is not meaningful in bf16
     kd = kernel_def("window_fwd")
-    config = kd.canonical(kd.default(spec, 40).replace(CUDNN=1))
+    config = kd.canonical(spec, kd.default(spec, 40).replace(CUDNN=1))
     ex = TrialExecutor(timer=fixed_timer)
     monkeypatch.setattr(common, "_CUDNN_REFUSED", set())
     assert ex(TrialRequest("window_fwd", spec, 40, 1, config, "cpu")).status == OK
@@ -822,8 +822,8 @@ def test_unread_params_are_pruned_as_copies(monkeypatch):
     assert batched and all(c["SHARE"] == 1 for c in batched)
     assert any(c["SHARE"] == 4 and c["BLOCK_Q"] == 0 for c in keep)
     copy = batched[0].replace(SHARE=2)
-    assert kd.canonical(copy) == batched[0] and dropped[copy].startswith("runs as")
-    assert kd.canonical(keep[0]) == keep[0]
+    assert kd.canonical(spec, copy) == batched[0] and dropped[copy].startswith("runs as")
+    assert kd.canonical(spec, keep[0]) == keep[0]
 
 
 def test_parse_assignments():

@@ -52,7 +52,7 @@ def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indic
     if B * T == 0:
         return o, lse
     config = tma_config("selection_fwd", config, k, v)
-    config = kernel_def("selection_fwd").canonical(config)
+    config = kernel_def("selection_fwd").canonical(spec, config)
     gate_args = {}
     if gates is not None:
         gate_args = _gate_args(gates, outs or {}, spec, o)

@@ -109,8 +109,8 @@ def pruned_space(stem: str, spec: NSASpec, device: DeviceKey) -> tuple[list[Conf
     dropped: dict[Config, str] = {}
     for cfg in search_space(stem, spec).configs():
         why = prune_reason(stem, spec, cfg, device)
-        if why is None and kd.canonical(cfg) != cfg:
-            why = f"runs as {kd.canonical(cfg)}"
+        if why is None and kd.canonical(spec, cfg) != cfg:
+            why = f"runs as {kd.canonical(spec, cfg)}"
         if why is None:
             keep.append(cfg)
         else:

@@ -265,7 +265,7 @@ class Tuner:
             params = set(kd.space(self.spec))
             for change in self.candidates:
                 if set(change) <= params:
-                    add(kd.canonical(held.replace(**change)))
+                    add(kd.canonical(self.spec, held.replace(**change)))
         for dist, _, cfg in found:
             if dist != 0 and added < self.neighbours:
                 added += add(cfg)
