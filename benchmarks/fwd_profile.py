@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from probe_main import random_qkv  # noqa: E402
 
 
 def profile(name: str, T: int, calls: int = 5) -> dict:
@@ -24,13 +28,9 @@ def profile(name: str, T: int, calls: int = 5) -> dict:
     from nsa_gen import api
     from nsa_gen.spec import BRANCHES, load_spec
     spec = load_spec(name)
-    torch.manual_seed(T)
-    dev, dt = "cuda", torch.bfloat16
-    q = torch.randn(1, T, spec.HQ, spec.DK, device=dev, dtype=dt)
-    k = torch.randn(1, T, spec.H, spec.DK, device=dev, dtype=dt)
-    v = torch.randn(1, T, spec.H, spec.DV, device=dev, dtype=dt)
-    gates = [torch.sigmoid(torch.randn(1, T, spec.HQ, device=dev, dtype=dt)) if spec.has(b) else None
-             for b in BRANCHES]
+    q, k, v = random_qkv(spec, T)
+    gates = [torch.sigmoid(torch.randn(1, T, spec.HQ, device="cuda", dtype=q.dtype)) if spec.has(b)
+             else None for b in BRANCHES]
 
     def fwd():
         return api.nsa(q, k, v, *gates, spec=spec)
