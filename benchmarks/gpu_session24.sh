@@ -2,7 +2,7 @@
 # Session 24's device steps: bash benchmarks/gpu_session24.sh STEP...
 #   profile  benchmarks/fwd_profile.py at 64k: nsa()'s forward kernel by kernel as the op
 #            runs it, for the three target specs (where the total differs from the branch sum)
-#   parts    benchmarks/topn_parts_probe.py at 64k: top-n's time without its merge, and
+#   parts    benchmarks/topn_probe.py at 64k: top-n's time without its merge, and
 #            without merge and exp2, for the three target specs (and fla-compat with IMP mma
 #            at BJ 64), to size what a cheaper merge could gain
 #   list     benchmarks/variant_probe.py at 64k: top-n's LIST = 1 (the running list S wide,
@@ -19,7 +19,7 @@ profile)
   timeout 300 python3 benchmarks/fwd_profile.py fla-compat deepseek-nsa small-group \
     --out "$OUT/profile" 2>&1 | quiet ;;
 parts)
-  timeout 240 python3 benchmarks/topn_parts_probe.py --out "$OUT/parts" fla-compat deepseek-nsa \
+  timeout 240 python3 benchmarks/topn_probe.py --out "$OUT/parts" fla-compat deepseek-nsa \
     small-group fla-compat:IMP=mma,BJ=64,INSERT=8,MERGE=sort,TMA=1,BLOCK_T=4 2>&1 | quiet ;;
 list)
   M64=IMP=mma,BJ=64,INSERT=8,MERGE=sort,TMA=1,BLOCK_T=4

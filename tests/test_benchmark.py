@@ -113,8 +113,9 @@ def test_train_check_best_lag():
 
 
 def test_topn_probe_cuts_what_it_says():
-    """benchmarks/topn_probe.py's ablations of the rendered top-n: 'nosort' drops the chunk's
-    sort, 'nomerge' every merge step, 'noexp' also exp2; each still a valid module."""
+    """benchmarks/topn_probe.py's ablations of the rendered top-n: 'nomerge' drops the
+    insertion path and every merge (sort, bitonic, rank; narrow list or not), 'noexp' also
+    exp2; each still a valid module."""
     import sys
     from pathlib import Path
     from nsa_gen.kernels import kernel_def, kernel_source
@@ -124,15 +125,19 @@ def test_topn_probe_cuts_what_it_says():
         import topn_probe
     finally:
         sys.path.pop(0)
-    spec = load_spec("deepseek-nsa")
-    src = kernel_source("topn", spec, kernel_def("topn").default(spec, 65536))
-    assert topn_probe.ablate(src, "full") == src and topn_probe.SORT in src
-    cut = {w: topn_probe.ablate(src, w) for w in ("nosort", "nomerge", "noexp")}
-    assert topn_probe.SORT not in cut["nosort"] and "b_a, b_b = tl.split" in cut["nosort"]
-    assert "b_a, b_b" not in cut["nomerge"] and "tl.exp2(b_s * SCALE_LOG2 - b_lse" in cut["nomerge"]
-    assert "tl.exp2(b_s * SCALE_LOG2 - b_lse" not in cut["noexp"]
-    for text in cut.values():
-        compile(text, "topn", "exec")
+    spec = load_spec("fla-compat")
+    base = kernel_def("topn").default(spec, 65536)
+    for cfg in (base.replace(MERGE="bitonic", INSERT=4), base.replace(MERGE="sort", INSERT=0),
+                base.replace(MERGE="rank", IMP="mma", BJ=64), base.replace(MERGE="sort", LIST=1)):
+        src = kernel_source("topn", spec, cfg)
+        assert topn_probe.ablate(src, "full") == src
+        cut = {w: topn_probe.ablate(src, w) for w in ("nomerge", "noexp")}
+        for text in cut.values():
+            assert "tl.sort(b_key" not in text and "n_new" not in text and "m_up" not in text
+            assert "b_top = tl.maximum(b_top, b_key)" in text
+            compile(text, "topn", "exec")
+        assert "tl.exp2(b_s * SCALE_LOG2 - b_lse" in cut["nomerge"]
+        assert "tl.exp2(b_s * SCALE_LOG2 - b_lse" not in cut["noexp"]
 
 
 def test_ws_probe_rewrites_main_loops_only():
