@@ -254,7 +254,9 @@ def _topn_context(spec: NSASpec, cfg: Config) -> dict:
                 ROWS=token_tile_rows(spec, cfg), SCALE_LOG2=c["SCALE_LOG2"],
                 MERGE=cfg["MERGE"], MERGE_STEPS=_half_cleaners(sl if narrow else cfg["BJ"]),
                 NARROW=narrow, SL=sl,
-                CHUNK_HALVES=tuple(w for w in (cfg["BJ"] >> s for s in range(1, 8)) if w >= sl),
+                # the widths a chunk is halved through down to its best SL (LIST = 1)
+                CHUNK_HALVES=tuple(cfg["BJ"] >> s for s in range(1, cfg["BJ"].bit_length())
+                                   if cfg["BJ"] >> s >= sl),
                 TMA=cfg["TMA"],
                 INSERT=cfg["INSERT"], KEY=cfg["KEY"], IMP=cfg["IMP"],
                 TRANS=cfg["IMP"] in ("tsum", "mma"), NT=topn_group_cols(cfg),
