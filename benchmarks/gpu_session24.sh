@@ -14,21 +14,20 @@
 set -o pipefail
 source "$(dirname "$0")/device_env.sh"
 export NSA_GEN_LOG=${NSA_GEN_LOG:-ERROR}
+M64=IMP=mma,BJ=64,INSERT=8,MERGE=sort,TMA=1,BLOCK_T=4  # fla-compat's 64k entry on the H100
 for step in "$@"; do case $step in
 profile)
   timeout 300 python3 benchmarks/fwd_profile.py fla-compat deepseek-nsa small-group \
     --out "$OUT/profile" 2>&1 | quiet ;;
 parts)
   timeout 240 python3 benchmarks/topn_probe.py --out "$OUT/parts" fla-compat deepseek-nsa \
-    small-group fla-compat:IMP=mma,BJ=64,INSERT=8,MERGE=sort,TMA=1,BLOCK_T=4 2>&1 | quiet ;;
+    small-group fla-compat:$M64 2>&1 | quiet ;;
 list)
-  M64=IMP=mma,BJ=64,INSERT=8,MERGE=sort,TMA=1,BLOCK_T=4
   timeout 300 python3 benchmarks/variant_probe.py --out "$OUT/list" fla-compat:topn:LIST=1 \
     fla-compat:topn:LIST=1,INSERT=8 fla-compat:topn:$M64 fla-compat:topn:$M64,LIST=1 \
     fla-compat:topn:$M64,LIST=1,MERGE=bitonic fla-compat:topn:$M64,LIST=1,INSERT=4 \
     small-group:topn:BJ=32,LIST=1 deepseek-nsa:topn:BJ=32,LIST=1 2>&1 | quiet ;;
 tune64)
-  M64=IMP=mma,BJ=64,INSERT=8,MERGE=sort,TMA=1,BLOCK_T=4
   SPECS=fla-compat SEQLENS=64k TRIALS=6 TRY="$M64 $M64,LIST=1 LIST=1" \
     bash "$(dirname "$0")/gpu_session23.sh" tune ;;
 *)

@@ -54,8 +54,9 @@ def verify_spec(spec: NSASpec, *, T: int, B: int = 1, dtypes: list[torch.dtype],
             seen = {kd.effective(kd.canonical(spec, default), T)}
             for cfg in kd.variants(spec, default):
                 # e.g. splits longer than T (one pass), a param the variant does not read
-                if kd.effective(kd.canonical(spec, cfg), T) not in seen:
-                    seen.add(kd.effective(kd.canonical(spec, cfg), T))
+                key = kd.effective(kd.canonical(spec, cfg), T)
+                if key not in seen:
+                    seen.add(key)
                     runs.append((f"{stem} " + " ".join(f"{n}={cfg[n]}" for n in kd.structural
                                                        if cfg[n] != default[n]), cfg))
         for dtype in dtypes:
