@@ -7,8 +7,8 @@
 #            at BJ 64), to size what a cheaper merge could gain
 #   list     benchmarks/variant_probe.py at 64k: top-n's LIST = 1 (the running list S wide,
 #            not BJ) against the dispatched config, fla-compat's entries and wider chunks
-#   tune64   fla-compat's top-n study at 64k (6 trials) with IMP mma at BJ 64 (LIST 0 and 1)
-#            and LIST = 1 on the entry tried first; the DB returned as $OUT/db.tar.gz
+#   tune64   fla-compat's top-n study at 64k (6 trials) with IMP mma at BJ 64 (INSERT 8 and 4)
+#            tried first (session 26: LIST = 1 lost 28-38% on the H100, so it is not tried); the DB returned as $OUT/db.tar.gz
 #   any other step is session 23's (tune, verify, topncheck, bench64, h200): see
 #            gpu_session23.sh
 set -o pipefail
@@ -28,7 +28,7 @@ list)
     fla-compat:topn:$M64,LIST=1,MERGE=bitonic fla-compat:topn:$M64,LIST=1,INSERT=4 \
     small-group:topn:BJ=32,LIST=1 deepseek-nsa:topn:BJ=32,LIST=1 2>&1 | quiet ;;
 tune64)
-  SPECS=fla-compat SEQLENS=64k TRIALS=6 TRY="$M64 $M64,LIST=1 LIST=1" \
+  SPECS=fla-compat SEQLENS=64k TRIALS=6 TRY="$M64 $M64,INSERT=4" \
     bash "$(dirname "$0")/gpu_session23.sh" tune ;;
 *)
   bash "$(dirname "$0")/gpu_session23.sh" "$step" ;;

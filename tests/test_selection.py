@@ -557,35 +557,81 @@ def test_bad_inputs():
         selection_fwd(q, k, v, idx, spec, cu_seqlens=torch.tensor([0, 5], dtype=torch.int32))
 
 
-@pytest.mark.parametrize("lens", [[200], [1] * 40 + [33, 70], [31, 1, 64, 2, 97]])
-@pytest.mark.parametrize("seg", [1, 3, 16])
-def test_query_segments_cover_every_pair_once(lens, seg):
-    """The query-batched forward's segment table, sized without reading the GPU, holds every
-    (token, slot) pair of every block exactly once, at most `seg` a segment, each in the
-    right block and sequence; the rows past the real segments are empty."""
+@pytest.mark.parametrize("lens", [[200], [1] * 40 + [33, 70], [31, 1, 64, 2, 97], [0, 40, 0, 64]])
+def test_block_table_numbers_every_block(lens):
+    """block_table numbers each sequence's blocks in order, one after another: a token's
+    block j is row_block + j, whose first key row is its sequence's row + j * BS and whose
+    end row is its sequence's; numbers past the real blocks repeat the last one."""
     from nsa_gen.ops import selection as sel
+    spec = make_spec("G4")  # BS = 32
+    T = sum(lens)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    table = sel.block_table(spec, 1, T, cu if len(lens) > 1 else None, "cpu")
+    expect_first, expect_row, expect_end = [], [], []
+    for start, n in zip(cu[:-1].tolist(), lens):
+        expect_first += [len(expect_row)] * n
+        for j in range(-(-n // spec.BS)):
+            expect_row.append(start + j * spec.BS)
+            expect_end.append(start + n)
+    nb = len(expect_row)
+    assert table.row_block.tolist() == expect_first
+    assert table.key_row.numel() >= nb
+    assert table.key_row[:nb].tolist() == expect_row and table.row_end[:nb].tolist() == expect_end
+    assert (table.key_row[nb:] == expect_row[-1]).all() and (table.row_end[nb:] == expect_end[-1]).all()
+
+
+def test_block_table_dense_batch():
+    """Without cu_seqlens, batch b's block j is b * ceil(T / BS) + j, at key row b * T + j * BS."""
+    from nsa_gen.ops import selection as sel
+    spec = make_spec("G4")  # BS = 32
+    B, T = 3, 70
+    table = sel.block_table(spec, B, T, None, "cpu")
+    nj = 3
+    assert table.row_block.tolist() == [b * nj for b in range(B) for _ in range(T)]
+    assert table.key_row.tolist() == [b * T + j * spec.BS for b in range(B) for j in range(nj)]
+    assert table.row_end.tolist() == [b * T + T for b in range(B) for _ in range(nj)]
+
+
+@pytest.mark.parametrize("lens", [[200], [1] * 40 + [33, 70], [31, 1, 64, 2, 97], [150, 130]])
+@pytest.mark.parametrize("seg", [1, 3, 16])
+@pytest.mark.parametrize("skip_forced", [False, True])
+@pytest.mark.parametrize("keys", ["int16", "int32"])
+def test_query_segments_cover_every_pair_once(lens, seg, skip_forced, keys, monkeypatch):
+    """The query-batched forward's segment table, sized without reading the GPU, holds every
+    (token, slot) pair of every block exactly once (with skip_forced, every pair but the
+    forced blocks'), at most `seg` a segment, tokens ascending, each in the right block and
+    sequence; the rows past the real segments are empty. keys: the sort's key type (int32
+    from 32k bins on)."""
+    from nsa_gen.ops import selection as sel
+    if keys == "int32":
+        monkeypatch.setattr(sel, "KEY_TYPES", sel.KEY_TYPES[1:])
     spec = make_spec("G4")  # BS = 32, S = 4
     T = sum(lens)
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
     g = torch.Generator().manual_seed(seg)
     starts = sel.seq_start(cu, 1, T, "cpu") if len(lens) > 1 else None
-    ends = sel.seq_end(cu, T, "cpu") if len(lens) > 1 else None
-    raw = torch.randint(-1, 4, (1, T, spec.H, spec.S), generator=g, dtype=torch.int32)
+    table = sel.block_table(spec, 1, T, cu if len(lens) > 1 else None, "cpu")
+    raw = torch.randint(-1, 7, (1, T, spec.H, spec.S), generator=g, dtype=torch.int32)
     idx = sel.visible_blocks(raw, spec, starts)
-    lists = sel._block_lists(idx, spec, T, starts, (0, T))
-    segs = sel._query_segments(lists, spec, T, T, ends, len(lens), seg)
+    lists = sel._block_lists(idx, spec, table, starts, (0, T), skip_forced=skip_forced)
+    segs = sel._query_segments(lists, seg)
     n_tok = segs[:, 3]
     assert int((n_tok > 0).sum()) <= segs.shape[0] and int(n_tok.max()) <= seg
     real = segs[n_tok > 0]
-    covered = torch.cat([lists.entries[int(s[2]): int(s[2]) + int(s[3])] for s in real]).long()
-    valid = (idx.reshape(-1) >= 0).nonzero().squeeze(1)
-    assert torch.equal(covered.sort().values, valid)
+    covered = torch.cat([lists.entries[int(s[2]): int(s[2]) + int(s[3])] for s in real]
+                        + [lists.entries[:0]]).long()
     row0 = starts.long() if starts is not None else torch.zeros(T, dtype=torch.long)
+    flat = idx.reshape(T, spec.H, spec.S).long()
+    own = ((torch.arange(T) - row0) // spec.BS)[:, None, None]
+    keep = flat >= 0
+    if skip_forced:
+        keep &= (flat >= spec.initial_blocks) & (flat <= own - spec.local_blocks)
+    assert torch.equal(covered.sort().values, keep.reshape(-1).nonzero().squeeze(1))
     for s in real:
         e = lists.entries[int(s[2]): int(s[2]) + int(s[3])].long()
         rows, h, slot = e // (spec.H * spec.S), (e // spec.S) % spec.H, e % spec.S
-        assert (h == s[0]).all()
-        blocks = idx.reshape(T, spec.H, spec.S)[rows, h, slot].long()
+        assert (h == s[0]).all() and (rows[1:] > rows[:-1]).all()
+        blocks = flat[rows, h, slot]
         assert (row0[rows] + blocks * spec.BS == s[1]).all()  # the segment's block
         assert (rows < s[5]).all() and (rows >= row0[rows]).all()
 

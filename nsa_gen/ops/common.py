@@ -81,14 +81,6 @@ def seq_start(cu_seqlens: torch.Tensor | None, B: int, T: int, device) -> torch.
     return torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=T).to(torch.int32)
 
 
-def seq_end(cu_seqlens: torch.Tensor | None, T: int, device) -> torch.Tensor | None:
-    """For packed batches: int64 [T], the end row of each token's sequence."""
-    if cu_seqlens is None:
-        return None
-    cu = cu_seqlens.to(device=device, dtype=torch.int64)
-    return torch.repeat_interleave(cu[1:], cu[1:] - cu[:-1], output_size=T)
-
-
 # (kernel, reason) pairs fall_back has warned about: once each per process, not on every
 # launch of a training loop.
 _FALLBACKS_WARNED: set[tuple[str, str]] = set()

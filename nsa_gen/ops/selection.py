@@ -10,7 +10,7 @@ from ..kernels import (TOPN_INDEX_BITS, kernel_def, kernel_fn, kernel_module, ne
                        token_group_pad, topn_bc, topn_index_bits)
 from ..spec import NSASpec
 from .common import (check, check_grad_inputs, check_qkv, check_seqlens, check_tensor, launch_options,
-                     dim_widths, fall_back, seq_end, seq_start, tile_args, tile_table,
+                     dim_widths, fall_back, seq_start, tile_args, tile_table,
                      tma_config, RowPieces)
 from .gate import check_branches
 
@@ -170,8 +170,7 @@ def _selection_fwd_query(q, k, v, block_indices, spec, config, cu_seqlens, start
     (storing the gated sum when gate_args are given). Nothing here waits for the GPU: the
     segment grid is an upper bound, spare programs idle."""
     B, T = q.shape[:2]
-    ends = seq_end(cu_seqlens, T, q.device)
-    n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    table = block_table(spec, B, T, cu_seqlens, q.device)
     mod = kernel_module("selection_fwd", spec, config)
     forced = config["FORCED"] > 0
     chunk = query_chunk_rows(spec, q.element_size())
@@ -181,8 +180,8 @@ def _selection_fwd_query(q, k, v, block_indices, spec, config, cu_seqlens, start
     kv = _kv_args(k, v, spec, config)
     for r0 in range(0, B * T, chunk):
         r1 = min(B * T, r0 + chunk)
-        lists = _block_lists(block_indices, spec, T, starts, (r0, r1), skip_forced=forced)
-        segments = _query_segments(lists, spec, B * T, T, ends, n_seq, config["BLOCK_Q"])
+        lists = _block_lists(block_indices, spec, table, starts, (r0, r1), skip_forced=forced)
+        segments = _query_segments(lists, config["BLOCK_Q"])
         mod.nsa_selection_fwd_kernel[(segments.shape[0],)](
             q, *kv, lists.entries, segments, o_part, lse_part, r0, **launch_options(config))
         # With FORCED, the forced pass's state in o and lse stands for the forced slots.
@@ -192,65 +191,115 @@ def _selection_fwd_query(q, k, v, block_indices, spec, config, cu_seqlens, start
             num_stages=1)
 
 
+# The sort keys of _block_lists: the narrowest type that holds every bin and the empty one.
+KEY_TYPES = (torch.int16, torch.int32, torch.int64)
+
+
+@dataclass(frozen=True)
+class BlockTable:
+    """The K/V blocks of a batch, numbered across its sequences: block g of NBLK (a bound,
+    known without reading the GPU; the numbers past the real blocks stand for none).
+    row_block int32 [B*T]: the number of the first block of each row's sequence (a token's
+    block j is row_block + j); key_row, row_end int64 [NBLK]: each block's first key row
+    and the end row of its sequence."""
+    row_block: torch.Tensor
+    key_row: torch.Tensor
+    row_end: torch.Tensor
+
+
+def block_table(spec: NSASpec, B: int, T: int, cu_seqlens: torch.Tensor | None,
+                device) -> BlockTable:
+    """The BlockTable of B sequences of T rows, or with cu_seqlens (int32 [N+1], B = 1) of
+    N packed ones; blocks of BS keys, the last one of a sequence possibly partial."""
+    row = torch.arange(B * T, device=device, dtype=torch.int64)
+    if cu_seqlens is None:
+        nj = -(-T // spec.BS)
+        g = torch.arange(B * nj, device=device, dtype=torch.int64)
+        seq_row0 = g // nj * T
+        return BlockTable((row // T * nj).to(torch.int32), seq_row0 + g % nj * spec.BS, seq_row0 + T)
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    lens = cu[1:] - cu[:-1]
+    nj = torch.div(lens + spec.BS - 1, spec.BS, rounding_mode="floor")
+    last = torch.cumsum(nj, 0)  # one past each sequence's last block
+    base = last - nj
+    seq_of_row = torch.repeat_interleave(torch.arange(lens.numel(), device=device), lens,
+                                         output_size=T)
+    # Each sequence of n rows has ceil(n / BS) <= n // BS + 1 blocks.
+    g = torch.arange(T // spec.BS + lens.numel(), device=device, dtype=torch.int64)
+    # Numbers past the real blocks are read as the last block (their bins stay empty).
+    g = torch.minimum(g, last[-1] - 1)
+    seq = torch.searchsorted(last, g, right=True)
+    return BlockTable(base[seq_of_row].to(torch.int32), cu[seq] + (g - base[seq]) * spec.BS,
+                      cu[seq + 1])
+
+
 @dataclass(frozen=True)
 class BlockLists:
     """The (token, slot) pairs of a row range r0 .. r1 - 1 grouped by the block they chose.
-    A block is bin h * B*T + its first key row (b * T + the sequence's first row + j * BS),
-    so packed sequences never share one. entries int32 [E] (int64 from 2^31 pairs on):
-    (row - r0) * H * S + h * S + slot, by bin, ascending within one; counts int64
-    [H * B*T]: pairs per bin; first: the offset of each bin's pairs in entries."""
+    Bin h * NBLK + g holds kv head h's pairs that chose block g of `table`. entries int32 [E]
+    (int64 from 2^31 pairs on): (row - r0) * H * S + h * S + slot, by bin, tokens ascending
+    within one; E counts the empty slots too, which sort after every bin. counts int64
+    [H * NBLK]: pairs per bin; first: the offset of each bin's pairs in entries."""
     entries: torch.Tensor
     counts: torch.Tensor
     first: torch.Tensor
+    table: BlockTable
 
 
-def _block_lists(block_indices: torch.Tensor, spec: NSASpec, T: int,
+def _block_lists(block_indices: torch.Tensor, spec: NSASpec, table: BlockTable,
                  starts: torch.Tensor | None, rows: tuple[int, int], *,
                  skip_forced: bool = False) -> BlockLists:
     """Invert rows r0 .. r1 - 1 of visible_blocks' [B, T, H, S] indices by a stable sort.
     skip_forced: leave out each token's forced blocks (initial and local), as empty slots."""
-    B, _, H, S = block_indices.shape
-    BT, (r0, r1) = B * T, rows
-    dev = block_indices.device
-    # int32 keys sort in half the radix passes of int64.
-    kt = torch.int32 if (H + 1) * BT < 2 ** 31 else torch.int64
-    row = torch.arange(r0, r1, device=dev, dtype=kt)
-    row0 = starts[r0:r1].to(kt) if starts is not None else row - row % T
-    idx = block_indices.reshape(BT, H, S)[r0:r1].to(kt)
-    heads = torch.arange(H, device=dev, dtype=kt)[None, :, None] * BT
+    B, T, H, S = block_indices.shape
+    (r0, r1), dev = rows, block_indices.device
+    n_bin = H * table.key_row.numel()
+    # Keys are bins, not key rows: BS times fewer, so 16 bits hold them up to 32k bins
+    # (64k tokens of 8 kv heads at BS = 64), and the radix sort takes half the passes of
+    # 32-bit keys; the bin-sized steps below shrink as much.
+    kt = next(t for t in KEY_TYPES if n_bin < torch.iinfo(t).max)
+    idx = block_indices.reshape(B * T, H, S)[r0:r1]
     keep = idx >= 0
     if skip_forced:
+        row = torch.arange(r0, r1, device=dev, dtype=torch.int32)
+        row0 = starts[r0:r1] if starts is not None else row - row % T
         own = torch.div(row - row0, spec.BS, rounding_mode="floor")[:, None, None]
         keep &= (idx >= spec.initial_blocks) & (idx <= own - spec.local_blocks)
-    key = torch.where(keep, heads + row0[:, None, None] + idx * spec.BS, H * BT).flatten()
-    sorted_key, order = torch.sort(key, stable=True)  # stable: tokens stay ascending
+    wide = torch.int32 if kt != torch.int64 else torch.int64
+    heads = torch.arange(H, device=dev, dtype=wide)[None, :, None] * table.key_row.numel()
+    key = torch.where(keep, heads + table.row_block[r0:r1, None, None] + idx, n_bin)
+    sorted_key, order = torch.sort(key.to(kt).flatten(), stable=True)  # stable: tokens stay ascending
     # Each bin's first pair by binary search in the sorted keys, not by counting: an atomic
     # count (index_add_) serialises on the bin of the empty slots, which with the forced
     # slots left out holds 3/16 of them (+1.1 ms at small-group, 64k, H200).
-    edges = torch.searchsorted(sorted_key, torch.arange(H * BT + 1, device=dev, dtype=kt))
+    edges = torch.searchsorted(sorted_key, torch.arange(n_bin + 1, device=dev, dtype=kt))
     entries = order.to(torch.int32) if order.numel() < 2 ** 31 else order
-    return BlockLists(entries, edges[1:] - edges[:-1], edges[:-1])
+    return BlockLists(entries, edges[1:] - edges[:-1], edges[:-1], table)
 
 
-def _query_segments(lists: BlockLists, spec: NSASpec, BT: int, T: int,
-                    ends: torch.Tensor | None, n_seq: int, seg: int) -> torch.Tensor:
+def _bin_blocks(lists: BlockLists, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bins b (int64) as (kv head, first key row of the block, end row of its sequence)."""
+    n_blk = lists.table.key_row.numel()
+    h = torch.div(b, n_blk, rounding_mode="floor")
+    g = b - h * n_blk
+    return h, lists.table.key_row[g], lists.table.row_end[g]
+
+
+def _query_segments(lists: BlockLists, seg: int) -> torch.Tensor:
     """Segments of at most `seg` pairs of one bin, int32 [n, 6] as the query-batched kernel
     reads them (kv head, first key row, offset in entries, count, 0, end row of the
     sequence). n is a bound known without reading the GPU: rows past the real number have
     count 0."""
     n_seg = torch.div(lists.counts + seg - 1, seg, rounding_mode="floor")
     seg_end = torch.cumsum(n_seg, 0)
-    # Segments <= pairs / seg + one per non-empty bin; a sequence of n rows has ceil(n / BS)
-    # blocks per kv head.
-    n_pairs = lists.entries.numel()
-    bound = n_pairs // seg + 1 + min(n_pairs, spec.H * (BT // spec.BS + n_seq))
+    # Segments <= pairs / seg + one per non-empty bin.
+    n_pairs, n_bin = lists.entries.numel(), lists.counts.numel()
+    bound = n_pairs // seg + 1 + min(n_pairs, n_bin)
     i = torch.arange(bound, device=n_seg.device)
-    b = torch.searchsorted(seg_end, i, right=True).clamp_max(n_seg.numel() - 1)
+    b = torch.searchsorted(seg_end, i, right=True).clamp_max(n_bin - 1)
     kth = i - (seg_end[b] - n_seg[b])
     n_tok = torch.where(i < seg_end[-1], torch.clamp(lists.counts[b] - kth * seg, max=seg), 0)
-    h = torch.div(b, BT, rounding_mode="floor")
-    row_kv = b - h * BT
-    row_end = ends[row_kv] if ends is not None else row_kv - row_kv % T + T
+    h, row_kv, row_end = _bin_blocks(lists, b)
     return torch.stack([h, row_kv, lists.first[b] + kth * seg, n_tok, torch.zeros_like(h),
                         row_end], 1).to(torch.int32).contiguous()
 
@@ -300,17 +349,16 @@ def _cmp_key_args(k_cmp: torch.Tensor, spec: NSASpec, config: Config) -> list:
     return tile_args(config, topn_bc(spec, config), (k_cmp, dim_widths(spec.DK)))
 
 
-def _inverse_selection(block_indices: torch.Tensor, spec: NSASpec, T: int,
-                       starts: torch.Tensor | None, ends: torch.Tensor | None, seg: int):
+def _inverse_selection(block_indices: torch.Tensor, spec: NSASpec, table: BlockTable,
+                       starts: torch.Tensor | None, seg: int):
     """Invert visible_blocks' [B, T, H, S] indices into per-block token lists for the
     backward's dk/dv kernel, cut into segments of at most `seg` tokens.
 
     Returns (tokens int32 [E], segments int32 [n, 6], reduces int32 [m, 5], n_slots): see
     nsa_selection_bwd_dkv_kernel.
     """
-    B, _, H, S = block_indices.shape
-    BT = B * T
-    lists = _block_lists(block_indices, spec, T, starts, (0, BT))
+    B, T, H, S = block_indices.shape
+    lists = _block_lists(block_indices, spec, table, starts, (0, B * T))
     dev = block_indices.device
     counts, first = lists.counts, lists.first
     n_seg = torch.div(counts + seg - 1, seg, rounding_mode="floor")
@@ -326,16 +374,12 @@ def _inverse_selection(block_indices: torch.Tensor, spec: NSASpec, T: int,
     slot = torch.where(multi, slot_first, -1)
     slot = torch.repeat_interleave(slot, n_seg_b, output_size=total)
     slot = torch.where(slot >= 0, slot + kth, -1)
-    h = torch.div(blk, BT, rounding_mode="floor")
-    row_kv = blk - h * BT
-    seq_end_kv = ends[row_kv] if ends is not None else row_kv - row_kv % T + T
+    h, row_kv, seq_end_kv = _bin_blocks(lists, blk)
     segments = torch.stack([h, row_kv, first[blk] + kth * seg,
                             torch.minimum(counts[blk] - kth * seg, torch.full_like(kth, seg)),
                             slot, seq_end_kv], 1).to(torch.int32).contiguous()
     mb = blocks[multi]
-    hm = torch.div(mb, BT, rounding_mode="floor")
-    row_m = mb - hm * BT
-    end_m = ends[row_m] if ends is not None else row_m - row_m % T + T
+    hm, row_m, end_m = _bin_blocks(lists, mb)
     reduces = torch.stack([hm, row_m, slot_first[multi], n_seg_b[multi], end_m],
                           1).to(torch.int32).contiguous()
     tokens = torch.div(lists.entries, H * S, rounding_mode="floor")
@@ -361,7 +405,6 @@ def selection_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Te
     starts = seq_start(cu_seqlens, B, T, q.device)
     if not canonical:
         block_indices = visible_blocks(block_indices, spec, starts)
-    ends = seq_end(cu_seqlens, T, q.device)
     mod = kernel_module("selection_bwd", spec, config)
     opts = launch_options(config)
     dq = torch.empty_like(q)
@@ -372,7 +415,8 @@ def selection_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Te
     mod.nsa_selection_bwd_kernel[(T, B * spec.H)](
         q, k, v, o, do, lse, delta, block_indices, dq, starts if starts is not None else q, T,
         IS_VARLEN=starts is not None, **opts)
-    tokens, segments, reduces, n_slots = _inverse_selection(block_indices, spec, T, starts, ends,
+    table = block_table(spec, B, T, cu_seqlens, q.device)
+    tokens, segments, reduces, n_slots = _inverse_selection(block_indices, spec, table, starts,
                                                             config["SEG"])
     bk, bv = next_pow2(spec.DK), next_pow2(spec.DV)
     dk_part = q.new_empty(max(1, n_slots) * spec.BS, bk, dtype=torch.float32)
