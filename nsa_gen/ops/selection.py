@@ -200,8 +200,8 @@ class BlockTable:
     """The K/V blocks of a batch, numbered across its sequences: block g of NBLK (a bound,
     known without reading the GPU; the numbers past the real blocks stand for none).
     row_block int32 [B*T]: the number of the first block of each row's sequence (a token's
-    block j is row_block + j); key_row, row_end int64 [NBLK]: each block's first key row
-    and the end row of its sequence."""
+    block j is row_block + j); key_row, row_end [NBLK] (int32, int64 from 2^31 rows on):
+    each block's first key row and the end row of its sequence."""
     row_block: torch.Tensor
     key_row: torch.Tensor
     row_end: torch.Tensor
@@ -211,21 +211,23 @@ def block_table(spec: NSASpec, B: int, T: int, cu_seqlens: torch.Tensor | None,
                 device) -> BlockTable:
     """The BlockTable of B sequences of T rows, or with cu_seqlens (int32 [N+1], B = 1) of
     N packed ones; blocks of BS keys, the last one of a sequence possibly partial."""
-    row = torch.arange(B * T, device=device, dtype=torch.int64)
+    # int32 while rows fit: the segment tables gather from these, and are int32.
+    it = torch.int32 if B * T + spec.BS < 2 ** 31 else torch.int64
     if cu_seqlens is None:
         nj = -(-T // spec.BS)
-        g = torch.arange(B * nj, device=device, dtype=torch.int64)
+        row = torch.arange(B * T, device=device, dtype=it)
+        g = torch.arange(B * nj, device=device, dtype=it)
         seq_row0 = g // nj * T
         return BlockTable((row // T * nj).to(torch.int32), seq_row0 + g % nj * spec.BS, seq_row0 + T)
-    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    cu = cu_seqlens.to(device=device, dtype=it)
     lens = cu[1:] - cu[:-1]
     nj = torch.div(lens + spec.BS - 1, spec.BS, rounding_mode="floor")
-    last = torch.cumsum(nj, 0)  # one past each sequence's last block
+    last = torch.cumsum(nj, 0, dtype=it)  # one past each sequence's last block
     base = last - nj
     seq_of_row = torch.repeat_interleave(torch.arange(lens.numel(), device=device), lens,
                                          output_size=T)
     # Each sequence of n rows has ceil(n / BS) <= n // BS + 1 blocks.
-    g = torch.arange(T // spec.BS + lens.numel(), device=device, dtype=torch.int64)
+    g = torch.arange(T // spec.BS + lens.numel(), device=device, dtype=it)
     # Numbers past the real blocks are read as the last block (their bins stay empty).
     g = torch.minimum(g, last[-1] - 1)
     seq = torch.searchsorted(last, g, right=True)
@@ -238,8 +240,8 @@ class BlockLists:
     """The (token, slot) pairs of a row range r0 .. r1 - 1 grouped by the block they chose.
     Bin h * NBLK + g holds kv head h's pairs that chose block g of `table`. entries int32 [E]
     (int64 from 2^31 pairs on): (row - r0) * H * S + h * S + slot, by bin, tokens ascending
-    within one; E counts the empty slots too, which sort after every bin. counts int64
-    [H * NBLK]: pairs per bin; first: the offset of each bin's pairs in entries."""
+    within one; E counts the empty slots too, which sort after every bin. counts [H * NBLK]
+    (entries' type): pairs per bin; first: the offset of each bin's pairs in entries."""
     entries: torch.Tensor
     counts: torch.Tensor
     first: torch.Tensor
@@ -272,13 +274,15 @@ def _block_lists(block_indices: torch.Tensor, spec: NSASpec, table: BlockTable,
     # Each bin's first pair by binary search in the sorted keys, not by counting: an atomic
     # count (index_add_) serialises on the bin of the empty slots, which with the forced
     # slots left out holds 3/16 of them (+1.1 ms at small-group, 64k, H200).
-    edges = torch.searchsorted(sorted_key, torch.arange(n_bin + 1, device=dev, dtype=kt))
-    entries = order.to(torch.int32) if order.numel() < 2 ** 31 else order
+    narrow = order.numel() < 2 ** 31
+    edges = torch.searchsorted(sorted_key, torch.arange(n_bin + 1, device=dev, dtype=kt),
+                               out_int32=narrow)
+    entries = order.to(torch.int32) if narrow else order
     return BlockLists(entries, edges[1:] - edges[:-1], edges[:-1], table)
 
 
 def _bin_blocks(lists: BlockLists, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Bins b (int64) as (kv head, first key row of the block, end row of its sequence)."""
+    """Bins b as (kv head, first key row of the block, end row of its sequence)."""
     n_blk = lists.table.key_row.numel()
     h = torch.div(b, n_blk, rounding_mode="floor")
     g = b - h * n_blk
@@ -290,18 +294,21 @@ def _query_segments(lists: BlockLists, seg: int) -> torch.Tensor:
     reads them (kv head, first key row, offset in entries, count, 0, end row of the
     sequence). n is a bound known without reading the GPU: rows past the real number have
     count 0."""
-    n_seg = torch.div(lists.counts + seg - 1, seg, rounding_mode="floor")
-    seg_end = torch.cumsum(n_seg, 0)
     # Segments <= pairs / seg + one per non-empty bin.
     n_pairs, n_bin = lists.entries.numel(), lists.counts.numel()
     bound = n_pairs // seg + 1 + min(n_pairs, n_bin)
-    i = torch.arange(bound, device=n_seg.device)
-    b = torch.searchsorted(seg_end, i, right=True).clamp_max(n_bin - 1)
+    # int32 arithmetic where it fits (the table is int32): half the bytes of each step.
+    it = torch.int32 if n_pairs + bound + seg < 2 ** 31 else torch.int64
+    counts = lists.counts.to(it)
+    n_seg = torch.div(counts + seg - 1, seg, rounding_mode="floor")
+    seg_end = torch.cumsum(n_seg, 0, dtype=it)
+    i = torch.arange(bound, device=n_seg.device, dtype=it)
+    b = torch.searchsorted(seg_end, i, right=True, out_int32=it == torch.int32).clamp_max(n_bin - 1)
     kth = i - (seg_end[b] - n_seg[b])
-    n_tok = torch.where(i < seg_end[-1], torch.clamp(lists.counts[b] - kth * seg, max=seg), 0)
+    n_tok = torch.where(i < seg_end[-1], torch.clamp(counts[b] - kth * seg, max=seg), 0)
     h, row_kv, row_end = _bin_blocks(lists, b)
-    return torch.stack([h, row_kv, lists.first[b] + kth * seg, n_tok, torch.zeros_like(h),
-                        row_end], 1).to(torch.int32).contiguous()
+    return torch.stack([h, row_kv.to(it), lists.first[b].to(it) + kth * seg, n_tok,
+                        torch.zeros_like(h), row_end.to(it)], 1).to(torch.int32).contiguous()
 
 
 def topn(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, spec: NSASpec,
