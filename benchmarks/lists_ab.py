@@ -6,7 +6,8 @@ For each built-in SPEC (dense, B = 1, the dispatcher's selection_fwd config at -
 which must be query-batched), on the tuner's inputs: the lists and the segment table of the
 whole sequence (one chunk) timed alone, the sum of GPU kernel time of the launcher's torch
 steps over its row chunks (torch profiler), and the whole `selection_fwd`; both ways, and
-whether the outputs are equal bit for bit.
+whether the outputs are equal bit for bit. Then the whole forward (block bins) with row
+chunks of 1, 2 (shipped), 4 and 8 GiB of partials, and its peak extra memory.
 
 Usage: python benchmarks/lists_ab.py [--seqlen 65536] [--out DIR] small-group ...
 """
@@ -118,6 +119,18 @@ def ab(name: str, T: int) -> dict:
         row["old_whole"] = _bench(whole)
     row["new_whole_again"] = _bench(whole)
     row["same"] = bool(torch.equal(o_new, o_old) and torch.equal(lse_new, lse_old))
+    # The row chunk's size (QUERY_PART_BYTES): time and peak extra memory, block bins.
+    shipped = sel.QUERY_PART_BYTES
+    try:
+        for gib in (1, 2, 4, 8):
+            sel.QUERY_PART_BYTES = gib << 30
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            mem0 = torch.cuda.memory_allocated()
+            row[f"whole_{gib}gib"] = _bench(whole)
+            row[f"peak_extra_MiB_{gib}gib"] = (torch.cuda.max_memory_allocated() - mem0) / 2 ** 20
+    finally:
+        sel.QUERY_PART_BYTES = shipped
     return row
 
 
