@@ -129,6 +129,11 @@ def ab(name: str, T: int) -> dict:
             mem0 = torch.cuda.memory_allocated()
             row[f"whole_{gib}gib"] = _bench(whole)
             row[f"peak_extra_MiB_{gib}gib"] = (torch.cuda.max_memory_allocated() - mem0) / 2 ** 20
+            if gib <= 2:
+                row[f"new_torch_kernels_{gib}gib"] = _torch_kernel_ms(whole)
+                with _Rows(spec, T):
+                    row[f"old_whole_{gib}gib"] = _bench(whole)
+                    row[f"old_torch_kernels_{gib}gib"] = _torch_kernel_ms(whole)
     finally:
         sel.QUERY_PART_BYTES = shipped
     return row
