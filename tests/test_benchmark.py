@@ -1,5 +1,6 @@
 """The benchmark's code paths on the CPU (interpreter, tiny shapes, a fake timer): the GPU
 run must not be the first time this code executes."""
+import pytest
 import torch
 
 from conftest import shrink
@@ -161,3 +162,31 @@ def test_ws_probe_rewrites_main_loops_only():
         out = ws_probe.warp_specialized(src)
         assert out.count("warp_specialize=True") == loops, stem
         assert ("for _i_new in range(n_new)" in out) == (stem == "topn")
+
+
+@pytest.mark.parametrize("skip_forced", [False, True])
+def test_lists_ab_baseline_matches_the_launcher(skip_forced):
+    """benchmarks/lists_ab.py's baseline (session 25's lists: bins by key row, 32-bit keys)
+    gives the launcher's entries and, past the empty rows, its segments: the A/B times two
+    ways to the same table."""
+    import sys
+    from pathlib import Path
+    from nsa_gen.ops import selection as sel
+    from nsa_gen.spec import load_spec
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import lists_ab
+    finally:
+        sys.path.pop(0)
+    spec = load_spec("small-group")
+    T = 1500
+    raw = torch.randint(-1, 30, (1, T, spec.H, spec.S), generator=torch.Generator().manual_seed(7),
+                        dtype=torch.int32)
+    vis = sel.visible_blocks(raw, spec, None)
+    old = lists_ab.row_lists(vis, spec, T, None, (100, T), skip_forced)
+    new = sel._block_lists(vis, spec, sel.block_table(spec, 1, T, None, "cpu"), None, (100, T),
+                           skip_forced=skip_forced)
+    assert torch.equal(old[0], new.entries)
+    seg_old, seg_new = lists_ab.row_segments(old, spec, T, T, 3), sel._query_segments(new, 3)
+    seg_old, seg_new = seg_old[seg_old[:, 3] > 0], seg_new[seg_new[:, 3] > 0]
+    assert seg_new.shape[0] > 100 and torch.equal(seg_old, seg_new)
