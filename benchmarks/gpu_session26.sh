@@ -4,7 +4,8 @@
 #            small-group (its dispatched config) step by step, with block-numbered bins and
 #            16-bit sort keys in the block lists
 #   ab       benchmarks/lists_ab.py at 64k: the block lists by block (16-bit keys) against
-#            session 25's by key row, small-group's query-batched forward, in one process
+#            session 25's by key row, small-group's query-batched forward, in one process;
+#            then the row chunk at 1, 2, 4 and 8 GiB of partials (time, peak memory)
 #   any other step is session 24's (profile, parts, list, tune64) or 23's: see
 #            gpu_session24.sh
 set -o pipefail
