@@ -16,13 +16,11 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from probe_main import random_qkv  # noqa: E402
+from probe_main import kernel_ms, random_qkv  # noqa: E402
 
 
 def profile(name: str, T: int, calls: int = 5) -> dict:
     import torch
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
     from triton.testing import do_bench
 
     from nsa_gen import api
@@ -36,15 +34,9 @@ def profile(name: str, T: int, calls: int = 5) -> dict:
         return api.nsa(q, k, v, *gates, spec=spec)
     fwd()
     ms = do_bench(fwd, warmup=10, rep=50, return_mode="median")
-    torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fwd()
-        torch.cuda.synchronize()
     per: dict[str, float] = defaultdict(float)
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            per[ev.name[:80]] += ev.device_time / 1e3 / calls
+    for kname, t in kernel_ms(fwd, calls).items():
+        per[kname[:80]] += t
     kernels = dict(sorted(per.items(), key=lambda kv: -kv[1]))
     return {"spec": name, "T": T, "op_ms": ms, "kernels_ms": sum(kernels.values()),
             "gap_ms": ms - sum(kernels.values()), "kernels": kernels}

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nsa_gen.benchmark import _bench  # noqa: E402
 from nsa_gen.ops import selection as sel  # noqa: E402
-from probe_main import dispatched_case, probe_main  # noqa: E402
+from probe_main import dispatched_case, kernel_ms, probe_main  # noqa: E402
 
 
 def row_lists(block_indices, spec, T, starts, rows, skip_forced):
@@ -82,15 +82,7 @@ class _Rows:
 
 def _torch_kernel_ms(fn) -> float:
     """GPU time of the torch (non-Triton) kernels one call of fn launches, in ms."""
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return sum(e.device_time_total for e in prof.key_averages()
-               if e.device_time_total > 0 and not e.key.startswith("nsa_")
-               and not e.key.startswith("Memcpy")) / 1e3
+    return sum(t for name, t in kernel_ms(fn).items() if not name.startswith(("nsa_", "Memcpy")))
 
 
 def ab(name: str, T: int) -> dict:

@@ -1,8 +1,9 @@
 """What the GPU timing probes share (slc_breakdown.py, topn_probe.py, ws_probe.py,
-variant_probe.py, overlap_probe.py, ncu_probe.py): the command line (a list of runs, each
-timed by the probe at --seqlen and printed as one JSON line; with --out, all of them written
-to OUT/<name>.json), a kernel's case with the config the dispatcher picks, and timing a
-variant of a kernel launch against the outputs of the original one."""
+variant_probe.py, overlap_probe.py, ncu_probe.py, lists_ab.py, fwd_profile.py, sweep.py):
+the command line (a list of runs, each timed by the probe at --seqlen and printed as one
+JSON line; with --out, all of them written to OUT/<name>.json), a kernel's case with the
+config the dispatcher picks, timing a variant of a kernel launch against the outputs of the
+original one, and the GPU time of each kernel a call launches."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +27,26 @@ def probe_main(name: str, runs_help: str, probe: Callable[[str, int], dict]) -> 
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / f"{name}.json").write_text(json.dumps(rows, indent=1))
     return 0
+
+
+def kernel_ms(fn: Callable[[], object], calls: int = 1) -> dict[str, float]:
+    """GPU time of each kernel one call of fn launches, by kernel name, in ms, slowest first:
+    fn once to warm up, then `calls` times under the torch profiler, averaged."""
+    from collections import defaultdict
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    per: dict[str, float] = defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per[ev.name] += ev.device_time / 1e3 / calls
+    return dict(sorted(per.items(), key=lambda kv: -kv[1]))
 
 
 def dispatched_case(name: str, stem: str, T: int, seed: int = 0):
