@@ -192,17 +192,29 @@ def test_selection_fwd_tma(key, block_q, poison):
 
 
 @pytest.mark.parametrize("forced", [0, 64])
-def test_selection_fwd_query_chunks(forced, monkeypatch, poison):
+@pytest.mark.parametrize("aside", [0, 3])
+def test_selection_fwd_query_chunks(forced, aside, monkeypatch, poison):
     """Row chunks of the query-batched forward (partials kept within a byte budget) give the
     same result as one chunk: here 64-row chunks over 2 x 150 rows, the last one short; with
-    FORCED, every chunk's combine starts from the one forced pass's state of its rows."""
+    FORCED, every chunk's combine starts from the one forced pass's state of its rows. With
+    COMBINE_ASIDE, the partials alternate between two buffers and 3 combine programs (here,
+    where sm_count is 1) loop over each chunk's rows."""
     from nsa_gen.ops import selection as sel
     spec = make_spec("G4")
     case = make_case("selection_fwd", spec, 150, B=2, dtype=torch.float32, seed=8)
     whole = case.run(variant(spec, 8, forced=forced))[0]
     monkeypatch.setattr(sel, "QUERY_PART_BYTES", 1)
+    monkeypatch.setattr(sel, "COMBINE_ASIDE", aside)
     assert sel.query_chunk_rows(spec, 4) == 64
+    launched = []
+    combine = sel.kernel_module("selection_fwd", spec, variant(spec, 8, forced=forced)).nsa_selection_fwd_combine_kernel
+    real = type(combine).__getitem__
+    monkeypatch.setattr(type(combine), "__getitem__",
+                        lambda self, grid: (self is combine and launched.append(grid[0]))
+                        or real(self, grid))
     chunked = case.run(variant(spec, 8, forced=forced))[0]
+    # Chunks of the 300 batch rows: 4 of 64 and one of 44.
+    assert launched == ([64] * 4 + [44] if not aside else [3] * 5), launched
     assert case.rel_error((chunked,)) < 1e-4
     # Not bitwise: in the interpreter tl.dot is numpy's matmul, whose summation order can
     # depend on which rows a tile batches together (chunks group a block's tokens
@@ -635,3 +647,124 @@ def test_query_segments_cover_every_pair_once(lens, seg, skip_forced, keys, monk
         assert (row0[rows] + blocks * spec.BS == s[1]).all()  # the segment's block
         assert (rows < s[5]).all() and (rows >= row0[rows]).all()
 
+
+
+def test_ahead_builds_in_line_off_the_gpu():
+    """Off CUDA (and with overlap=False) each build runs when its turn comes, in order."""
+    from nsa_gen.ops.common import ahead
+    calls = []
+
+    def build(i):
+        calls.append(i)
+        return (torch.full((2,), i),)
+    for overlap in (True, False):
+        calls.clear()
+        it = ahead(build, [3, 1, 2], torch.device("cpu"), overlap=overlap)
+        assert calls == []
+        got = [next(it)[0][0].item()]
+        assert calls == [3]
+        got += [x[0][0].item() for x in it]
+        assert got == [3, 1, 2] and calls == [3, 1, 2]
+
+
+class _FakeStream:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def wait_stream(self, other):
+        self.log.append(f"{self.name} waits {other.name}")
+
+    def wait_event(self, ev):
+        self.log.append(f"{self.name} waits {ev.name}")
+
+
+@pytest.fixture
+def fake_streams(monkeypatch):
+    """torch.cuda's streams and events faked (no GPU here), for the stream protocol of
+    `ahead` and `SideLane`: returns (log, on), `on()` the stream launches go to now."""
+    from contextlib import contextmanager
+    from nsa_gen.ops import common
+    log, current = [], []
+    main, side = _FakeStream("main", log), _FakeStream("side", log)
+
+    class Event:
+        n = 0
+
+        def __init__(self):
+            Event.n += 1
+            self.name = f"ev{Event.n}"
+
+        def record(self, stream):
+            log.append(f"{stream.name} records {self.name}")
+
+    @contextmanager
+    def on(stream):
+        current.append(stream.name)
+        yield
+        current.pop()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(common, "_side_stream", lambda device: side)
+    return log, lambda: current[-1] if current else "main"
+
+
+def test_ahead_on_cuda_enqueues_every_build_on_the_side_stream(fake_streams):
+    """The stream protocol of `ahead` (the GPU A/B, benchmarks/ahead_ab.py, checks the
+    outputs bit for bit): the side stream first waits for the work queued so far; every
+    build runs under it at the call, each followed by its event; the current stream waits
+    for build i's event alone, just before i is yielded, and marks its tensors as used
+    there; leaving early makes the current stream wait for the whole side stream."""
+    from nsa_gen.ops import common
+    log, on = fake_streams
+
+    class T:
+        def __init__(self, i):
+            self.i = i
+
+        def record_stream(self, s):
+            log.append(f"t{self.i} used on {s.name}")
+
+    def build(i):
+        log.append(f"build {i} on {on()}")
+        return (T(i),)
+    it = common.ahead(build, [0, 1, 2], torch.device("cuda"))
+    assert log == ["side waits main", "build 0 on side", "side records ev1",
+                   "build 1 on side", "side records ev2", "build 2 on side", "side records ev3"]
+    log.clear()
+    assert next(it)[0].i == 0
+    assert log == ["main waits ev1", "t0 used on main"]
+    log.clear()
+    assert next(it)[0].i == 1
+    assert log == ["main waits ev2", "t1 used on main"]
+    log.clear()
+    it.close()
+    assert log == ["main waits side"]
+    log.clear()
+    assert [x[0].i for x in common.ahead(build, [5], torch.device("cuda"), overlap=False)] == [5]
+    assert log == ["build 5 on main"]
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_side_lane_double_buffers_the_combine(fake_streams, on):
+    """SideLane as the query-batched forward drives it with two partial buffers: chunk i's
+    combine runs on the side stream after all queued before it (chunk i's selection kernel),
+    chunk i + 2's selection waits for it (its buffer), and the current stream joins the side
+    one at the end. Off (or off CUDA), everything runs in line and nothing waits."""
+    from nsa_gen.ops.common import SideLane
+    log, stream = fake_streams
+    lane = SideLane(torch.device("cuda"), on=on)
+    for i in range(3):
+        lane.wait(i - 2)
+        log.append(f"sel {i} on {stream()}")
+        with lane.aside():
+            log.append(f"comb {i} on {stream()}")
+    lane.join()
+    if not on:
+        assert log == ["sel 0 on main", "comb 0 on main", "sel 1 on main", "comb 1 on main",
+                       "sel 2 on main", "comb 2 on main"]
+        return
+    assert log == ["sel 0 on main", "side waits main", "comb 0 on side", "side records ev1",
+                   "sel 1 on main", "side waits main", "comb 1 on side", "side records ev2",
+                   "main waits ev1", "sel 2 on main", "side waits main", "comb 2 on side",
+                   "side records ev3", "main waits side"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -240,6 +241,99 @@ def dkv_launch_options(config) -> dict:
     and stage counts)."""
     return {"num_warps": config.get("DKV_WARPS", config.num_warps),
             "num_stages": config.get("DKV_STAGES", config.num_stages)}
+
+
+_SIDE_STREAMS: dict[int, "torch.cuda.Stream"] = {}
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    """A high-priority stream of `device`, one per device for the process: its short kernels
+    go ahead of the blocks a long kernel on the current stream has yet to place."""
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    s = _SIDE_STREAMS.get(i)
+    if s is None:
+        # Lower is higher; torch maps a number past the range to its nearest end.
+        s = _SIDE_STREAMS[i] = torch.cuda.Stream(i, priority=-1)
+    return s
+
+
+def ahead(build, items, device, *, overlap: bool = True):
+    """build(item) (a tuple of tensors) for each item, handed over in order by the iterator
+    this returns. On a CUDA device with overlap, every build is enqueued now on a side stream
+    (after the work the current stream has queued so far), and the current stream waits for
+    each build alone as the iterator yields it; elsewhere each build runs when its turn
+    comes. For many small launches that depend only on inputs ready now (the query-batched
+    block lists): they run beside the kernels the caller launches meanwhile, not between them."""
+    if device.type != "cuda" or not overlap:
+        return (build(item) for item in items)
+    main, side = torch.cuda.current_stream(device), _side_stream(device)
+    side.wait_stream(main)
+    built = []
+    with torch.cuda.stream(side):
+        for item in items:
+            out = build(item)
+            done = torch.cuda.Event()
+            done.record(side)
+            built.append((out, done))
+    return _hand_over(built, main, side)
+
+
+def _hand_over(built: list, main, side):
+    try:
+        for out, done in built:
+            main.wait_event(done)
+            # Made on the side stream, read on this one: the allocator must not reuse them
+            # until this stream is past its last use.
+            for t in out:
+                t.record_stream(main)
+            yield out
+    finally:
+        # Left early (an error in the caller): the side stream may still read the caller's
+        # inputs, which must outlive that.
+        main.wait_stream(side)
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (torch caches the properties); 1 elsewhere
+    (the interpreter runs programs one at a time)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+class SideLane:
+    """A second lane for launches that may run beside the current stream's: on a CUDA device
+    with `on`, launches inside `aside()` run on the side stream (`_side_stream`) after all
+    that the current stream has queued so far; elsewhere, or off, they run in line. `wait(i)`
+    makes the current stream wait for the i-th aside block (in line: nothing to wait for);
+    `join()` for all of them. The caller must join before its inputs may be freed."""
+
+    def __init__(self, device: torch.device, on: bool = True):
+        self.on = on and device.type == "cuda"
+        if self.on:
+            self.main, self.side = torch.cuda.current_stream(device), _side_stream(device)
+        self.marks: list = []
+
+    @contextlib.contextmanager
+    def aside(self):
+        if not self.on:
+            yield
+            self.marks.append(None)
+            return
+        self.side.wait_stream(self.main)
+        with torch.cuda.stream(self.side):
+            yield
+        mark = torch.cuda.Event()
+        mark.record(self.side)
+        self.marks.append(mark)
+
+    def wait(self, i: int) -> None:
+        if self.on and 0 <= i < len(self.marks):
+            self.main.wait_event(self.marks[i])
+
+    def join(self) -> None:
+        if self.on:
+            self.main.wait_stream(self.side)
 
 
 _TABLES: dict[tuple, torch.Tensor] = {}

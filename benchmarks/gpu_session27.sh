@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Session 27's device steps: bash benchmarks/gpu_session27.sh STEP...
+#   ahead    benchmarks/ahead_ab.py at 64k: small-group's query-batched forward with its
+#            block lists built ahead on a side stream against built in line, and its combine
+#            kernel beside the next chunk's selection kernel (COMBINE_ASIDE), in one process:
+#            selection_fwd alone and the whole nsa() forward, outputs compared bit for bit
+#   any other step is session 26's (slc, ab) or older: see gpu_session26.sh
+set -o pipefail
+source "$(dirname "$0")/device_env.sh"
+export NSA_GEN_LOG=${NSA_GEN_LOG:-ERROR}
+for step in "$@"; do case $step in
+ahead)
+  timeout 300 python3 benchmarks/ahead_ab.py --out "$OUT/ahead" small-group 2>&1 | quiet ;;
+*)
+  bash "$(dirname "$0")/gpu_session26.sh" "$step" ;;
+esac; done
