@@ -1,14 +1,16 @@
-"""A/B of the query-batched forward's overlaps (GPU), in one process: its block lists built
-ahead on a side stream (`ops.selection.OVERLAP_LISTS`, `ops.common.ahead`) against built in
-line before each row chunk's kernels (the launcher before session 27), and its combine kernel
-on the side stream with COMBINE_ASIDE programs an SM beside the next chunk's selection
-kernel (partials in two buffers of half QUERY_PART_BYTES each, unless a mode sets that).
+"""A/B of the query-batched forward's block lists built ahead on a side stream
+(`ops.selection.OVERLAP_LISTS`, `ops.common.ahead`) against built in line before each row
+chunk's kernels (the launcher before session 27), in one process (GPU).
 
 For each built-in SPEC (dense, B = 1) at --seqlen: `selection_fwd` with the dispatcher's
 config (which must be query-batched) on the tuner's inputs, and the whole `nsa()` forward on
-the benchmark's random inputs, each timed (do_bench median) in every mode, two rounds; the
-GPU time of the torch (non-Triton) kernels of one call in line and ahead; whether each
-mode's outputs equal the in-line ones bit for bit; selection_fwd's peak extra memory.
+the benchmark's random inputs, each timed (do_bench median) in both modes, two rounds; the
+GPU time of the torch (non-Triton) kernels of one call; whether the modes' outputs are equal
+bit for bit; selection_fwd's peak extra memory.
+
+Session 27 also measured the combine kernel on the side stream beside the next chunk's
+selection kernel (partials double-buffered, a grid-stride combine with 1, 2, 4 programs an
+SM or one a row): 0.6-3.5 ms slower than `ahead` (RESULTS run 45), so it was taken out.
 
 Usage: python benchmarks/ahead_ab.py [--seqlen 65536] [--out DIR] small-group ...
 """
@@ -24,16 +26,8 @@ from nsa_gen.benchmark import _bench  # noqa: E402
 from nsa_gen.ops import selection as sel  # noqa: E402
 from probe_main import dispatched_case, kernel_ms, probe_main, random_qkv  # noqa: E402
 
-# Mode: the launcher's settings it runs under (the others as shipped).
-MODES = {
-    "inline": dict(OVERLAP_LISTS=False, COMBINE_ASIDE=0),
-    "ahead": dict(OVERLAP_LISTS=True, COMBINE_ASIDE=0),
-    "aside1": dict(OVERLAP_LISTS=True, COMBINE_ASIDE=1),
-    "aside2": dict(OVERLAP_LISTS=True, COMBINE_ASIDE=2),
-    "aside4": dict(OVERLAP_LISTS=True, COMBINE_ASIDE=4),
-    "aside_all": dict(OVERLAP_LISTS=True, COMBINE_ASIDE=1 << 20),  # a program a row
-    "aside2_4gib": dict(OVERLAP_LISTS=True, COMBINE_ASIDE=2, QUERY_PART_BYTES=4 << 30),
-}
+# Mode: the launcher's settings it runs under.
+MODES = {"inline": dict(OVERLAP_LISTS=False), "ahead": dict(OVERLAP_LISTS=True)}
 
 
 def _torch_kernel_ms(fn) -> float:
@@ -52,7 +46,7 @@ def _peak_extra_mib(fn) -> float:
 
 def _ab(row: dict, what: str, fn) -> None:
     """Time fn in every mode, two rounds; keep each mode's output of the first round."""
-    shipped = {name: getattr(sel, name) for name in MODES["aside2_4gib"]}
+    shipped = {name: getattr(sel, name) for name in MODES["ahead"]}
     outs = {}
     try:
         for rnd in (1, 2):
@@ -61,8 +55,7 @@ def _ab(row: dict, what: str, fn) -> None:
                     setattr(sel, name, value)
                 if rnd == 1:
                     outs[mode] = fn()
-                    if mode in ("inline", "ahead"):
-                        row[f"{what}_{mode}_torch_kernels"] = _torch_kernel_ms(fn)
+                    row[f"{what}_{mode}_torch_kernels"] = _torch_kernel_ms(fn)
                     if what == "selection_fwd":
                         row[f"{what}_{mode}_peak_extra_MiB"] = _peak_extra_mib(fn)
                 row[f"{what}_{mode}_{rnd}"] = _bench(fn)

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Session 27's device steps: bash benchmarks/gpu_session27.sh STEP...
 #   ahead    benchmarks/ahead_ab.py at 64k: small-group's query-batched forward with its
-#            block lists built ahead on a side stream against built in line, and its combine
-#            kernel beside the next chunk's selection kernel (COMBINE_ASIDE), in one process:
+#            block lists built ahead on a side stream against built in line, in one process:
 #            selection_fwd alone and the whole nsa() forward, outputs compared bit for bit
 #   any other step is session 26's (slc, ab) or older: see gpu_session26.sh
 set -o pipefail

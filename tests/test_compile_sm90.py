@@ -92,7 +92,7 @@ def gated_runs(spec) -> list[tuple]:
     flags = {"HAS_CMP": 1, "HAS_SWA": int(spec.w > 0)}
     group, consts = share_signature(spec, base.replace(BLOCK_Q=0))
     combine = {"block_idx": "*i32", "o_part": "*bf16", "lse_part": "*fp32", "o": "*bf16",
-               "lse": "*fp32", "row_base": "i32", "n_rows": "i32"}
+               "lse": "*fp32", "row_base": "i32"}
     return [("selection_fwd", None, base.replace(BLOCK_Q=0), {**group, **gate},
              {**consts, **flags}),
             ("selection_fwd", "nsa_selection_fwd_combine_kernel", base.replace(BLOCK_Q=4),

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -291,49 +290,6 @@ def _hand_over(built: list, main, side):
         # Left early (an error in the caller): the side stream may still read the caller's
         # inputs, which must outlive that.
         main.wait_stream(side)
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (torch caches the properties); 1 elsewhere
-    (the interpreter runs programs one at a time)."""
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-class SideLane:
-    """A second lane for launches that may run beside the current stream's: on a CUDA device
-    with `on`, launches inside `aside()` run on the side stream (`_side_stream`) after all
-    that the current stream has queued so far; elsewhere, or off, they run in line. `wait(i)`
-    makes the current stream wait for the i-th aside block (in line: nothing to wait for);
-    `join()` for all of them. The caller must join before its inputs may be freed."""
-
-    def __init__(self, device: torch.device, on: bool = True):
-        self.on = on and device.type == "cuda"
-        if self.on:
-            self.main, self.side = torch.cuda.current_stream(device), _side_stream(device)
-        self.marks: list = []
-
-    @contextlib.contextmanager
-    def aside(self):
-        if not self.on:
-            yield
-            self.marks.append(None)
-            return
-        self.side.wait_stream(self.main)
-        with torch.cuda.stream(self.side):
-            yield
-        mark = torch.cuda.Event()
-        mark.record(self.side)
-        self.marks.append(mark)
-
-    def wait(self, i: int) -> None:
-        if self.on and 0 <= i < len(self.marks):
-            self.main.wait_event(self.marks[i])
-
-    def join(self) -> None:
-        if self.on:
-            self.main.wait_stream(self.side)
 
 
 _TABLES: dict[tuple, torch.Tensor] = {}

@@ -9,7 +9,7 @@ from ..config import Config
 from ..kernels import (TOPN_INDEX_BITS, kernel_def, kernel_fn, kernel_module, next_pow2,
                        token_group_pad, topn_bc, topn_index_bits)
 from ..spec import NSASpec
-from .common import (SideLane, ahead, check, sm_count, check_grad_inputs, check_qkv, check_seqlens, check_tensor, launch_options,
+from .common import (ahead, check, check_grad_inputs, check_qkv, check_seqlens, check_tensor, launch_options,
                      dim_widths, fall_back, seq_start, tile_args, tile_table,
                      tma_config, RowPieces)
 from .gate import check_branches
@@ -159,30 +159,22 @@ QUERY_PART_BYTES = 2 << 30
 # Build the query-batched forward's block lists on a side stream (`common.ahead`); False
 # builds each chunk's in line, as before session 27 (benchmarks/ahead_ab.py's baseline).
 OVERLAP_LISTS = True
-# Programs an SM for the query-batched forward's combine kernel on the side stream, looping
-# over a chunk's rows while the next chunk's selection kernel runs (its partials in a second
-# buffer: two, each of half QUERY_PART_BYTES). 0: in line, a program a row.
-COMBINE_ASIDE = 0
 
 
-def query_chunk_rows(spec: NSASpec, element_size: int, buffers: int = 1) -> int:
-    """Rows (tokens) per chunk of the query-batched forward: `buffers` chunks' partials within
-    QUERY_PART_BYTES."""
+def query_chunk_rows(spec: NSASpec, element_size: int) -> int:
+    """Rows (tokens) per chunk of the query-batched forward: partials within QUERY_PART_BYTES."""
     per_row = spec.HQ * spec.S * (spec.DV * element_size + 4)
     # A multiple of 64, so every chunk's first row has the same divisibility for Triton's
     # integer specialisation: one compile.
-    return max(64, QUERY_PART_BYTES // buffers // per_row // 64 * 64)
+    return max(64, QUERY_PART_BYTES // per_row // 64 * 64)
 
 
 def _query_tables(q, block_indices, spec, config, cu_seqlens, starts):
-    """The row chunks of q's query-batched forward, the number of partial buffers (2 where
-    COMBINE_ASIDE overlaps the chunks, else 1) and, for each chunk in turn, its block lists'
+    """The row chunks of q's query-batched forward and, for each in turn, its block lists'
     entries and segment table, as `ahead` hands them over."""
     B, T = q.shape[:2]
     table = block_table(spec, B, T, cu_seqlens, q.device)
     chunk = query_chunk_rows(spec, q.element_size())
-    buffers = 2 if COMBINE_ASIDE and B * T > chunk else 1
-    chunk = query_chunk_rows(spec, q.element_size(), buffers)
     chunks = [(r0, min(B * T, r0 + chunk)) for r0 in range(0, B * T, chunk)]
 
     def build(rows):
@@ -191,7 +183,7 @@ def _query_tables(q, block_indices, spec, config, cu_seqlens, starts):
         return lists.entries, _query_segments(lists, config["BLOCK_Q"])
     # ~30 short torch kernels a chunk (1.1 ms at small-group, 64k, H100, RESULTS run 44): on a
     # side stream they run beside the forced pass and the earlier chunks' kernels.
-    return chunks, buffers, ahead(build, chunks, q.device, overlap=OVERLAP_LISTS)
+    return chunks, ahead(build, chunks, q.device, overlap=OVERLAP_LISTS)
 
 
 def _selection_fwd_query(q, k, v, block_indices, spec, config, starts, o, lse, gate_args,
@@ -199,34 +191,23 @@ def _selection_fwd_query(q, k, v, block_indices, spec, config, starts, o, lse, g
     """The query-batched forward (config BLOCK_Q > 0), one chunk of rows at a time, with the
     chunks' inverted selections from `_query_tables`: compute one partial per (token, slot),
     combine each token's slots (storing the gated sum when gate_args are given). Nothing here
-    waits for the GPU: the segment grid is an upper bound, spare programs idle. With two
-    buffers, chunk i's combine runs on the side stream, beside chunk i + 1's selection kernel,
-    and chunk i + 2's waits for it (it reuses the buffer)."""
+    waits for the GPU: the segment grid is an upper bound, spare programs idle."""
     B, T = q.shape[:2]
     mod = kernel_module("selection_fwd", spec, config)
     forced = config["FORCED"] > 0
-    chunks, buffers, built = tables
+    chunks, built = tables
     n_part = (chunks[0][1] - chunks[0][0]) * spec.H * spec.S
-    parts = [(torch.empty(n_part, spec.G, spec.DV, device=q.device, dtype=q.dtype),
-              torch.empty(n_part, spec.G, device=q.device, dtype=torch.float32))
-             for _ in range(buffers)]
+    o_part = torch.empty(n_part, spec.G, spec.DV, device=q.device, dtype=q.dtype)
+    lse_part = torch.empty(n_part, spec.G, device=q.device, dtype=torch.float32)
     kv = _kv_args(k, v, spec, config)
-    lane = SideLane(q.device, on=buffers > 1)
     # With FORCED, the forced pass's state in o and lse stands for the forced slots.
     pos_args = [starts if starts is not None else q, T, starts is not None] if forced else []
-    for i, ((r0, r1), (entries, segments)) in enumerate(zip(chunks, built)):
-        o_part, lse_part = parts[i % buffers]
-        lane.wait(i - buffers)
+    for (r0, r1), (entries, segments) in zip(chunks, built):
         mod.nsa_selection_fwd_kernel[(segments.shape[0],)](
             q, *kv, entries, segments, o_part, lse_part, r0, **launch_options(config))
-        n_prog = r1 - r0
-        if buffers > 1:
-            n_prog = min(n_prog, COMBINE_ASIDE * sm_count(q.device))
-        with lane.aside():
-            mod.nsa_selection_fwd_combine_kernel[(n_prog,)](
-                block_indices, o_part, lse_part, o, lse, r0, *pos_args, **gate_args,
-                n_rows=r1 - r0, num_warps=4, num_stages=1)
-    lane.join()
+        mod.nsa_selection_fwd_combine_kernel[(r1 - r0,)](
+            block_indices, o_part, lse_part, o, lse, r0, *pos_args, **gate_args, num_warps=4,
+            num_stages=1)
 
 
 # The sort keys of _block_lists: the narrowest type that holds every bin and the empty one.
