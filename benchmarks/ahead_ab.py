@@ -1,18 +1,20 @@
-"""A/B of the query-batched forward's block lists built ahead on a side stream
-(`ops.selection.OVERLAP_LISTS`, `ops.common.ahead`) against built in line before each row
-chunk's kernels (the launcher before session 27), in one process (GPU).
+"""A/B of the query-batched forward's block lists (and the backward's inverted selection)
+built ahead on a side stream (`ops.selection.OVERLAP_LISTS`, `ops.common.ahead`) against
+built in line before each row chunk's kernels (the launchers before session 27), in one
+process (GPU).
 
 For each built-in SPEC (dense, B = 1) at --seqlen: `selection_fwd` with the dispatcher's
 config (which must be query-batched) on the tuner's inputs, and the whole `nsa()` forward on
-the benchmark's random inputs, each timed (do_bench median) in both modes, two rounds; the
+the benchmark's random inputs, and `selection_bwd` (any spec: its dk/dv token lists are
+built while the dq kernel runs), each timed (do_bench median) in both modes, two rounds; the
 GPU time of the torch (non-Triton) kernels of one call; whether the modes' outputs are equal
 bit for bit; selection_fwd's peak extra memory.
 
 Session 27 also measured the combine kernel on the side stream beside the next chunk's
 selection kernel (partials double-buffered, a grid-stride combine with 1, 2, 4 programs an
-SM or one a row): 0.6-3.5 ms slower than `ahead` (RESULTS run 45), so it was taken out.
+SM or one a row): 0.4-3.8 ms slower than `ahead` (RESULTS run 45), so it was taken out.
 
-Usage: python benchmarks/ahead_ab.py [--seqlen 65536] [--out DIR] small-group ...
+Usage: python benchmarks/ahead_ab.py [--seqlen 65536] [--out DIR] small-group fla-compat ...
 """
 from __future__ import annotations
 
@@ -70,16 +72,20 @@ def ab(name: str, T: int) -> dict:
     from nsa_gen import api
     from nsa_gen.spec import BRANCHES
     spec, cfg, case = dispatched_case(name, "selection_fwd", T)
-    assert cfg["BLOCK_Q"] > 0, "the A/B is of the query-batched forward"
-    q, k, v, idx = (case.inputs[n] for n in ("q", "k", "v", "block_indices"))
-    vis = sel.visible_blocks(idx, spec, None)
     row = {"spec": name, "T": T, "config": str(cfg)}
-    _ab(row, "selection_fwd", lambda: sel.selection_fwd(q, k, v, vis, spec, cfg, canonical=True,
-                                                        forced_listed=True))
-    q, k, v = random_qkv(spec, T)
-    gates = [torch.sigmoid(torch.randn(1, T, spec.HQ, device="cuda", dtype=q.dtype))
-             if spec.has(b) else None for b in BRANCHES]
-    _ab(row, "nsa", lambda: (api.nsa(q, k, v, *gates, spec=spec),))
+    if cfg["BLOCK_Q"] > 0:  # the forward's lists: the query-batched kernel's only
+        q, k, v, idx = (case.inputs[n] for n in ("q", "k", "v", "block_indices"))
+        vis = sel.visible_blocks(idx, spec, None)
+        _ab(row, "selection_fwd", lambda: sel.selection_fwd(q, k, v, vis, spec, cfg,
+                                                            canonical=True, forced_listed=True))
+        q, k, v = random_qkv(spec, T)
+        gates = [torch.sigmoid(torch.randn(1, T, spec.HQ, device="cuda", dtype=q.dtype))
+                 if spec.has(b) else None for b in BRANCHES]
+        _ab(row, "nsa", lambda: (api.nsa(q, k, v, *gates, spec=spec),))
+    # The backward's inverted selection, built while the dq kernel runs (every spec).
+    _, bcfg, bcase = dispatched_case(name, "selection_bwd", T)
+    row["bwd_config"] = str(bcfg)
+    _ab(row, "selection_bwd", lambda: bcase.run(bcfg))
     return row
 
 

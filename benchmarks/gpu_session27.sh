@@ -2,14 +2,16 @@
 # Session 27's device steps: bash benchmarks/gpu_session27.sh STEP...
 #   ahead    benchmarks/ahead_ab.py at 64k: small-group's query-batched forward with its
 #            block lists built ahead on a side stream against built in line, in one process:
-#            selection_fwd alone and the whole nsa() forward, outputs compared bit for bit
+#            selection_fwd alone and the whole nsa() forward; selection_bwd with its inverted
+#            selection built while the dq kernel runs (small-group, fla-compat); outputs
+#            compared bit for bit
 #   any other step is session 26's (slc, ab) or older: see gpu_session26.sh
 set -o pipefail
 source "$(dirname "$0")/device_env.sh"
 export NSA_GEN_LOG=${NSA_GEN_LOG:-ERROR}
 for step in "$@"; do case $step in
 ahead)
-  timeout 300 python3 benchmarks/ahead_ab.py --out "$OUT/ahead" small-group 2>&1 | quiet ;;
+  timeout 300 python3 benchmarks/ahead_ab.py --out "$OUT/ahead" small-group fla-compat 2>&1 | quiet ;;
 *)
   bash "$(dirname "$0")/gpu_session26.sh" "$step" ;;
 esac; done

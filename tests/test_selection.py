@@ -696,7 +696,7 @@ def fake_streams(monkeypatch):
     return log, lambda: current[-1] if current else "main"
 
 
-def test_ahead_on_cuda_enqueues_every_build_on_the_side_stream(fake_streams):
+def test_ahead_on_cuda_enqueues_every_build_on_the_side_stream(fake_streams, monkeypatch):
     """The stream protocol of `ahead` (the GPU A/B, benchmarks/ahead_ab.py, checks the
     outputs bit for bit): the side stream first waits for the work queued so far; every
     build runs under it at the call, each followed by its event; the current stream waits
@@ -704,29 +704,43 @@ def test_ahead_on_cuda_enqueues_every_build_on_the_side_stream(fake_streams):
     there; leaving early makes the current stream wait for the whole side stream."""
     from nsa_gen.ops import common
     log, on = fake_streams
-
-    class T:
-        def __init__(self, i):
-            self.i = i
-
-        def record_stream(self, s):
-            log.append(f"t{self.i} used on {s.name}")
+    monkeypatch.setattr(torch.Tensor, "record_stream",
+                        lambda self, s: log.append(f"t{int(self)} used on {s.name}"))
 
     def build(i):
         log.append(f"build {i} on {on()}")
-        return (T(i),)
+        return (torch.tensor(i),)
     it = common.ahead(build, [0, 1, 2], torch.device("cuda"))
     assert log == ["side waits main", "build 0 on side", "side records ev1",
                    "build 1 on side", "side records ev2", "build 2 on side", "side records ev3"]
     log.clear()
-    assert next(it)[0].i == 0
+    assert int(next(it)[0]) == 0
     assert log == ["main waits ev1", "t0 used on main"]
     log.clear()
-    assert next(it)[0].i == 1
+    assert int(next(it)[0]) == 1
     assert log == ["main waits ev2", "t1 used on main"]
     log.clear()
     it.close()
     assert log == ["main waits side"]
     log.clear()
-    assert [x[0].i for x in common.ahead(build, [5], torch.device("cuda"), overlap=False)] == [5]
+    assert [int(x[0]) for x in common.ahead(build, [5], torch.device("cuda"), overlap=False)] == [5]
     assert log == ["build 5 on main"]
+
+
+def test_ahead_after_a_mark_and_plain_values(fake_streams):
+    """With after=mark(...), the side stream waits for that event only (work queued after the
+    mark, such as the backward's dq kernel, runs beside the build); plain values in a build's
+    result are handed over as they are."""
+    from nsa_gen.ops import common
+    log, on = fake_streams
+    ready = common.mark(torch.device("cuda"))
+    log.append("dq on main")
+
+    def build(_):
+        log.append(f"invert on {on()}")
+        return (7,)
+    (n,), = common.ahead(build, [None], torch.device("cuda"), after=ready)
+    assert n == 7
+    assert log == ["main records ev1", "dq on main", "side waits ev1", "invert on side",
+                   "side records ev2", "main waits ev2", "main waits side"]
+    assert common.mark(torch.device("cpu")) is None

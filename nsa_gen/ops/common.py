@@ -256,17 +256,32 @@ def _side_stream(device: torch.device) -> "torch.cuda.Stream":
     return s
 
 
-def ahead(build, items, device, *, overlap: bool = True):
-    """build(item) (a tuple of tensors) for each item, handed over in order by the iterator
-    this returns. On a CUDA device with overlap, every build is enqueued now on a side stream
-    (after the work the current stream has queued so far), and the current stream waits for
-    each build alone as the iterator yields it; elsewhere each build runs when its turn
-    comes. For many small launches that depend only on inputs ready now (the query-batched
-    block lists): they run beside the kernels the caller launches meanwhile, not between them."""
+def mark(device) -> "torch.cuda.Event | None":
+    """An event after the work the current stream of `device` has queued so far (None off
+    CUDA), for `ahead(after=...)`."""
+    if torch.device(device).type != "cuda":
+        return None
+    ev = torch.cuda.Event()
+    ev.record(torch.cuda.current_stream(device))
+    return ev
+
+
+def ahead(build, items, device, *, overlap: bool = True, after=None):
+    """build(item) (a tuple of tensors and plain values) for each item, handed over in order
+    by the iterator this returns. On a CUDA device with overlap, every build is enqueued now
+    on a side stream, after the work the current stream has queued so far (or only up to the
+    `mark` `after`), and the current stream waits for each build alone as the iterator
+    yields it; elsewhere each build runs when its turn comes. For many small launches that
+    depend only on inputs ready now (the query-batched block lists, the backward's inverted
+    selection): they run beside the kernels the caller launches meanwhile, not between them.
+    A build that reads a value to the host waits only for the side stream."""
     if device.type != "cuda" or not overlap:
         return (build(item) for item in items)
     main, side = torch.cuda.current_stream(device), _side_stream(device)
-    side.wait_stream(main)
+    if after is not None:
+        side.wait_event(after)
+    else:
+        side.wait_stream(main)
     built = []
     with torch.cuda.stream(side):
         for item in items:
@@ -284,7 +299,8 @@ def _hand_over(built: list, main, side):
             # Made on the side stream, read on this one: the allocator must not reuse them
             # until this stream is past its last use.
             for t in out:
-                t.record_stream(main)
+                if isinstance(t, torch.Tensor):
+                    t.record_stream(main)
             yield out
     finally:
         # Left early (an error in the caller): the side stream may still read the caller's

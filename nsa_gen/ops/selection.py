@@ -9,7 +9,7 @@ from ..config import Config
 from ..kernels import (TOPN_INDEX_BITS, kernel_def, kernel_fn, kernel_module, next_pow2,
                        token_group_pad, topn_bc, topn_index_bits)
 from ..spec import NSASpec
-from .common import (ahead, check, check_grad_inputs, check_qkv, check_seqlens, check_tensor, launch_options,
+from .common import (ahead, check, mark, check_grad_inputs, check_qkv, check_seqlens, check_tensor, launch_options,
                      dim_widths, fall_back, seq_start, tile_args, tile_table,
                      tma_config, RowPieces)
 from .gate import check_branches
@@ -156,8 +156,9 @@ def visible_blocks(block_indices: torch.Tensor, spec: NSASpec,
 # are done in row chunks. 2 GiB: 8192 tokens of deepseek-nsa (64 heads of 128 dims, 16 slots);
 # at small-group, 64k, 1 GiB cost 15.0 ms against 13.8 at 4 GiB (per-chunk steps).
 QUERY_PART_BYTES = 2 << 30
-# Build the query-batched forward's block lists on a side stream (`common.ahead`); False
-# builds each chunk's in line, as before session 27 (benchmarks/ahead_ab.py's baseline).
+# Build the query-batched forward's block lists and the backward's inverted selection on a
+# side stream (`common.ahead`); False builds them in line, as before session 27
+# (benchmarks/ahead_ab.py's baseline).
 OVERLAP_LISTS = True
 
 
@@ -438,12 +439,18 @@ def selection_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Te
     dv = torch.zeros_like(v)
     if B * T == 0:
         return dq, dk, dv
+    ready = mark(q.device)
+
+    def invert(_):
+        table = block_table(spec, B, T, cu_seqlens, q.device)
+        return _inverse_selection(block_indices, spec, table, starts, config["SEG"])
     mod.nsa_selection_bwd_kernel[(T, B * spec.H)](
         q, k, v, o, do, lse, delta, block_indices, dq, starts if starts is not None else q, T,
         IS_VARLEN=starts is not None, **opts)
-    table = block_table(spec, B, T, cu_seqlens, q.device)
-    tokens, segments, reduces, n_slots = _inverse_selection(block_indices, spec, table, starts,
-                                                            config["SEG"])
+    # The dk/dv kernel's token lists (a sort and ~40 short torch kernels, two of them read to
+    # the host) are built on the side stream while the dq kernel runs.
+    (tokens, segments, reduces, n_slots), = ahead(invert, [None], q.device, after=ready,
+                                                  overlap=OVERLAP_LISTS)
     bk, bv = next_pow2(spec.DK), next_pow2(spec.DV)
     dk_part = q.new_empty(max(1, n_slots) * spec.BS, bk, dtype=torch.float32)
     dv_part = q.new_empty(max(1, n_slots) * spec.BS, bv, dtype=torch.float32)
