@@ -8,7 +8,8 @@ config (which must be query-batched) on the tuner's inputs, and the whole `nsa()
 the benchmark's random inputs, and `selection_bwd` (any spec: its dk/dv token lists are
 built while the dq kernel runs), each timed (do_bench median) in both modes, two rounds; the
 GPU time of the torch (non-Triton) kernels of one call; whether the modes' outputs are equal
-bit for bit; selection_fwd's peak extra memory.
+bit for bit; selection_fwd's peak extra memory. A third mode builds ahead with row chunks of
+4 GiB of partials instead of 2 (QUERY_PART_BYTES).
 
 Session 27 also measured the combine kernel on the side stream beside the next chunk's
 selection kernel (partials double-buffered, a grid-stride combine with 1, 2, 4 programs an
@@ -29,7 +30,10 @@ from nsa_gen.ops import selection as sel  # noqa: E402
 from probe_main import dispatched_case, kernel_ms, probe_main, random_qkv  # noqa: E402
 
 # Mode: the launcher's settings it runs under.
-MODES = {"inline": dict(OVERLAP_LISTS=False), "ahead": dict(OVERLAP_LISTS=True)}
+MODES = {"inline": dict(OVERLAP_LISTS=False, QUERY_PART_BYTES=2 << 30),
+         "ahead": dict(OVERLAP_LISTS=True, QUERY_PART_BYTES=2 << 30),
+         # Row chunks of 4 GiB of partials: with the lists hidden, what is a chunk's cost now?
+         "ahead_4gib": dict(OVERLAP_LISTS=True, QUERY_PART_BYTES=4 << 30)}
 
 
 def _torch_kernel_ms(fn) -> float:
@@ -46,13 +50,14 @@ def _peak_extra_mib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - mem0) / 2 ** 20
 
 
-def _ab(row: dict, what: str, fn) -> None:
-    """Time fn in every mode, two rounds; keep each mode's output of the first round."""
+def _ab(row: dict, what: str, fn, modes=tuple(MODES)) -> None:
+    """Time fn in each of `modes`, two rounds; keep each mode's output of the first round."""
     shipped = {name: getattr(sel, name) for name in MODES["ahead"]}
     outs = {}
     try:
         for rnd in (1, 2):
-            for mode, settings in MODES.items():
+            for mode in modes:
+                settings = MODES[mode]
                 for name, value in {**shipped, **settings}.items():
                     setattr(sel, name, value)
                 if rnd == 1:
@@ -85,7 +90,7 @@ def ab(name: str, T: int) -> dict:
     # The backward's inverted selection, built while the dq kernel runs (every spec).
     _, bcfg, bcase = dispatched_case(name, "selection_bwd", T)
     row["bwd_config"] = str(bcfg)
-    _ab(row, "selection_bwd", lambda: bcase.run(bcfg))
+    _ab(row, "selection_bwd", lambda: bcase.run(bcfg), modes=("inline", "ahead"))
     return row
 
 
