@@ -190,3 +190,22 @@ def test_lists_ab_baseline_matches_the_launcher(skip_forced):
     seg_old, seg_new = lists_ab.row_segments(old, spec, T, T, 3), sel._query_segments(new, 3)
     seg_old, seg_new = seg_old[seg_old[:, 3] > 0], seg_new[seg_new[:, 3] > 0]
     assert seg_new.shape[0] > 100 and torch.equal(seg_old, seg_new)
+
+
+def test_nsa_variant_probe_overrides_one_kernel():
+    """benchmarks/nsa_variant_probe.py's dispatcher changes the named kernel's config only."""
+    import sys
+    from pathlib import Path
+    from nsa_gen.db.dispatch import default_dispatcher
+    from nsa_gen.spec import load_spec
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import nsa_variant_probe
+    finally:
+        sys.path.pop(0)
+    spec = load_spec("fla-compat")
+    over = nsa_variant_probe._Override("selection_fwd", {"BLOCK_N": 16, "num_warps": 8})
+    base = default_dispatcher().get("selection_fwd", spec, 4096, 1)
+    got = over.get("selection_fwd", spec, 4096, 1)
+    assert got == base.replace(BLOCK_N=16, num_warps=8) and got != base
+    assert over.get("topn", spec, 4096, 1) == default_dispatcher().get("topn", spec, 4096, 1)
