@@ -9,9 +9,9 @@ from ..config import Config
 from ..kernels import (TOPN_INDEX_BITS, kernel_def, kernel_fn, kernel_module, next_pow2,
                        token_group_pad, topn_bc, topn_index_bits)
 from ..spec import NSASpec
-from .common import (ahead, check, mark, check_grad_inputs, check_qkv, check_seqlens, check_tensor, launch_options,
-                     dim_widths, fall_back, seq_start, tile_args, tile_table,
-                     tma_config, RowPieces)
+from .common import (ahead, check, check_grad_inputs, check_qkv, check_seqlens, check_tensor,
+                     launch_options, dim_widths, fall_back, mark, seq_start, tile_args,
+                     tile_table, tma_config, RowPieces)
 from .gate import check_branches
 
 
