@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nsa_gen.benchmark import _bench  # noqa: E402
 from nsa_gen.ops import selection as sel  # noqa: E402
-from probe_main import dispatched_case, kernel_ms, probe_main, random_qkv  # noqa: E402
+from probe_main import dispatched_case, kernel_ms, probe_main, random_nsa_args  # noqa: E402
 
 # Mode: the launcher's settings it runs under.
 MODES = {"inline": dict(OVERLAP_LISTS=False, QUERY_PART_BYTES=2 << 30),
@@ -75,7 +75,6 @@ def _ab(row: dict, what: str, fn, modes=tuple(MODES)) -> None:
 
 def ab(name: str, T: int) -> dict:
     from nsa_gen import api
-    from nsa_gen.spec import BRANCHES
     spec, cfg, case = dispatched_case(name, "selection_fwd", T)
     row = {"spec": name, "T": T, "config": str(cfg)}
     if cfg["BLOCK_Q"] > 0:  # the forward's lists: the query-batched kernel's only
@@ -83,10 +82,8 @@ def ab(name: str, T: int) -> dict:
         vis = sel.visible_blocks(idx, spec, None)
         _ab(row, "selection_fwd", lambda: sel.selection_fwd(q, k, v, vis, spec, cfg,
                                                             canonical=True, forced_listed=True))
-        q, k, v = random_qkv(spec, T)
-        gates = [torch.sigmoid(torch.randn(1, T, spec.HQ, device="cuda", dtype=q.dtype))
-                 if spec.has(b) else None for b in BRANCHES]
-        _ab(row, "nsa", lambda: (api.nsa(q, k, v, *gates, spec=spec),))
+        args = random_nsa_args(spec, T)
+        _ab(row, "nsa", lambda: (api.nsa(*args, spec=spec),))
     # The backward's inverted selection, built while the dq kernel runs (every spec).
     _, bcfg, bcase = dispatched_case(name, "selection_bwd", T)
     row["bwd_config"] = str(bcfg)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nsa_gen import kernels  # noqa: E402
 from nsa_gen.benchmark import _bench  # noqa: E402
 from nsa_gen.config import parse_assignments  # noqa: E402
-from probe_main import (dispatched_case, max_diff, probe_main, random_qkv,  # noqa: E402
+from probe_main import (dispatched_case, max_diff, probe_main, random_nsa_args,  # noqa: E402
                         rewritten_source, time_variant)
 
 CALL = re.compile(r"tl\.(load|store)\(")
@@ -56,7 +56,6 @@ def probe(run: str, T: int) -> dict:
 
     from nsa_gen import api
     from nsa_gen.db.dispatch import default_dispatcher
-    from nsa_gen.spec import BRANCHES
     name, overrides = (run.split(":", 1) + [""])[:2]
     spec, cfg, case = dispatched_case(name, "selection_fwd", T)
     cfg = cfg.replace(**parse_assignments(filter(None, overrides.split(","))))
@@ -68,19 +67,17 @@ def probe(run: str, T: int) -> dict:
         time_variant(row, "kernel_hinted", lambda: case.run(cfg), want)
 
     # nsa() as served: no autograd, so the selected kernel stores the gated sum.
-    q, k, v = random_qkv(spec, T)
-    gates = [torch.sigmoid(torch.randn(1, T, spec.HQ, device="cuda", dtype=q.dtype)) if spec.has(b)
-             else None for b in BRANCHES]
+    args = random_nsa_args(spec, T)
     disp = default_dispatcher()
     real_get = disp.get
     disp.get = lambda stem, *a, **kw: cfg if stem == "selection_fwd" else real_get(stem, *a, **kw)
     try:
         with torch.no_grad():
-            o = api.nsa(q, k, v, *gates, spec=spec, dispatcher=disp)
-            row["nsa_ms"] = _bench(lambda: api.nsa(q, k, v, *gates, spec=spec, dispatcher=disp))
+            o = api.nsa(*args, spec=spec, dispatcher=disp)
+            row["nsa_ms"] = _bench(lambda: api.nsa(*args, spec=spec, dispatcher=disp))
             with rewritten_source("selection_fwd", hinted):
-                o2 = api.nsa(q, k, v, *gates, spec=spec, dispatcher=disp)
-                row["nsa_hinted_ms"] = _bench(lambda: api.nsa(q, k, v, *gates, spec=spec, dispatcher=disp))
+                o2 = api.nsa(*args, spec=spec, dispatcher=disp)
+                row["nsa_hinted_ms"] = _bench(lambda: api.nsa(*args, spec=spec, dispatcher=disp))
         row["nsa_max_abs_diff"] = max_diff(o, o2)
     finally:
         disp.get = real_get

@@ -16,22 +16,19 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from probe_main import kernel_ms, random_qkv  # noqa: E402
+from probe_main import kernel_ms, random_nsa_args  # noqa: E402
 
 
 def profile(name: str, T: int, calls: int = 5) -> dict:
-    import torch
     from triton.testing import do_bench
 
     from nsa_gen import api
-    from nsa_gen.spec import BRANCHES, load_spec
+    from nsa_gen.spec import load_spec
     spec = load_spec(name)
-    q, k, v = random_qkv(spec, T)
-    gates = [torch.sigmoid(torch.randn(1, T, spec.HQ, device="cuda", dtype=q.dtype)) if spec.has(b)
-             else None for b in BRANCHES]
+    args = random_nsa_args(spec, T)
 
     def fwd():
-        return api.nsa(q, k, v, *gates, spec=spec)
+        return api.nsa(*args, spec=spec)
     fwd()
     ms = do_bench(fwd, warmup=10, rep=50, return_mode="median")
     per: dict[str, float] = defaultdict(float)

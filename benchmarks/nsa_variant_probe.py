@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nsa_gen.benchmark import _bench  # noqa: E402
 from nsa_gen.config import parse_assignments  # noqa: E402
-from probe_main import probe_main, random_qkv  # noqa: E402
+from probe_main import probe_main, random_nsa_args  # noqa: E402
 
 
 class _Override:
@@ -37,11 +37,9 @@ class _Override:
 
 
 def probe(run: str, T: int) -> dict:
-    import torch
-
     from nsa_gen import api
     from nsa_gen.db.dispatch import default_dispatcher
-    from nsa_gen.spec import BRANCHES, load_spec
+    from nsa_gen.spec import load_spec
     name, stem, overrides = (run.split(":", 2) + [""])[:3]
     spec = load_spec(name)
     changes = parse_assignments(filter(None, overrides.split(",")))
@@ -49,12 +47,10 @@ def probe(run: str, T: int) -> dict:
     row = {"spec": name, "stem": stem, "T": T,
            "base": str(default_dispatcher().get(stem, spec, T, 1)),
            "variant": str(variant.get(stem, spec, T, 1))}
-    q, k, v = random_qkv(spec, T)
-    gates = [torch.sigmoid(torch.randn(1, T, spec.HQ, device="cuda", dtype=q.dtype))
-             if spec.has(b) else None for b in BRANCHES]
+    args = random_nsa_args(spec, T)
 
     def fwd(dispatcher=None):
-        return api.nsa(q, k, v, *gates, spec=spec, dispatcher=dispatcher)
+        return api.nsa(*args, spec=spec, dispatcher=dispatcher)
     want = fwd()
     row["base_ms"] = _bench(fwd)
     try:

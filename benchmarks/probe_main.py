@@ -1,5 +1,6 @@
 """What the GPU timing probes share (slc_breakdown.py, topn_probe.py, ws_probe.py,
-variant_probe.py, overlap_probe.py, ncu_probe.py, lists_ab.py, fwd_profile.py, sweep.py):
+variant_probe.py, overlap_probe.py, ncu_probe.py, lists_ab.py, ahead_ab.py,
+nsa_variant_probe.py, evict_probe.py, fwd_profile.py, sweep.py):
 the command line (a list of runs, each timed by the probe at --seqlen and printed as one
 JSON line; with --out, all of them written to OUT/<name>.json), a kernel's case with the
 config the dispatcher picks, timing a variant of a kernel launch against the outputs of the
@@ -90,6 +91,18 @@ def random_qkv(spec, T: int) -> tuple:
     kw = dict(device="cuda", dtype=torch.bfloat16)
     return (torch.randn(1, T, spec.HQ, spec.DK, **kw), torch.randn(1, T, spec.H, spec.DK, **kw),
             torch.randn(1, T, spec.H, spec.DV, **kw))
+
+
+def random_nsa_args(spec, T: int) -> list:
+    """nsa()'s positional arguments on fresh GPU inputs: random_qkv's q, k, v, then a gate
+    [1, T, HQ] (sigmoid of a normal, q's dtype) for each branch the spec has, None for the
+    others (in BRANCHES order)."""
+    import torch
+
+    from nsa_gen.spec import BRANCHES
+    q, k, v = random_qkv(spec, T)
+    return [q, k, v] + [torch.sigmoid(torch.randn(1, T, spec.HQ, device="cuda", dtype=q.dtype))
+                        if spec.has(b) else None for b in BRANCHES]
 
 
 def max_diff(a, b) -> float:
