@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nsa_gen.benchmark import _bench  # noqa: E402
 from nsa_gen.ops import selection as sel  # noqa: E402
-from probe_main import dispatched_case, kernel_ms, probe_main, random_nsa_args  # noqa: E402
+from probe_main import (dispatched_case, peak_extra_mib, probe_main,  # noqa: E402
+                        random_nsa_args, torch_kernel_ms)
 
 # Mode: the launcher's settings it runs under.
 MODES = {"inline": dict(OVERLAP_LISTS=False, QUERY_PART_BYTES=2 << 30),
@@ -36,35 +37,20 @@ MODES = {"inline": dict(OVERLAP_LISTS=False, QUERY_PART_BYTES=2 << 30),
          "ahead_4gib": dict(OVERLAP_LISTS=True, QUERY_PART_BYTES=4 << 30)}
 
 
-def _torch_kernel_ms(fn) -> float:
-    """GPU time of the torch (non-Triton) kernels one call of fn launches, in ms."""
-    return sum(t for name, t in kernel_ms(fn).items() if not name.startswith(("nsa_", "Memcpy")))
-
-
-def _peak_extra_mib(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    mem0 = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - mem0) / 2 ** 20
-
-
 def _ab(row: dict, what: str, fn, modes=tuple(MODES)) -> None:
     """Time fn in each of `modes`, two rounds; keep each mode's output of the first round."""
-    shipped = {name: getattr(sel, name) for name in MODES["ahead"]}
+    shipped = {name: getattr(sel, name) for name in MODES["ahead"]}  # every mode sets these
     outs = {}
     try:
         for rnd in (1, 2):
             for mode in modes:
-                settings = MODES[mode]
-                for name, value in {**shipped, **settings}.items():
+                for name, value in MODES[mode].items():
                     setattr(sel, name, value)
                 if rnd == 1:
                     outs[mode] = fn()
-                    row[f"{what}_{mode}_torch_kernels"] = _torch_kernel_ms(fn)
+                    row[f"{what}_{mode}_torch_kernels"] = torch_kernel_ms(fn)
                     if what == "selection_fwd":
-                        row[f"{what}_{mode}_peak_extra_MiB"] = _peak_extra_mib(fn)
+                        row[f"{what}_{mode}_peak_extra_MiB"] = peak_extra_mib(fn)
                 row[f"{what}_{mode}_{rnd}"] = _bench(fn)
     finally:
         for name, value in shipped.items():

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nsa_gen.benchmark import _bench  # noqa: E402
 from nsa_gen.ops import selection as sel  # noqa: E402
-from probe_main import dispatched_case, kernel_ms, probe_main  # noqa: E402
+from probe_main import dispatched_case, peak_extra_mib, probe_main, torch_kernel_ms  # noqa: E402
 
 
 def row_lists(block_indices, spec, T, starts, rows, skip_forced):
@@ -80,11 +80,6 @@ class _Rows:
         sel._block_lists, sel._query_segments = self.saved
 
 
-def _torch_kernel_ms(fn) -> float:
-    """GPU time of the torch (non-Triton) kernels one call of fn launches, in ms."""
-    return sum(t for name, t in kernel_ms(fn).items() if not name.startswith(("nsa_", "Memcpy")))
-
-
 def ab(name: str, T: int) -> dict:
     spec, cfg, case = dispatched_case(name, "selection_fwd", T)
     assert cfg["BLOCK_Q"] > 0, "the A/B is of the query-batched forward"
@@ -103,11 +98,11 @@ def ab(name: str, T: int) -> dict:
     def whole():
         return sel.selection_fwd(q, k, v, vis, spec, cfg, canonical=True, forced_listed=True)
     o_new, lse_new = whole()
-    row["new_torch_kernels"] = _torch_kernel_ms(whole)
+    row["new_torch_kernels"] = torch_kernel_ms(whole)
     row["new_whole"] = _bench(whole)
     with _Rows(spec, T):
         o_old, lse_old = whole()
-        row["old_torch_kernels"] = _torch_kernel_ms(whole)
+        row["old_torch_kernels"] = torch_kernel_ms(whole)
         row["old_whole"] = _bench(whole)
     row["new_whole_again"] = _bench(whole)
     row["same"] = bool(torch.equal(o_new, o_old) and torch.equal(lse_new, lse_old))
@@ -116,16 +111,13 @@ def ab(name: str, T: int) -> dict:
     try:
         for gib in (1, 2, 4, 8):
             sel.QUERY_PART_BYTES = gib << 30
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            mem0 = torch.cuda.memory_allocated()
+            row[f"peak_extra_MiB_{gib}gib"] = peak_extra_mib(whole)
             row[f"whole_{gib}gib"] = _bench(whole)
-            row[f"peak_extra_MiB_{gib}gib"] = (torch.cuda.max_memory_allocated() - mem0) / 2 ** 20
             if gib <= 2:
-                row[f"new_torch_kernels_{gib}gib"] = _torch_kernel_ms(whole)
+                row[f"new_torch_kernels_{gib}gib"] = torch_kernel_ms(whole)
                 with _Rows(spec, T):
                     row[f"old_whole_{gib}gib"] = _bench(whole)
-                    row[f"old_torch_kernels_{gib}gib"] = _torch_kernel_ms(whole)
+                    row[f"old_torch_kernels_{gib}gib"] = torch_kernel_ms(whole)
     finally:
         sel.QUERY_PART_BYTES = shipped
     return row

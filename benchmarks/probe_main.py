@@ -50,6 +50,22 @@ def kernel_ms(fn: Callable[[], object], calls: int = 1) -> dict[str, float]:
     return dict(sorted(per.items(), key=lambda kv: -kv[1]))
 
 
+def torch_kernel_ms(fn: Callable[[], object]) -> float:
+    """GPU time of the torch (non-Triton, non-copy) kernels one call of fn launches, in ms."""
+    return sum(t for name, t in kernel_ms(fn).items() if not name.startswith(("nsa_", "Memcpy")))
+
+
+def peak_extra_mib(fn: Callable[[], object]) -> float:
+    """Peak GPU memory one call of fn allocates beyond what was allocated before it, in MiB."""
+    import torch
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    mem0 = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - mem0) / 2 ** 20
+
+
 def dispatched_case(name: str, stem: str, T: int, seed: int = 0):
     """(spec, config, case) for kernel `stem` of built-in spec `name` at T tokens, B = 1: the
     config the dispatcher picks there, and a `harness.Case` of fresh bf16 inputs on the GPU."""

@@ -303,8 +303,9 @@ def _hand_over(built: list, main, side):
                     t.record_stream(main)
             yield out
     finally:
-        # Left early (an error in the caller): the side stream may still read the caller's
-        # inputs, which must outlive that.
+        # On the way out, and above all when left early (an error in the caller, or a zip
+        # that stops first): the side stream may still read the caller's inputs, which must
+        # outlive that.
         main.wait_stream(side)
 
 
