@@ -126,9 +126,10 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor |
         idx = topn(q.detach(), k_cmp.detach(), lse_cmp, spec, config("topn"), cu_seqlens=cu_seqlens)
         aux["indices"] = idx
         if fused:
-            # topn's lists are canonical and hold every forced block.
-            return selection_fwd(q, *pairs["slc"], idx, spec, config("selection_fwd"), cu_seqlens,
-                                 canonical=True, forced_listed=True,
+            # topn's lists are canonical and hold every forced block. The gated kernel has
+            # its own tuning key (selection_fwd's entry where it has none).
+            return selection_fwd(q, *pairs["slc"], idx, spec, config("selection_fwd_gated"),
+                                 cu_seqlens, canonical=True, forced_listed=True,
                                  gates={b: gates[b] for b in (*outs, "slc")}, outs=outs)[0]
         o_slc = SelectionFunction.apply(q, *pairs["slc"], idx, spec, config("selection_fwd"),
                                         config("selection_bwd"), cu_seqlens, True, True)

@@ -113,7 +113,8 @@ def bench_spec(spec: NSASpec, seqlens: list[int], *, dtype=torch.bfloat16, backw
         row: dict = {"spec": spec.name, "T": T}
         cfg = api._configs(spec, T, B, None)
         row["configs"] = {s: str(cfg(s)) for s in ("compress_mean", "compression_fwd", "topn",
-                                                   "selection_fwd", "window_fwd", "gate_fwd")}
+                                                   "selection_fwd", "selection_fwd_gated",
+                                                   "window_fwd", "gate_fwd")}
         fell_before = FALLBACK_COUNTS.copy()
 
         def total():

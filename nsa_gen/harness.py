@@ -160,6 +160,9 @@ def make_case(stem: str, spec: NSASpec, T: int, *, B: int = 1, dtype: torch.dtyp
                     lambda: (naive.naive_selection(*_f32(q, k, v), idx.long(), spec.BS, scale),),
                     lambda o, r: rel_error(o[0], r[0]))
 
+    if stem == "selection_fwd_gated":
+        return _gated_selection_case(spec, B, T, dtype, device, gen, q, k, v)
+
     if stem == "topn":
         k_cmp = naive.naive_compress(k.float(), spec.l, spec.d).to(dtype)
         if T <= 4096:
@@ -218,6 +221,33 @@ def _poison_on_change(*bufs: torch.Tensor) -> Callable[[Config], None]:
                 b.fill_(float("nan"))
             last[0] = config
     return poison
+
+
+def _gated_selection_case(spec: NSASpec, B: int, T: int, dtype, device, gen, q, k, v) -> Case:
+    """selection_fwd storing NSA's gated sum, as nsa() runs it without autograd: topn-form
+    lists, a gate for each of the spec's branches, the other branches' outputs random
+    normals (gates in (0, 1), as a sigmoid gives). Compared with the gated sum of
+    naive_selection and those outputs."""
+    from .ops import selection
+
+    idx = _random_indices(spec, B, T, device, gen)
+    shape = (B, T, spec.HQ)
+    gates = {b: torch.rand(*shape, generator=gen, device=device).to(dtype=dtype)
+             for b in spec.branches}
+    outs = {b: torch.randn(*shape, spec.DV, generator=gen, device=device).to(dtype=dtype)
+            for b in spec.branches if b != "slc"}
+
+    def reference() -> tuple:
+        o_slc = naive.naive_selection(*_f32(q, k, v), idx.long(), spec.BS, spec.softmax_scale)
+        return (naive.naive_gate({"slc": o_slc, **{b: x.float() for b, x in outs.items()}},
+                                 {b: g.float() for b, g in gates.items()}),)
+
+    inputs = dict(q=q, k=k, v=v, block_indices=idx, **{f"o_{b}": x for b, x in outs.items()},
+                  **{f"g_{b}": g for b, g in gates.items()})
+    return Case("selection_fwd_gated", spec, B, T, dtype, device, inputs,
+                lambda c: selection.selection_fwd(q, k, v, idx, spec, c, canonical=True,
+                                                  forced_listed=True, gates=gates, outs=outs),
+                reference, lambda o, r: rel_error(o[0], r[0]))
 
 
 def _compress_mean_case(spec: NSASpec, B: int, T: int, dtype, device, k, v) -> Case:

@@ -56,14 +56,21 @@ class KernelDef:
     # streaming pass), so the tuner times it replayed from a CUDA graph (trial.graph_timer);
     # timed eagerly, the launcher's CPU time, the same for every config, would hide it.
     launch_bound: bool = False
+    # A tuning key of another stem's kernel run another way (the selected kernel storing
+    # the gated sum): the stem whose template it renders and whose kernel it launches.
+    # None: its own.
+    renders: str | None = None
+    # Where this key has no DB entry, dispatch uses `fallback`'s entries before the
+    # heuristic default (a config of one is a config of the other: same space).
+    fallback: str | None = None
 
     @property
     def template(self) -> str:
-        return f"{self.stem}.py.j2"
+        return f"{self.renders or self.stem}.py.j2"
 
     @property
     def kernel_name(self) -> str:
-        return f"nsa_{self.stem}_kernel"
+        return f"nsa_{self.renders or self.stem}_kernel"
 
     def variants(self, spec: NSASpec, base: Config) -> list[Config]:
         """`base` with each other value of each structural param: one config per algorithm
@@ -130,6 +137,10 @@ def _slc_fwd_context(spec: NSASpec, cfg: Config) -> dict:
                 INITIAL=spec.initial_blocks, LOCAL=spec.local_blocks,
                 # Not a tuning param: selection_fwd sets it to store the gated sum.
                 GATED=cfg.get("GATED", 0))
+
+
+def _slc_fwd_gated_context(spec: NSASpec, cfg: Config) -> dict:
+    return _slc_fwd_context(spec, cfg.replace(GATED=1))
 
 
 def has_forced_blocks(spec: NSASpec) -> bool:
@@ -726,14 +737,24 @@ def _decode_attend_smem(spec: NSASpec, cfg: Config) -> int:
 
 # Hopper's tensor memory accelerator (the kernels' TMA param).
 TMA_ARCH = (("TMA", 90),)
+_SLC_FWD_UNREAD = (("SHARE", 1, lambda s, c: c["BLOCK_Q"] > 0),
+                   ("FORCED", 0, lambda s, c: c["BLOCK_Q"] == 0 and c["SHARE"] > 1))
 
 KERNELS: dict[str, KernelDef] = {
     "selection_fwd": KernelDef("selection_fwd", "slc", _slc_fwd_context, _slc_fwd_default,
                                _slc_fwd_space, _slc_fwd_smem, lambda s: s.has("slc"),
                                structural=("BLOCK_Q", "TMA", "SHARE", "FORCED"),
-                               min_arch=TMA_ARCH,
-                               unread=(("SHARE", 1, lambda s, c: c["BLOCK_Q"] > 0),
-                                       ("FORCED", 0, lambda s, c: c["BLOCK_Q"] == 0 and c["SHARE"] > 1))),
+                               min_arch=TMA_ARCH, unread=_SLC_FWD_UNREAD),
+    # The same kernel storing NSA's gated sum (nsa() without autograd): its epilogue (or
+    # the query-batched combine) reads the other branches' outputs and the gates, so its
+    # best tile can differ (fla-compat at 64k on the H200: BLOCK_N 64 gated, 32 ungated,
+    # session 27). Tuned apart; where it has no entry, selection_fwd's serves.
+    "selection_fwd_gated": KernelDef("selection_fwd_gated", "slc", _slc_fwd_gated_context,
+                                     _slc_fwd_default, _slc_fwd_space, _slc_fwd_smem,
+                                     lambda s: s.has("slc"),
+                                     structural=("BLOCK_Q", "TMA", "SHARE", "FORCED"),
+                                     min_arch=TMA_ARCH, unread=_SLC_FWD_UNREAD,
+                                     renders="selection_fwd", fallback="selection_fwd"),
     "topn": KernelDef("topn", "slc", _topn_context, _topn_default, _topn_space, _topn_smem,
                       lambda s: s.has("slc"), structural=("MERGE", "INSERT", "LIST", "TMA", "KEY", "IMP"),
                       min_arch=TMA_ARCH,
@@ -826,7 +847,9 @@ def kernel_module(stem: str, spec: NSASpec, config: Config) -> ModuleType:
     key = (stem, spec, config, codegen.cache_root())
     mod = _MODULE_CACHE.get(key)
     if mod is None:
-        mod = _MODULE_CACHE[key] = codegen.load_module(stem, kernel_source(stem, spec, config))
+        # A tuning key's module is its kernel's: the same file for the same source.
+        mod = _MODULE_CACHE[key] = codegen.load_module(kernel_def(stem).renders or stem,
+                                                       kernel_source(stem, spec, config))
     return mod
 
 

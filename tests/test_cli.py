@@ -27,7 +27,7 @@ def test_verify_without_gpu_turns_on_the_interpreter(tmp_path):
     rows = [line for line in r.stdout.splitlines() if line.startswith("| tiny")]
     kernels = {line.split("|")[2].strip() for line in rows}
     assert {k.split()[0] for k in kernels} == {
-        "compress_mean", "selection_fwd", "topn", "selection_bwd", "compression_fwd",
+        "compress_mean", "selection_fwd", "selection_fwd_gated", "topn", "selection_bwd", "compression_fwd",
         "window_fwd", "compression_bwd", "window_bwd", "gate_fwd", "decode_select",
         "decode_attend", "nsa", "nsa_varlen", "nsa_decode"}
     # Each structural variant of a kernel is a row of its own, unless it computes the same

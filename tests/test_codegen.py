@@ -18,12 +18,14 @@ HOSTILE = ['"; import os; os.system("echo pwned") #', "{{ 7*7 }}", "\n\nimport o
 
 def test_header_and_every_kernel_renders():
     spec = load_spec("deepseek-nsa")
-    for stem in KERNELS:
+    for stem, kd in KERNELS.items():
         src = kernel_source(stem, spec)
         first, second = src.splitlines()[:2]
-        assert f"templates/{stem}.py.j2" in first and "do not edit" in first
+        # a tuning key of another kernel (selection_fwd_gated) renders that kernel's template
+        own = kd.renders or stem
+        assert f"templates/{own}.py.j2" in first and "do not edit" in first
         assert spec.spec_hash in second and "triton" in second
-        assert f"def nsa_{stem}_kernel(" in src
+        assert f"def nsa_{own}_kernel(" in src and kd.kernel_name == f"nsa_{own}_kernel"
         compile(src, stem, "exec")  # valid Python
 
 

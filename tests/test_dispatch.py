@@ -249,3 +249,24 @@ def test_split_length_moves_with_the_shape(tmp_path, spec):
               torch_device="cpu", progress=False)
     seeds = t.seeds(stem, 4096, 1, pruned_space(stem, spec, H200)[0])
     assert base.replace(DKV_SPLIT_T=2048) in seeds and base not in seeds[:2]
+
+
+def test_gated_key_falls_back_to_the_ungated_entries(tmp_path, spec, caplog):
+    """selection_fwd_gated (the selected kernel storing the gated sum) has its own DB key;
+    where it has no entry, selection_fwd's is used, before the heuristic default and with
+    no warning; its own entry wins where there is one, also over an ungated exact shape."""
+    gated = "selection_fwd_gated"
+    assert kernel_def(gated).fallback == STEM and kernel_def(gated).template == KD.template
+    put(tmp_path, spec, 65536, cfg(32, 2, 2))
+    with caplog.at_level(logging.WARNING, logger="nsa_gen"):
+        assert dispatcher(shipped=tmp_path).get(gated, spec, 65536) == cfg(32, 2, 2)
+    assert caplog.records == []
+    TuningDB(tmp_path).put(TuneKey.make(H200, gated, spec, 16384, 1),
+                           Entry(cfg(64, 2, 2), 1.0, 0.1, 10, "2026-01-01"))
+    d = dispatcher(shipped=tmp_path)
+    assert d.get(gated, spec, 65536) == cfg(64, 2, 2)  # its own, at the nearest shape
+    assert d.get(STEM, spec, 65536) == cfg(32, 2, 2)   # the ungated key is untouched
+    # Neither key has an entry: the heuristic default, as for selection_fwd.
+    empty = dispatcher(shipped=tmp_path / "none")
+    assert empty.get(gated, spec, 4096) == empty.get(STEM, spec, 4096) == fitting_default(
+        KD, spec, 4096, H200)

@@ -200,20 +200,37 @@ def test_varlen_op_case_matches_reference(poison):
 
 
 class _Pinned:
-    """A dispatcher: the kernels' heuristic defaults, selection_fwd's replaced by `slc` (if
-    given), and with cudnn (cudnn_bwd), compression_fwd's (compression_bwd's) by its CUDNN = 1
-    variant."""
+    """A dispatcher: the kernels' heuristic defaults, selection_fwd's (and its gated key's)
+    replaced by `slc` (if given), and with cudnn (cudnn_bwd), compression_fwd's
+    (compression_bwd's) by its CUDNN = 1 variant. `asked` records the stems asked for."""
 
     def __init__(self, slc=None, cudnn=False, cudnn_bwd=False):
         self.slc = slc
         self.cudnn = {"compression_fwd": cudnn, "compression_bwd": cudnn_bwd}
+        self.asked = []
 
     def get(self, stem, spec, T, B=1, device=None):
         from nsa_gen.kernels import kernel_def
+        self.asked.append(stem)
         kd = kernel_def(stem)
         if self.cudnn.get(stem):
             return cudnn_config(stem, spec, T)
-        return self.slc if stem == "selection_fwd" and self.slc else kd.default(spec, T)
+        if stem in ("selection_fwd", "selection_fwd_gated") and self.slc:
+            return self.slc
+        return kd.default(spec, T)
+
+
+def test_nsa_asks_for_the_gated_key_only_without_autograd(poison):
+    """nsa() without autograd launches the selected kernel storing the gated sum with
+    selection_fwd_gated's config (its own tuning key); with autograd, selection_fwd's."""
+    spec = SPECS[16]
+    q, k, v, gates, _ = inputs(spec, 1, 40, seed=5)
+    d = _Pinned()
+    nsa(q.detach(), k.detach(), v.detach(), *(g.detach() for g in gates), spec=spec, dispatcher=d)
+    assert "selection_fwd_gated" in d.asked and "selection_fwd" not in d.asked
+    d = _Pinned()
+    nsa(q, k, v, *gates, spec=spec, dispatcher=d)
+    assert "selection_fwd" in d.asked and "selection_fwd_gated" not in d.asked
 
 
 @pytest.mark.parametrize("G,slc,branches", [

@@ -5,7 +5,7 @@ import torch
 from conftest import shrink
 from nsa_gen import naive
 from nsa_gen.config import Config
-from nsa_gen.harness import _cmp_lse, make_case
+from nsa_gen.harness import _cmp_lse, make_case, rel_error
 from nsa_gen.kernels import kernel_def, kernel_source
 from nsa_gen.ops.common import seq_start
 from nsa_gen.ops.selection import selection_bwd, selection_fwd, topn, visible_blocks
@@ -93,6 +93,24 @@ def test_selection_fwd(key, dtype, which, poison):
     assert (case.inputs["block_indices"] == -1).any(), "test must cover empty slots"
     err = case.rel_error(case.run(variant(spec, VARIANTS[key][which])))
     assert err < case.tolerance, err
+
+
+@pytest.mark.parametrize("key,block_q,forced", [("G16", 0, 0), ("G16", 0, 64), ("G4", 4, 0),
+                                                ("G4", 8, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_selection_fwd_gated_case(key, block_q, forced, dtype, poison):
+    """selection_fwd_gated's case (what its tuning key times): the kernel storing the gated
+    sum of all the spec's branches against naive_gate over naive_selection and the other
+    outputs; a gate that is not read or a branch left out fails it."""
+    spec = make_spec(key, window=8)
+    assert spec.branches == ("cmp", "slc", "swa")
+    case = make_case("selection_fwd_gated", spec, 77, B=2, dtype=dtype, seed=12)
+    assert {"o_cmp", "o_swa", "g_cmp", "g_slc", "g_swa"} <= set(case.inputs)
+    out = case.run(variant(spec, block_q, forced=forced))
+    assert case.rel_error(out) < case.tolerance
+    # Not the ungated output: the gates and the other branches are in it.
+    plain = make_case("selection_fwd", spec, 77, B=2, dtype=dtype, seed=12)
+    assert rel_error(out[0], plain.reference()[0]) > 0.1
 
 
 @pytest.mark.parametrize("block_n,block_q", [(16, 0), (32, 0), (16, 4), (32, 8)])

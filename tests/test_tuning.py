@@ -330,6 +330,30 @@ def test_candidates_are_seeded_after_the_entry(spec, tmp_path, monkeypatch, caps
     assert "--try: 'BLOCK_T' is not NAME=VALUE" in capsys.readouterr().err
 
 
+def test_gated_key_is_seeded_with_the_ungated_entry(tmp_path, monkeypatch):
+    """selection_fwd_gated with no entry of its own runs selection_fwd's (dispatch's
+    fallback): its study measures that entry right after the default, `--try` changes it,
+    and the study keeps it unless a config beats it by the noise margin."""
+    monkeypatch.setattr(tuner_mod, "shipped_db_dir", lambda: None)
+    monkeypatch.setitem(KERNELS, STEM, FULL_KD)  # the ungated key's whole space
+    gated, spec = "selection_fwd_gated", load_spec("fla-compat")
+    kd = kernel_def(gated)
+    keep = pruned_space(gated, spec, H200)[0]
+    default = kd.default(spec, 65536)
+    ungated = default.replace(BLOCK_N=32, FORCED=64, num_warps=4)
+    assert ungated in keep and ungated != default
+    t = make_tuner(spec, tmp_path, FakeRunner(), candidates=[{"BLOCK_N": 64}])
+    t.db.put(TuneKey.make(H200, STEM, spec, 65536), Entry(ungated, 1.0, 0.1, 8, "2026-11-29"))
+    seeds = t.seeds(gated, 65536, 1, keep)
+    assert seeds[:3] == [default, ungated, ungated.replace(BLOCK_N=64)]
+    key = TuneKey.make(H200, gated, spec, 65536)
+    assert t._dispatched(key) == ungated
+    assert t._incumbent(key, {ungated: 1.0, default: 0.995}) == ungated
+    # Its own entry, once written, is what it holds.
+    t.db.put(key, Entry(default, 1.0, 0.1, 8, "2026-11-29"))
+    assert t._dispatched(key) == default
+
+
 def test_resume_after_interruption(spec, tmp_path):
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     first = FakeRunner(interrupt_at=6)

@@ -1,8 +1,9 @@
 """Runtime dispatch: which config to launch kernel `stem` with, for a spec and a shape.
 
 Lookup order: overlays (paths given in code, then NSA_GEN_DB), then the DB shipped with
-the package, then the kernel's heuristic default. Among DB entries for the same kernel
-source and spec, the exact device comes first (another board of the same architecture
+the package, then (for a key with a `KernelDef.fallback`, e.g. selection_fwd_gated) the
+fallback kernel's own lookup, then the kernel's heuristic default. Among DB entries for the
+same kernel source and spec, the exact device comes first (another board of the same architecture
 only where the device has none), then the nearest shape in log2(T, B) space (an exact one
 first; token-count params, a split length, are scaled to the shape: `KernelDef.at_shape`),
 and an earlier source beats a later one at equal distance. Every candidate is checked
@@ -164,6 +165,12 @@ class Dispatcher:
             self._warn_once(("misfit", k, cfg),
                             "ignoring tuned config for %s from %s: %s",
                             k.describe(), self._sources[src].root, problem)
+        if kd.fallback:
+            # A tuning key of another kernel's (selection_fwd_gated): that kernel's entries
+            # beat the heuristic default.
+            log.debug("%s has no entry for spec %r at T=%d B=%d; using %s's", stem, spec.name,
+                      T, B, kd.fallback)
+            return self.get(kd.fallback, spec, T, B, device)
         self._warn_once(("default", stem, dev, spec),
                         "no tuned config for %s with spec %r on %s (first seen at "
                         "T=%d B=%d); using the heuristic default. Run `nsa-gen tune` to tune it.",

@@ -43,6 +43,7 @@ def _gate_fwd_tiles(spec: NSASpec, cfg: Config) -> float:
 # registers (its compile failures are still caught at tuning time).
 REGISTER_MODELS: dict[str, Callable[[NSASpec, Config], float]] = {
     "selection_fwd": _slc_fwd_tiles,
+    "selection_fwd_gated": _slc_fwd_tiles,
     "gate_fwd": _gate_fwd_tiles,
 }
 

@@ -18,6 +18,7 @@ timings taken side by side on one GPU would disturb each other.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import logging
 import math
@@ -31,7 +32,7 @@ from optuna.trial import TrialState
 from .. import env
 from ..config import Config
 from ..db import DeviceKey, Entry, TuneKey, TuningDB, fitting_default, shape_distance
-from ..db.store import shipped_db_dir
+from ..db.store import kernel_source_hash, shipped_db_dir
 from ..kernels import kernel_def
 from ..spec import NSASpec
 from .space import pruned_space, search_space
@@ -249,15 +250,20 @@ class Tuner:
         for cfg in (kd.default(self.spec, T), fitting_default(kd, self.spec, T, self.device)):
             add(cfg)
         me = TuneKey.make(self.device, stem, self.spec, T, B)
-        found = sorted(((shape_distance(me.shape, k.shape), k.source_hash != me.source_hash,
+        # A key with a fallback (selection_fwd_gated) is seeded with the fallback kernel's
+        # entries too, after its own at the same distance: dispatch runs them where it has
+        # none, so the study measures the config it may replace.
+        stems = [stem] + ([kd.fallback] if kd.fallback else [])
+        found = sorted(((shape_distance(me.shape, k.shape), k.kernel != stem,
+                         k.source_hash != kernel_source_hash(k.kernel),
                          kd.at_shape(self.spec, e.config, k.T, T))
-                        for db in self.seed_dbs
-                        for k, e in db.load(stem, self.device).items()
-                        if (k.kernel, k.spec) == (me.kernel, me.spec)),
-                       key=lambda x: x[:2])
+                        for s in stems for db in self.seed_dbs
+                        for k, e in db.load(s, self.device).items()
+                        if (k.kernel, k.spec) == (s, me.spec)),
+                       key=lambda x: x[:3])
         added = 0
-        own = [cfg for dist, _, cfg in found if dist == 0]
-        for dist, _, cfg in found:  # this very shape's entries (distance 0) first, all of them
+        own = [cfg for dist, *_, cfg in found if dist == 0]
+        for dist, *_, cfg in found:  # this very shape's entries (distance 0) first, all of them
             if dist == 0:
                 add(cfg)
         if self.candidates:
@@ -266,7 +272,7 @@ class Tuner:
             for change in self.candidates:
                 if set(change) <= params:
                     add(kd.canonical(self.spec, held.replace(**change)))
-        for dist, _, cfg in found:
+        for dist, *_, cfg in found:
             if dist != 0 and added < self.neighbours:
                 added += add(cfg)
         # The default with each other value of each structural param (the split of the
@@ -340,11 +346,16 @@ class Tuner:
 
     def _dispatched(self, key: TuneKey) -> Config | None:
         """The config dispatch takes for `key` now: the entry of the first DB of seed_dbs
-        with one for it, on the current template; None if none has."""
+        with one for it, on the current template (for a key with a fallback and no entry,
+        the fallback kernel's); None if none has."""
         for db in self.seed_dbs:
             e = db.get(key)
             if e is not None:
                 return e.config
+        fallback = kernel_def(key.kernel).fallback
+        if fallback:
+            return self._dispatched(dataclasses.replace(key, kernel=fallback,
+                                                        source_hash=kernel_source_hash(fallback)))
         return None
 
     def _incumbent(self, key: TuneKey, results: dict[Config, float]) -> Config | None:
