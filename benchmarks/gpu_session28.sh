@@ -5,6 +5,9 @@
 #             sum, as nsa() runs it without autograd): fla-compat (BLOCK_N 64 tried, session
 #             27's probe), then deepseek-nsa and small-group; each seeded with selection_fwd's
 #             entry, which it keeps unless beaten by 1%. The DB returned as $OUT/db.tar.gz
+#   launch    benchmarks/launch_probe.py at 64k: nsa() with the combine kernel's warps and
+#             stages and the forced pass's warps changed (launch options outside the tuned
+#             config), small-group (both kernels) and fla-compat (forced pass)
 #   any other step is session 27's (ahead, gated) or older: see gpu_session27.sh
 set -o pipefail
 source "$(dirname "$0")/device_env.sh"
@@ -22,6 +25,10 @@ tunegated)
       | quiet | tail -4
   done
   tar -czf "$OUT/db.tar.gz" --exclude='.*.lock' tuning_db ;;
+launch)
+  timeout 240 python3 benchmarks/launch_probe.py --out "$OUT/launch" small-group:combine_warps=8 \
+    small-group:combine_warps=2 small-group:combine_stages=2 small-group:combine_stages=3 \
+    small-group:forced_warps=8 small-group:forced_warps=2 fla-compat:forced_warps=8 2>&1 | quiet ;;
 *)
   bash "$(dirname "$0")/gpu_session27.sh" "$step" ;;
 esac; done

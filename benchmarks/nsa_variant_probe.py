@@ -25,15 +25,19 @@ from probe_main import probe_main, random_nsa_args  # noqa: E402
 
 
 class _Override:
-    """A dispatcher: the default one's configs, STEM's with `changes` applied."""
+    """A dispatcher: the default one's configs, STEM's with `changes` applied, and those of
+    the keys that fall back to STEM (selection_fwd_gated, which nsa() asks for without
+    autograd, for STEM selection_fwd)."""
 
     def __init__(self, stem: str, changes: dict):
         from nsa_gen.db.dispatch import default_dispatcher
         self.inner, self.stem, self.changes = default_dispatcher(), stem, changes
 
     def get(self, stem, spec, T, B=1, device=None):
+        from nsa_gen.kernels import kernel_def
         cfg = self.inner.get(stem, spec, T, B, device)
-        return cfg.replace(**self.changes) if stem == self.stem else cfg
+        mine = self.stem in (stem, kernel_def(stem).fallback)
+        return cfg.replace(**self.changes) if mine else cfg
 
 
 def probe(run: str, T: int) -> dict:

@@ -209,3 +209,29 @@ def test_nsa_variant_probe_overrides_one_kernel():
     got = over.get("selection_fwd", spec, 4096, 1)
     assert got == base.replace(BLOCK_N=16, num_warps=8) and got != base
     assert over.get("topn", spec, 4096, 1) == default_dispatcher().get("topn", spec, 4096, 1)
+    # nsa() without autograd asks for the gated key, which falls back to selection_fwd
+    gated = default_dispatcher().get("selection_fwd_gated", spec, 4096, 1)
+    assert over.get("selection_fwd_gated", spec, 4096, 1) == gated.replace(BLOCK_N=16, num_warps=8)
+    only = nsa_variant_probe._Override("selection_fwd_gated", {"BLOCK_N": 16})
+    assert only.get("selection_fwd", spec, 4096, 1) == base
+
+
+def test_launch_probe_options():
+    """benchmarks/launch_probe.py changes the named launch option of selection.py's constants
+    and nothing else; an unknown knob stops it."""
+    import sys
+    from pathlib import Path
+    from nsa_gen.ops import selection
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import launch_probe
+    finally:
+        sys.path.pop(0)
+    base = launch_probe.options({})
+    assert base == {"FORCED_LAUNCH": selection.FORCED_LAUNCH, "COMBINE_LAUNCH": selection.COMBINE_LAUNCH}
+    got = launch_probe.options({"combine_stages": "3", "forced_warps": 8})
+    assert got["COMBINE_LAUNCH"] == dict(selection.COMBINE_LAUNCH, num_stages=3)
+    assert got["FORCED_LAUNCH"] == dict(selection.FORCED_LAUNCH, num_warps=8)
+    assert selection.COMBINE_LAUNCH["num_stages"] == 1  # the module's own are left alone
+    with pytest.raises(SystemExit, match="unknown knob"):
+        launch_probe.options({"warps": 2})

@@ -69,10 +69,9 @@ def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indic
         # state this leaves in o and lse.
         tiles = tile_table(cu_seqlens, B, T, config["FORCED"] // token_group_pad(spec),
                            spec.l, spec.d, q.device)
-        # 4 warps: the best of 2, 4 and 8 for both G = 16 specs at 64k (H200, RESULTS run 26).
         mod.nsa_selection_fwd_forced_kernel[(tiles.shape[0], spec.H)](
             q, *_kv_args(k, v, spec, config.replace(BLOCK_Q=0)), o, lse, tiles,
-            **dict(launch_options(config), num_warps=4))
+            **dict(launch_options(config), **FORCED_LAUNCH))
     if config["BLOCK_Q"]:
         _selection_fwd_query(q, k, v, block_indices, spec, config, starts, o, lse, gate_args,
                              tables)
@@ -156,6 +155,12 @@ def visible_blocks(block_indices: torch.Tensor, spec: NSASpec,
 # are done in row chunks. 2 GiB: 8192 tokens of deepseek-nsa (64 heads of 128 dims, 16 slots);
 # at small-group, 64k, 1 GiB cost 15.0 ms against 13.8 at 4 GiB (per-chunk steps).
 QUERY_PART_BYTES = 2 << 30
+# Launch options of the kernels outside the tuned config: the forced pass (4 warps: the best
+# of 2, 4 and 8 for both G = 16 specs at 64k, H200, RESULTS run 26) and the query-batched
+# forward's combine kernel (one token a program, a streaming pass). Module constants so that
+# benchmarks/launch_probe.py can measure others in place.
+FORCED_LAUNCH = {"num_warps": 4}
+COMBINE_LAUNCH = {"num_warps": 4, "num_stages": 1}
 # Build the query-batched forward's block lists and the backward's inverted selection on a
 # side stream (`common.ahead`); False builds them in line, as before session 27
 # (benchmarks/ahead_ab.py's baseline).
@@ -207,8 +212,7 @@ def _selection_fwd_query(q, k, v, block_indices, spec, config, starts, o, lse, g
         mod.nsa_selection_fwd_kernel[(segments.shape[0],)](
             q, *kv, entries, segments, o_part, lse_part, r0, **launch_options(config))
         mod.nsa_selection_fwd_combine_kernel[(r1 - r0,)](
-            block_indices, o_part, lse_part, o, lse, r0, *pos_args, **gate_args, num_warps=4,
-            num_stages=1)
+            block_indices, o_part, lse_part, o, lse, r0, *pos_args, **gate_args, **COMBINE_LAUNCH)
 
 
 # The sort keys of _block_lists: the narrowest type that holds every bin and the empty one.

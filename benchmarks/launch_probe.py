@@ -1,0 +1,77 @@
+"""Probe: nsa()'s forward (inference) with the launch options of the selected branch's
+untuned kernels changed: the forced pass's warps (`ops.selection.FORCED_LAUNCH`) and the
+query-batched combine kernel's warps and stages (`COMBINE_LAUNCH`), on the GPU, in one
+process, on the benchmark's random inputs.
+
+Each run `SPEC:forced_warps=W,combine_warps=W,combine_stages=S` (any subset) times nsa() with
+the shipped options ("base_ms"), with the run's ("variant_ms"), then the base again, and
+takes each kernel's GPU time inside the op both ways (`*_kernels`, profiler); "max_abs_diff"
+compares the outputs (warps change reduction orders, so they need not be bit-identical).
+
+Usage: python benchmarks/launch_probe.py [--seqlen 65536] [--out DIR] small-group:combine_warps=8 ...
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from nsa_gen.benchmark import _bench  # noqa: E402
+from nsa_gen.config import parse_assignments  # noqa: E402
+from probe_main import kernel_ms, probe_main, random_nsa_args  # noqa: E402
+
+KNOBS = {"forced_warps": ("FORCED_LAUNCH", "num_warps"),
+         "combine_warps": ("COMBINE_LAUNCH", "num_warps"),
+         "combine_stages": ("COMBINE_LAUNCH", "num_stages")}
+
+
+def options(changes: dict) -> dict:
+    """{constant name: its dict with `changes` applied} for selection.py's launch constants."""
+    from nsa_gen.ops import selection
+    out = {name: dict(getattr(selection, name)) for name, _ in KNOBS.values()}
+    for knob, value in changes.items():
+        if knob not in KNOBS:
+            raise SystemExit(f"unknown knob {knob!r} (known: {', '.join(KNOBS)})")
+        name, key = KNOBS[knob]
+        out[name][key] = int(value)
+    return out
+
+
+def probe(run: str, T: int) -> dict:
+    from nsa_gen import api
+    from nsa_gen.ops import selection
+    from nsa_gen.spec import load_spec
+    name, _, knobs = run.partition(":")
+    spec = load_spec(name)
+    base, variant = options({}), options(parse_assignments(filter(None, knobs.split(","))))
+    row = {"spec": name, "T": T, "base": base, "variant": variant}
+    args = random_nsa_args(spec, T)
+
+    def use(opts: dict) -> None:
+        for const, value in opts.items():
+            setattr(selection, const, value)
+
+    def fwd():
+        return api.nsa(*args, spec=spec)
+
+    def slc_kernels() -> dict:
+        return {k: round(t, 4) for k, t in kernel_ms(fwd, 5).items() if k.startswith("nsa_selection")}
+    want = fwd()
+    row["base_ms"] = _bench(fwd)
+    row["base_kernels"] = slc_kernels()
+    try:
+        use(variant)
+        got = fwd()
+        row["variant_ms"] = _bench(fwd)
+        row["variant_kernels"] = slc_kernels()
+        row["max_abs_diff"] = float((got.double() - want.double()).abs().max())
+    except Exception as e:  # noqa: BLE001 - a probe reports what failed and goes on
+        row["variant_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    finally:
+        use(base)
+    row["base_again_ms"] = _bench(fwd)
+    return row
+
+
+if __name__ == "__main__":
+    sys.exit(probe_main("launch_probe", "SPEC:KNOB=V[,KNOB=V...]", probe))
