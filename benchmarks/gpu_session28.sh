@@ -28,7 +28,8 @@ tunegated)
 launch)
   timeout 240 python3 benchmarks/launch_probe.py --out "$OUT/launch" small-group:combine_warps=8 \
     small-group:combine_warps=2 small-group:combine_stages=2 small-group:combine_stages=3 \
-    small-group:forced_warps=8 small-group:forced_warps=2 fla-compat:forced_warps=8 2>&1 | quiet ;;
+    small-group:forced_warps=8 small-group:forced_warps=2 fla-compat:forced_warps=8 fla-compat:FORCED=128,forced_warps=8 \
+    small-group:FORCED=128,forced_warps=8 2>&1 | quiet ;;
 *)
   bash "$(dirname "$0")/gpu_session27.sh" "$step" ;;
 esac; done

@@ -8,6 +8,10 @@ the shipped options ("base_ms"), with the run's ("variant_ms"), then the base ag
 takes each kernel's GPU time inside the op both ways (`*_kernels`, profiler); "max_abs_diff"
 compares the outputs (warps change reduction orders, so they need not be bit-identical).
 
+Any other NAME=V of a run changes the gated selected kernel's config (selection_fwd_gated,
+what nsa() asks for without autograd) in the variant, e.g. `fla-compat:FORCED=128,forced_warps=8`:
+a forced tile of twice the rows may want twice the warps.
+
 Usage: python benchmarks/launch_probe.py [--seqlen 65536] [--out DIR] small-group:combine_warps=8 ...
 """
 from __future__ import annotations
@@ -20,16 +24,20 @@ from nsa_gen.benchmark import _bench  # noqa: E402
 from nsa_gen.config import parse_assignments  # noqa: E402
 from probe_main import kernel_ms, probe_main, random_nsa_args  # noqa: E402
 
+STEM = "selection_fwd_gated"
 KNOBS = {"forced_warps": ("FORCED_LAUNCH", "num_warps"),
          "combine_warps": ("COMBINE_LAUNCH", "num_warps"),
          "combine_stages": ("COMBINE_LAUNCH", "num_stages")}
 
 
-def options(changes: dict) -> dict:
-    """{constant name: its dict with `changes` applied} for selection.py's launch constants."""
+def options(changes: dict, params: tuple = ()) -> dict:
+    """{constant name: its dict with `changes` applied} for selection.py's launch constants.
+    A name that is no knob must be one of `params` (config params, left to the caller)."""
     from nsa_gen.ops import selection
     out = {name: dict(getattr(selection, name)) for name, _ in KNOBS.values()}
     for knob, value in changes.items():
+        if knob in params:
+            continue
         if knob not in KNOBS:
             raise SystemExit(f"unknown knob {knob!r} (known: {', '.join(KNOBS)})")
         name, key = KNOBS[knob]
@@ -41,18 +49,24 @@ def probe(run: str, T: int) -> dict:
     from nsa_gen import api
     from nsa_gen.ops import selection
     from nsa_gen.spec import load_spec
+    from nsa_gen.kernels import kernel_def
+    from nsa_variant_probe import _Override
     name, _, knobs = run.partition(":")
     spec = load_spec(name)
-    base, variant = options({}), options(parse_assignments(filter(None, knobs.split(","))))
-    row = {"spec": name, "T": T, "base": base, "variant": variant}
+    changes = parse_assignments(filter(None, knobs.split(",")))
+    params = tuple(kernel_def(STEM).space(spec))
+    base, variant = options({}), options(changes, params)
+    config = {k: v for k, v in changes.items() if k in params}
+    row = {"spec": name, "T": T, "base": base, "variant": variant, "config": config}
     args = random_nsa_args(spec, T)
+    dispatcher = None
 
     def use(opts: dict) -> None:
         for const, value in opts.items():
             setattr(selection, const, value)
 
     def fwd():
-        return api.nsa(*args, spec=spec)
+        return api.nsa(*args, spec=spec, dispatcher=dispatcher)
 
     def slc_kernels() -> dict:
         return {k: round(t, 4) for k, t in kernel_ms(fwd, 5).items() if k.startswith("nsa_selection")}
@@ -61,6 +75,7 @@ def probe(run: str, T: int) -> dict:
     row["base_kernels"] = slc_kernels()
     try:
         use(variant)
+        dispatcher = _Override(STEM, config) if config else None
         got = fwd()
         row["variant_ms"] = _bench(fwd)
         row["variant_kernels"] = slc_kernels()
@@ -69,6 +84,7 @@ def probe(run: str, T: int) -> dict:
         row["variant_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
     finally:
         use(base)
+        dispatcher = None
     row["base_again_ms"] = _bench(fwd)
     return row
 

@@ -235,3 +235,5 @@ def test_launch_probe_options():
     assert selection.COMBINE_LAUNCH["num_stages"] == 1  # the module's own are left alone
     with pytest.raises(SystemExit, match="unknown knob"):
         launch_probe.options({"warps": 2})
+    # a config param of the gated kernel is left to the probe's dispatcher
+    assert launch_probe.options({"FORCED": 128}, ("FORCED",)) == base
