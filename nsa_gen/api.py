@@ -7,7 +7,7 @@ import torch
 
 from .config import Config
 from .db.dispatch import default_dispatcher
-from .ops.common import check, check_tensor
+from .ops.common import check, check_tensor, mark
 from .ops.compression import CompressionFunction, compress_mean, compression_fwd
 from .ops.decode import NSACache, decode_attend, decode_select, decode_topn
 from .ops.gate import GateFunction
@@ -116,21 +116,25 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor |
     def window() -> None:
         outs["swa"] = aux["o_swa"] = WindowFunction.apply(q, *pairs["swa"], spec, config("window_fwd"),
                                                           config("window_bwd"), cu_seqlens)
-    # The fused selected kernel reads o_swa, so the window goes first; otherwise last, so
-    # that o_swa is not held while the query-batched selection keeps its partials (with the
-    # gate fused, the query-batched forward holds both: peak memory is still linear in T).
-    if g_swa is not None and fused:
-        window()
+    # The fused selected kernel reads o_swa, so the window goes before it (after top-n, so
+    # that the query-batched kernel's block lists, built on a side stream from top-n's
+    # output on, run beside it); otherwise last, so that o_swa is not held while the
+    # query-batched selection keeps its partials (with the gate fused, the query-batched
+    # forward holds both: peak memory is still linear in T).
     if g_slc is not None:
         # Block choice is discrete: no gradient flows through the indices (as in the paper).
         idx = topn(q.detach(), k_cmp.detach(), lse_cmp, spec, config("topn"), cu_seqlens=cu_seqlens)
         aux["indices"] = idx
         if fused:
+            ready = mark(q.device)
+            if g_swa is not None:
+                window()
             # topn's lists are canonical and hold every forced block. The gated kernel has
             # its own tuning key (selection_fwd's entry where it has none).
             return selection_fwd(q, *pairs["slc"], idx, spec, config("selection_fwd_gated"),
                                  cu_seqlens, canonical=True, forced_listed=True,
-                                 gates={b: gates[b] for b in (*outs, "slc")}, outs=outs)[0]
+                                 gates={b: gates[b] for b in (*outs, "slc")}, outs=outs,
+                                 after=ready)[0]
         o_slc = SelectionFunction.apply(q, *pairs["slc"], idx, spec, config("selection_fwd"),
                                         config("selection_bwd"), cu_seqlens, True, True)
         aux["o_slc"] = o_slc
