@@ -29,15 +29,14 @@ def make_spec(key, **extra):
 
 
 def variant(spec, block_q: int, block_n: int = 16, tma: int = 0, share: int = 1,
-            forced: int = 0, combine: int = 0) -> Config:
+            forced: int = 0) -> Config:
     """BLOCK_Q 0: the group-centric kernel (share tokens a program; forced > 0: the forced
     blocks first in a pass of that many query rows a tile); n > 0: query-batched, n tokens
-    a program (combine 1: the forced pass after each row chunk merges its partials,
-    FORCED_COMBINE). tma 1: K/V through tensor descriptors."""
+    a program. tma 1: K/V through tensor descriptors."""
     space = kernel_def("selection_fwd").space(spec)
     assert block_q in space["BLOCK_Q"] and forced in space["FORCED"]
     return Config.make(BLOCK_N=block_n, BLOCK_Q=block_q, TMA=tma, SHARE=share, FORCED=forced,
-                       FORCED_COMBINE=combine, num_warps=4, num_stages=1)
+                       num_warps=4, num_stages=1)
 
 
 def overlapping_indices(spec, B: int, T: int, g: torch.Generator) -> torch.Tensor:
@@ -229,55 +228,25 @@ def test_selection_fwd_query_chunks(forced, monkeypatch, poison):
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("B,T,chunked,dtype", [(1, 150, True, torch.float32),
-                                                (2, 96, True, torch.float16),
-                                                (1, 77, False, torch.float32)])
-def test_selection_fwd_forced_combine(B, T, chunked, dtype, monkeypatch, poison, caplog):
-    """FORCED_COMBINE: the forced pass runs after each row chunk's query-batched kernel and
-    merges the chunk's partials itself (no combine kernel). The reference's numbers, over
-    64-row chunks (the last one short, a partial last tile) and in one chunk; the combine
-    kernel never runs. A batch whose T is no multiple of the forced tile runs as
-    FORCED_COMBINE = 0, with a warning."""
+def test_selection_fwd_lists_after_a_mark(monkeypatch, poison):
+    """`after` (nsa() marks top-n's output) reaches the block lists' `ahead` only where the
+    lists read nothing selection_fwd makes itself: canonical lists of unpacked sequences."""
     from nsa_gen.ops import selection as sel
     spec = make_spec("G4")
-    if chunked:
-        monkeypatch.setattr(sel, "QUERY_PART_BYTES", 1)
-    assert sel.query_chunk_rows(spec, 4, 16) == (64 if chunked else sel.query_chunk_rows(spec, 4))
-    case = make_case("selection_fwd", spec, T, B=B, dtype=dtype, seed=9)
-    cfg = variant(spec, 4, forced=64, combine=1)
-    launched = []
-    real = sel.kernel_module
-
-    def spy(stem, spec_, config):
-        mod = real(stem, spec_, config)
-        launched.append(config["FORCED_COMBINE"])
-        assert hasattr(mod, "nsa_selection_fwd_forced_kernel")
-        return mod
-    monkeypatch.setattr(sel, "kernel_module", spy)
-    out = case.run(cfg)
-    assert case.rel_error(out) < case.tolerance
-    assert set(launched) == {1}
-    # the same as FORCED_COMBINE = 0 up to summation order
-    plain = case.run(cfg.replace(FORCED_COMBINE=0))
-    torch.testing.assert_close(out[0].float(), plain[0].float(), rtol=2e-3, atol=2e-3)
-    torch.testing.assert_close(out[1], plain[1], rtol=1e-4, atol=1e-4)
-    # Tiles of 16 tokens: a batch of 2 x 77 would straddle them.
-    from nsa_gen.ops import common
-    launched.clear()
-    common._FALLBACKS_WARNED.clear()
-    bad = make_case("selection_fwd", spec, 77, B=2, dtype=torch.float32, seed=9)
-    with caplog.at_level("WARNING", logger="nsa_gen"):
-        assert bad.rel_error(bad.run(cfg)) < bad.tolerance
-    assert set(launched) == {0} and "FORCED_COMBINE" in caplog.text
-
-
-def test_selection_fwd_forced_combine_gated(poison, monkeypatch):
-    """FORCED_COMBINE storing the gated sum (selection_fwd_gated's case) over two chunks."""
-    from nsa_gen.ops import selection as sel
-    monkeypatch.setattr(sel, "QUERY_PART_BYTES", 1)
-    spec = make_spec("G4", window=8)
-    case = make_case("selection_fwd_gated", spec, 100, dtype=torch.float32, seed=13)
-    assert case.rel_error(case.run(variant(spec, 8, forced=64, combine=1))) < case.tolerance
+    case = make_case("selection_fwd", spec, 70, B=1, dtype=torch.float32, seed=4)
+    q, k, v, idx = (case.inputs[n] for n in ("q", "k", "v", "block_indices"))
+    seen = []
+    real = sel.ahead
+    monkeypatch.setattr(sel, "ahead", lambda *a, after=None, **kw: seen.append(after) or real(*a, **kw))
+    token = object()
+    cfg = variant(spec, 4, forced=64)
+    ref = sel.selection_fwd(q, k, v, idx, spec, cfg, canonical=True, forced_listed=True)[0]
+    o = sel.selection_fwd(q, k, v, idx, spec, cfg, canonical=True, forced_listed=True, after=token)[0]
+    assert torch.equal(o, ref)
+    sel.selection_fwd(q, k, v, idx, spec, cfg, forced_listed=True, after=token)  # not canonical
+    cu = torch.tensor([0, 30, 70], dtype=torch.int32)
+    sel.selection_fwd(q, k, v, idx, spec, cfg, cu, canonical=True, forced_listed=True, after=token)
+    assert seen == [None, token, None, None]
 
 
 def test_selection_fwd_query_future_and_repeated_blocks(poison):

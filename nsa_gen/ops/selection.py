@@ -66,21 +66,10 @@ def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indic
     if config["FORCED"] and not forced_listed:
         config = fall_back("selection_fwd", config, "FORCED needs block lists that hold every "
                            "forced block (forced_listed=True, as topn's do)", FORCED=0)
-    config = kernel_def("selection_fwd").canonical(spec, config)
-    forced_t = config["FORCED"] // token_group_pad(spec)
-    if config.get("FORCED_COMBINE", 0) and (cu_seqlens is not None or (B > 1 and T % forced_t)):
-        config = fall_back("selection_fwd", config, "FORCED_COMBINE needs forced tiles that "
-                           "never straddle a row chunk: one sequence, or a batch whose T is a "
-                           f"multiple of the tile's {forced_t} tokens", FORCED_COMBINE=0)
     mod = kernel_module("selection_fwd", spec, config)
     if config["BLOCK_Q"]:
         # Enqueued before the forced pass, which they need not wait for.
         tables = _query_tables(q, block_indices, spec, config, cu_seqlens, starts, after)
-    if config.get("FORCED_COMBINE", 0):
-        # The forced pass runs after each row chunk's kernel and merges its partials.
-        _selection_fwd_query(q, k, v, block_indices, spec, config, starts, o, lse, gate_args,
-                             tables)
-        return o, lse
     if config["FORCED"]:
         # The forced blocks first, a token tile a program; the kernels below start from the
         # state this leaves in o and lse.
@@ -184,23 +173,20 @@ COMBINE_LAUNCH = {"num_warps": 4, "num_stages": 1}
 OVERLAP_LISTS = True
 
 
-def query_chunk_rows(spec: NSASpec, element_size: int, align: int = 1) -> int:
-    """Rows (tokens) per chunk of the query-batched forward: partials within QUERY_PART_BYTES,
-    a multiple of `align` (a power of two: FORCED_COMBINE's forced tile)."""
+def query_chunk_rows(spec: NSASpec, element_size: int) -> int:
+    """Rows (tokens) per chunk of the query-batched forward: partials within QUERY_PART_BYTES."""
     per_row = spec.HQ * spec.S * (spec.DV * element_size + 4)
     # A multiple of 64, so every chunk's first row has the same divisibility for Triton's
     # integer specialisation: one compile.
-    step = max(64, align)
-    return max(step, QUERY_PART_BYTES // per_row // step * step)
+    return max(64, QUERY_PART_BYTES // per_row // 64 * 64)
 
 
 def _query_tables(q, block_indices, spec, config, cu_seqlens, starts, after=None):
     """The row chunks of q's query-batched forward and, for each in turn, its block lists'
     entries and segment table, as `ahead` hands them over (after the `mark` `after` if
-    given). With FORCED_COMBINE, chunks hold whole forced tiles."""
+    given)."""
     B, T = q.shape[:2]
-    align = config["FORCED"] // token_group_pad(spec) if config.get("FORCED_COMBINE", 0) else 1
-    chunk = query_chunk_rows(spec, q.element_size(), align)
+    chunk = query_chunk_rows(spec, q.element_size())
     chunks = [(r0, min(B * T, r0 + chunk)) for r0 in range(0, B * T, chunk)]
     table: list[BlockTable] = []
 
@@ -224,13 +210,6 @@ def _selection_fwd_query(q, k, v, block_indices, spec, config, starts, o, lse, g
     B, T = q.shape[:2]
     mod = kernel_module("selection_fwd", spec, config)
     forced = config["FORCED"] > 0
-    merge = config.get("FORCED_COMBINE", 0)
-    if merge:
-        # One sequence (or sequences of whole tiles): tile i holds rows i*ft .. i*ft + ft - 1,
-        # and every chunk starts on a tile.
-        ft = config["FORCED"] // token_group_pad(spec)
-        tiles = tile_table(None, B, T, ft, spec.l, spec.d, q.device)
-        kv_forced = _kv_args(k, v, spec, config.replace(BLOCK_Q=0))
     chunks, built = tables
     n_part = (chunks[0][1] - chunks[0][0]) * spec.H * spec.S
     o_part = torch.empty(n_part, spec.G, spec.DV, device=q.device, dtype=q.dtype)
@@ -241,12 +220,6 @@ def _selection_fwd_query(q, k, v, block_indices, spec, config, starts, o, lse, g
     for (r0, r1), (entries, segments) in zip(chunks, built):
         mod.nsa_selection_fwd_kernel[(segments.shape[0],)](
             q, *kv, entries, segments, o_part, lse_part, r0, **launch_options(config))
-        if merge:
-            t0, t1 = r0 // ft, -(-r1 // ft)
-            mod.nsa_selection_fwd_forced_kernel[(t1 - t0, spec.H)](
-                q, *kv_forced, o, lse, tiles[t0:t1], block_indices, o_part, lse_part, r0,
-                **gate_args, **dict(launch_options(config), **FORCED_LAUNCH))
-            continue
         mod.nsa_selection_fwd_combine_kernel[(r1 - r0,)](
             block_indices, o_part, lse_part, o, lse, r0, *pos_args, **gate_args, **COMBINE_LAUNCH)
 
