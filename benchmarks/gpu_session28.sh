@@ -5,9 +5,6 @@
 #             sum, as nsa() runs it without autograd): fla-compat (BLOCK_N 64 tried, session
 #             27's probe), then deepseek-nsa and small-group; each seeded with selection_fwd's
 #             entry, which it keeps unless beaten by 1%. The DB returned as $OUT/db.tar.gz
-#   combine   benchmarks/nsa_variant_probe.py at 64k: nsa() with the gated selected kernel's
-#             FORCED_COMBINE = 1 (the forced pass after each row chunk merges its partials; no
-#             combine kernel) against the dispatched config, small-group (twice) and mqa
 #   launch    benchmarks/launch_probe.py at 64k: nsa() with the combine kernel's warps and
 #             stages and the forced pass's warps changed (launch options outside the tuned
 #             config), small-group (both kernels) and fla-compat (forced pass)
@@ -23,16 +20,11 @@ tunegated)
   for S in ${GATED_SPECS:-fla-compat deepseek-nsa small-group}; do
     tries=(); trials=8
     [ "$S" = fla-compat ] && { tries=(--try BLOCK_N=64); trials=12; }
-    [ "$S" = small-group ] && tries=(--try FORCED_COMBINE=1)
     timeout 200 python3 cli.py tune $S --kernels selection_fwd_gated --seqlens 64k \
       --trials $trials "${tries[@]}" --db tuning_db --jobs 8 --timeout 60 --no-progress 2>&1 \
       | quiet | tail -4
   done
   tar -czf "$OUT/db.tar.gz" --exclude='.*.lock' tuning_db ;;
-combine)
-  timeout 200 python3 benchmarks/nsa_variant_probe.py --out "$OUT/combine" \
-    small-group:selection_fwd_gated:FORCED_COMBINE=1 small-group:selection_fwd_gated:FORCED_COMBINE=1 \
-    mqa:selection_fwd_gated:FORCED_COMBINE=1 2>&1 | quiet ;;
 launch)
   timeout 240 python3 benchmarks/launch_probe.py --out "$OUT/launch" small-group:combine_warps=8 \
     small-group:combine_warps=2 small-group:combine_stages=2 small-group:combine_stages=3 \
