@@ -102,9 +102,7 @@ class KernelDef:
         """`config` with each param its variant does not read (for `spec`) at the value
         `unread` gives."""
         have = config.as_dict()
-        # (a config without the param, made before it existed, is left as it is)
-        changes = {n: v for n, v, when in self.unread
-                   if n in have and when(spec, config) and have[n] != v}
+        changes = {n: v for n, v, when in self.unread if when(spec, config) and have[n] != v}
         return config.replace(**changes) if changes else config
 
     def effective(self, config: Config, T: int) -> Config:
@@ -134,8 +132,6 @@ def _slc_fwd_context(spec: NSASpec, cfg: Config) -> dict:
                 HQ_PAD=next_pow2(spec.HQ), S_PAD=next_pow2(spec.S),
                 DK_CHUNKS=dim_chunks(spec.DK), TMA=cfg["TMA"], SHARE=cfg["SHARE"],
                 FORCED=cfg["FORCED"], FORCED_T=cfg["FORCED"] // gt,
-                # (configs made before the param existed, e.g. in tests, mean 0)
-                UNROLL=cfg.get("UNROLL", 0),
                 # The forced pass's tiles never straddle a selection block.
                 FORCED_ONE_BLOCK=cfg["FORCED"] > 0 and spec.BS % (cfg["FORCED"] // gt) == 0,
                 INITIAL=spec.initial_blocks, LOCAL=spec.local_blocks,
@@ -161,10 +157,7 @@ def _slc_fwd_space(spec: NSASpec) -> dict[str, list]:
     the forced blocks (initial and local) as every other; n > 0 runs them first in a
     token-tile pass of n query rows (tokens * G rounded to a power of two), where adjacent
     tokens share them, so each K/V tile is read once per tile instead of once per token
-    (the query-batched kernel then has no partials for them). UNROLL (query-batched only):
-    1 unrolls the combine kernel's loop over a token's S slots at compile time, so that
-    several slots' partial loads can be in flight at once (Triton does not pipeline that
-    loop: its num_stages left the code unchanged, RESULTS run 46)."""
+    (the query-batched kernel then has no partials for them)."""
     gt, dmax = token_group_pad(spec), max(next_pow2(spec.DK), next_pow2(spec.DV))
     forced = [r for r in (64, 128) if r >= gt and r * dmax <= MAX_TILE_ELEMS]
     return {"BLOCK_N": [b for b in (16, 32, 64, 128) if spec.BS % b == 0],
@@ -172,7 +165,6 @@ def _slc_fwd_space(spec: NSASpec) -> dict[str, list]:
                               if 16 <= t * gt <= 128 and t * gt * dmax <= MAX_TILE_ELEMS],
             "TMA": [0, 1], "SHARE": [1, 2, 4],
             "FORCED": [0] + (forced if has_forced_blocks(spec) else []),
-            "UNROLL": [0, 1],
             "num_warps": [2, 4, 8], "num_stages": [1, 2, 3, 4]}
 
 
@@ -188,7 +180,7 @@ def _slc_fwd_default(spec: NSASpec, T: int) -> Config:
     gt = token_group_pad(spec)
     block_q = 64 // gt if gt <= 4 and T >= 4096 else 0
     return Config.make(BLOCK_N=min(64, spec.BS), BLOCK_Q=block_q, TMA=1, SHARE=1, FORCED=0,
-                       UNROLL=0, num_warps=4 if block_q else 2, num_stages=2)
+                       num_warps=4 if block_q else 2, num_stages=2)
 
 
 def slc_fwd_rows(spec: NSASpec, cfg: Config) -> int:
@@ -746,13 +738,12 @@ def _decode_attend_smem(spec: NSASpec, cfg: Config) -> int:
 # Hopper's tensor memory accelerator (the kernels' TMA param).
 TMA_ARCH = (("TMA", 90),)
 _SLC_FWD_UNREAD = (("SHARE", 1, lambda s, c: c["BLOCK_Q"] > 0),
-                   ("FORCED", 0, lambda s, c: c["BLOCK_Q"] == 0 and c["SHARE"] > 1),
-                   ("UNROLL", 0, lambda s, c: c["BLOCK_Q"] == 0))
+                   ("FORCED", 0, lambda s, c: c["BLOCK_Q"] == 0 and c["SHARE"] > 1))
 
 KERNELS: dict[str, KernelDef] = {
     "selection_fwd": KernelDef("selection_fwd", "slc", _slc_fwd_context, _slc_fwd_default,
                                _slc_fwd_space, _slc_fwd_smem, lambda s: s.has("slc"),
-                               structural=("BLOCK_Q", "TMA", "SHARE", "FORCED", "UNROLL"),
+                               structural=("BLOCK_Q", "TMA", "SHARE", "FORCED"),
                                min_arch=TMA_ARCH, unread=_SLC_FWD_UNREAD),
     # The same kernel storing NSA's gated sum (nsa() without autograd): its epilogue (or
     # the query-batched combine) reads the other branches' outputs and the gates, so its
@@ -761,7 +752,7 @@ KERNELS: dict[str, KernelDef] = {
     "selection_fwd_gated": KernelDef("selection_fwd_gated", "slc", _slc_fwd_gated_context,
                                      _slc_fwd_default, _slc_fwd_space, _slc_fwd_smem,
                                      lambda s: s.has("slc"),
-                                     structural=("BLOCK_Q", "TMA", "SHARE", "FORCED", "UNROLL"),
+                                     structural=("BLOCK_Q", "TMA", "SHARE", "FORCED"),
                                      min_arch=TMA_ARCH, unread=_SLC_FWD_UNREAD,
                                      renders="selection_fwd", fallback="selection_fwd"),
     "topn": KernelDef("topn", "slc", _topn_context, _topn_default, _topn_space, _topn_smem,

@@ -84,8 +84,7 @@ def share_signature(spec, config) -> tuple[dict, dict]:
 
 def gated_runs(spec) -> list[tuple]:
     """The selected forward storing the gated sum (nsa() without autograd): the group-centric
-    kernel and the query-batched combine kernel (its slot loop also unrolled, UNROLL), o_cmp
-    read in row pieces (bf16)."""
+    kernel and the query-batched combine kernel, o_cmp read in row pieces (bf16)."""
     from nsa_gen.kernels import kernel_def
     base = kernel_def("selection_fwd").default(spec, 65536).replace(GATED=1, TMA=0, FORCED=0)
     gate = {"g_slc": "*bf16", "o_cmp": "*bf16", "o_cmp_tail": "*bf16", "cmp_r0": "i32",
@@ -97,9 +96,7 @@ def gated_runs(spec) -> list[tuple]:
     return [("selection_fwd", None, base.replace(BLOCK_Q=0), {**group, **gate},
              {**consts, **flags}),
             ("selection_fwd", "nsa_selection_fwd_combine_kernel", base.replace(BLOCK_Q=4),
-             {**combine, **gate}, flags),
-            ("selection_fwd", "nsa_selection_fwd_combine_kernel",
-             base.replace(BLOCK_Q=4, UNROLL=1), {**combine, **gate}, flags)]
+             {**combine, **gate}, flags)]
 
 
 def decode_runs(spec) -> list[tuple]:

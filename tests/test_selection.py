@@ -29,15 +29,14 @@ def make_spec(key, **extra):
 
 
 def variant(spec, block_q: int, block_n: int = 16, tma: int = 0, share: int = 1,
-            forced: int = 0, unroll: int = 0) -> Config:
+            forced: int = 0) -> Config:
     """BLOCK_Q 0: the group-centric kernel (share tokens a program; forced > 0: the forced
     blocks first in a pass of that many query rows a tile); n > 0: query-batched, n tokens
-    a program (unroll 1: its combine kernel's slot loop unrolled). tma 1: K/V through
-    tensor descriptors."""
+    a program. tma 1: K/V through tensor descriptors."""
     space = kernel_def("selection_fwd").space(spec)
     assert block_q in space["BLOCK_Q"] and forced in space["FORCED"]
     return Config.make(BLOCK_N=block_n, BLOCK_Q=block_q, TMA=tma, SHARE=share, FORCED=forced,
-                       UNROLL=unroll, num_warps=4, num_stages=1)
+                       num_warps=4, num_stages=1)
 
 
 def overlapping_indices(spec, B: int, T: int, g: torch.Generator) -> torch.Tensor:
@@ -227,24 +226,6 @@ def test_selection_fwd_query_chunks(forced, monkeypatch, poison):
     # depend on which rows a tile batches together (chunks group a block's tokens
     # differently); 1-ulp differences were seen on one CPU and not on another.
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("forced", [0, 64])
-@pytest.mark.parametrize("stem", ["selection_fwd", "selection_fwd_gated"])
-def test_selection_fwd_combine_unrolled(stem, forced, poison):
-    """UNROLL: the combine kernel's slot loop unrolled at compile time: the reference's
-    numbers, gated or not, with and without the forced pass (its code differs only in the
-    loop); the group-centric kernel does not read it."""
-    spec = make_spec("G4", window=8)
-    case = make_case(stem, spec, 77, B=2, dtype=torch.float32, seed=14)
-    out = case.run(variant(spec, 4, forced=forced, unroll=1))
-    assert case.rel_error(out) < case.tolerance
-    torch.testing.assert_close(out[0], case.run(variant(spec, 4, forced=forced))[0],
-                               rtol=1e-5, atol=1e-5)
-    kd = kernel_def(stem)
-    assert kd.canonical(spec, variant(spec, 0, unroll=1)) == variant(spec, 0)
-    assert "static_range" in kernel_source(stem, spec, variant(spec, 4, unroll=1))
-    assert "static_range" not in kernel_source(stem, spec, variant(spec, 4))
 
 
 def test_selection_fwd_lists_after_a_mark(monkeypatch, poison):
