@@ -6,7 +6,7 @@ Every number a template prints is computed here, from a validated spec and a con
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Callable
 
@@ -737,24 +737,22 @@ def _decode_attend_smem(spec: NSASpec, cfg: Config) -> int:
 
 # Hopper's tensor memory accelerator (the kernels' TMA param).
 TMA_ARCH = (("TMA", 90),)
-_SLC_FWD_UNREAD = (("SHARE", 1, lambda s, c: c["BLOCK_Q"] > 0),
-                   ("FORCED", 0, lambda s, c: c["BLOCK_Q"] == 0 and c["SHARE"] > 1))
+# The selected forward; its gated twin below is the same kernel storing NSA's gated sum.
+_SLC_FWD = KernelDef("selection_fwd", "slc", _slc_fwd_context, _slc_fwd_default, _slc_fwd_space,
+                     _slc_fwd_smem, lambda s: s.has("slc"),
+                     structural=("BLOCK_Q", "TMA", "SHARE", "FORCED"), min_arch=TMA_ARCH,
+                     unread=(("SHARE", 1, lambda s, c: c["BLOCK_Q"] > 0),
+                             ("FORCED", 0, lambda s, c: c["BLOCK_Q"] == 0 and c["SHARE"] > 1)))
 
 KERNELS: dict[str, KernelDef] = {
-    "selection_fwd": KernelDef("selection_fwd", "slc", _slc_fwd_context, _slc_fwd_default,
-                               _slc_fwd_space, _slc_fwd_smem, lambda s: s.has("slc"),
-                               structural=("BLOCK_Q", "TMA", "SHARE", "FORCED"),
-                               min_arch=TMA_ARCH, unread=_SLC_FWD_UNREAD),
+    "selection_fwd": _SLC_FWD,
     # The same kernel storing NSA's gated sum (nsa() without autograd): its epilogue (or
     # the query-batched combine) reads the other branches' outputs and the gates, so its
     # best tile can differ (fla-compat at 64k on the H200: BLOCK_N 64 gated, 32 ungated,
     # session 27). Tuned apart; where it has no entry, selection_fwd's serves.
-    "selection_fwd_gated": KernelDef("selection_fwd_gated", "slc", _slc_fwd_gated_context,
-                                     _slc_fwd_default, _slc_fwd_space, _slc_fwd_smem,
-                                     lambda s: s.has("slc"),
-                                     structural=("BLOCK_Q", "TMA", "SHARE", "FORCED"),
-                                     min_arch=TMA_ARCH, unread=_SLC_FWD_UNREAD,
-                                     renders="selection_fwd", fallback="selection_fwd"),
+    "selection_fwd_gated": replace(_SLC_FWD, stem="selection_fwd_gated",
+                                   context=_slc_fwd_gated_context, renders="selection_fwd",
+                                   fallback="selection_fwd"),
     "topn": KernelDef("topn", "slc", _topn_context, _topn_default, _topn_space, _topn_smem,
                       lambda s: s.has("slc"), structural=("MERGE", "INSERT", "LIST", "TMA", "KEY", "IMP"),
                       min_arch=TMA_ARCH,

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from ..config import Config
 from ..db import DeviceKey, config_problem
 from ..db.store import MAX_REGS_PER_THREAD
-from ..kernels import dim_chunks, kernel_def, next_pow2, slc_fwd_rows
+from ..kernels import KERNELS, dim_chunks, kernel_def, next_pow2, slc_fwd_rows
 from ..spec import NSASpec
 
 # Registers a thread needs besides its tiles: pointers, offsets, loop state, masks.
@@ -39,11 +39,11 @@ def _gate_fwd_tiles(spec: NSASpec, cfg: Config) -> float:
     return 1.5 * cfg["BLOCK_R"] * bv
 
 
-# Kernel stem -> words of live tiles per program. A stem without a model is not pruned on
+# Kernel stem -> words of live tiles per program (a tuning key that renders another stem's
+# kernel, selection_fwd_gated, takes that one's). A stem without a model is not pruned on
 # registers (its compile failures are still caught at tuning time).
 REGISTER_MODELS: dict[str, Callable[[NSASpec, Config], float]] = {
     "selection_fwd": _slc_fwd_tiles,
-    "selection_fwd_gated": _slc_fwd_tiles,
     "gate_fwd": _gate_fwd_tiles,
 }
 
@@ -51,7 +51,8 @@ REGISTER_MODELS: dict[str, Callable[[NSASpec, Config], float]] = {
 def register_estimate(stem: str, spec: NSASpec, config: Config) -> int | None:
     """Rough registers per thread of kernel `stem` (live tiles spread over the block's
     threads, plus a fixed overhead), or None if the kernel has no register model."""
-    model = REGISTER_MODELS.get(stem)
+    kd = KERNELS.get(stem)
+    model = REGISTER_MODELS.get(kd.renders or stem if kd else stem)
     if model is None:
         return None
     threads = 32 * config.num_warps

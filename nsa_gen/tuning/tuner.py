@@ -253,11 +253,11 @@ class Tuner:
         # A key with a fallback (selection_fwd_gated) is seeded with the fallback kernel's
         # entries too, after its own at the same distance: dispatch runs them where it has
         # none, so the study measures the config it may replace.
-        stems = [stem] + ([kd.fallback] if kd.fallback else [])
+        hashes = {s: kernel_source_hash(s) for s in (stem, kd.fallback) if s}
         found = sorted(((shape_distance(me.shape, k.shape), k.kernel != stem,
-                         k.source_hash != kernel_source_hash(k.kernel),
+                         k.source_hash != hashes[k.kernel],
                          kd.at_shape(self.spec, e.config, k.T, T))
-                        for s in stems for db in self.seed_dbs
+                        for s in hashes for db in self.seed_dbs
                         for k, e in db.load(s, self.device).items()
                         if (k.kernel, k.spec) == (s, me.spec)),
                        key=lambda x: x[:3])
