@@ -1,6 +1,6 @@
 """What the GPU timing probes share (slc_breakdown.py, topn_probe.py, ws_probe.py,
 variant_probe.py, overlap_probe.py, ncu_probe.py, lists_ab.py, ahead_ab.py,
-nsa_variant_probe.py, evict_probe.py, fwd_profile.py, sweep.py):
+nsa_variant_probe.py, evict_probe.py, fwd_profile.py, sweep.py, chunk_probe.py):
 the command line (a list of runs, each timed by the probe at --seqlen and printed as one
 JSON line; with --out, all of them written to OUT/<name>.json), a kernel's case with the
 config the dispatcher picks, timing a variant of a kernel launch against the outputs of the
