@@ -167,6 +167,12 @@ QUERY_PART_BYTES = 2 << 30
 # benchmarks/launch_probe.py can measure others in place.
 FORCED_LAUNCH = {"num_warps": 4}
 COMBINE_LAUNCH = {"num_warps": 4, "num_stages": 1}
+# Rows of a window of the query-batched forward's row chunk (0: the whole chunk). Its segments
+# run window by window (then kv head, then block), so the programs running at once gather the
+# queries of one window, which the L2 can hold, instead of the whole chunk's (134 MB of q at
+# small-group's 2 GiB chunk); each block's K/V is then read once per window.
+# benchmarks/chunk_probe.py measures it.
+QUERY_WINDOW_ROWS = 0
 # Build the query-batched forward's block lists and the backward's inverted selection on a
 # side stream (`common.ahead`); False builds them in line, as before session 27
 # (benchmarks/ahead_ab.py's baseline).
@@ -194,7 +200,7 @@ def _query_tables(q, block_indices, spec, config, cu_seqlens, starts, after=None
         if not table:  # made by the first build, where the builds run (after `after`)
             table.append(block_table(spec, B, T, cu_seqlens, q.device))
         lists = _block_lists(block_indices, spec, table[0], starts, rows,
-                             skip_forced=config["FORCED"] > 0)
+                             skip_forced=config["FORCED"] > 0, window=QUERY_WINDOW_ROWS)
         return lists.entries, _query_segments(lists, config["BLOCK_Q"])
     # ~30 short torch kernels a chunk (1.1 ms at small-group, 64k, H100, RESULTS run 44): on a
     # side stream they run beside the forced pass and the earlier chunks' kernels.
@@ -271,24 +277,30 @@ def block_table(spec: NSASpec, B: int, T: int, cu_seqlens: torch.Tensor | None,
 @dataclass(frozen=True)
 class BlockLists:
     """The (token, slot) pairs of a row range r0 .. r1 - 1 grouped by the block they chose.
-    Bin h * NBLK + g holds kv head h's pairs that chose block g of `table`. entries int32 [E]
+    Bin w * H * NBLK + h * NBLK + g holds kv head h's pairs of row window w (rows r0 + w *
+    window on; one window without one) that chose block g of `table`. entries int32 [E]
     (int64 from 2^31 pairs on): (row - r0) * H * S + h * S + slot, by bin, tokens ascending
-    within one; E counts the empty slots too, which sort after every bin. counts [H * NBLK]
-    (entries' type): pairs per bin; first: the offset of each bin's pairs in entries."""
+    within one; E counts the empty slots too, which sort after every bin. counts [W * H *
+    NBLK] (entries' type): pairs per bin; first: the offset of each bin's pairs in entries;
+    windows: W."""
     entries: torch.Tensor
     counts: torch.Tensor
     first: torch.Tensor
     table: BlockTable
+    windows: int = 1
 
 
 def _block_lists(block_indices: torch.Tensor, spec: NSASpec, table: BlockTable,
                  starts: torch.Tensor | None, rows: tuple[int, int], *,
-                 skip_forced: bool = False) -> BlockLists:
+                 skip_forced: bool = False, window: int = 0) -> BlockLists:
     """Invert rows r0 .. r1 - 1 of visible_blocks' [B, T, H, S] indices by a stable sort.
-    skip_forced: leave out each token's forced blocks (initial and local), as empty slots."""
+    skip_forced: leave out each token's forced blocks (initial and local), as empty slots.
+    window > 0: bin the pairs by window of that many rows first (QUERY_WINDOW_ROWS)."""
     B, T, H, S = block_indices.shape
     (r0, r1), dev = rows, block_indices.device
-    n_bin = H * table.key_row.numel()
+    n_win = -(-(r1 - r0) // window) if window > 0 else 1
+    n_head_bin = H * table.key_row.numel()
+    n_bin = n_win * n_head_bin
     # Keys are bins, not key rows: BS times fewer, so 16 bits hold them up to 32k bins
     # (64k tokens of 8 kv heads at BS = 64), and the radix sort takes half the passes of
     # 32-bit keys; the bin-sized steps below shrink as much.
@@ -302,7 +314,11 @@ def _block_lists(block_indices: torch.Tensor, spec: NSASpec, table: BlockTable,
         keep &= (idx >= spec.initial_blocks) & (idx <= own - spec.local_blocks)
     wide = torch.int32 if kt != torch.int64 else torch.int64
     heads = torch.arange(H, device=dev, dtype=wide)[None, :, None] * table.key_row.numel()
-    key = torch.where(keep, heads + table.row_block[r0:r1, None, None] + idx, n_bin)
+    key = heads + table.row_block[r0:r1, None, None] + idx
+    if n_win > 1:
+        win = torch.arange(r1 - r0, device=dev, dtype=wide) // window * n_head_bin
+        key = key + win[:, None, None]
+    key = torch.where(keep, key, n_bin)
     sorted_key, order = torch.sort(key.to(kt).flatten(), stable=True)  # stable: tokens stay ascending
     # Each bin's first pair by binary search in the sorted keys, not by counting: an atomic
     # count (index_add_) serialises on the bin of the empty slots, which with the forced
@@ -311,7 +327,7 @@ def _block_lists(block_indices: torch.Tensor, spec: NSASpec, table: BlockTable,
     edges = torch.searchsorted(sorted_key, torch.arange(n_bin + 1, device=dev, dtype=kt),
                                out_int32=narrow)
     entries = order.to(torch.int32) if narrow else order
-    return BlockLists(entries, edges[1:] - edges[:-1], edges[:-1], table)
+    return BlockLists(entries, edges[1:] - edges[:-1], edges[:-1], table, n_win)
 
 
 def _bin_blocks(lists: BlockLists, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -319,6 +335,7 @@ def _bin_blocks(lists: BlockLists, b: torch.Tensor) -> tuple[torch.Tensor, torch
     n_blk = lists.table.key_row.numel()
     h = torch.div(b, n_blk, rounding_mode="floor")
     g = b - h * n_blk
+    h = h % (lists.counts.numel() // (n_blk * lists.windows))  # each window's bins anew
     return h, lists.table.key_row[g], lists.table.row_end[g]
 
 
