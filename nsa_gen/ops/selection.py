@@ -282,12 +282,12 @@ class BlockLists:
     (int64 from 2^31 pairs on): (row - r0) * H * S + h * S + slot, by bin, tokens ascending
     within one; E counts the empty slots too, which sort after every bin. counts [W * H *
     NBLK] (entries' type): pairs per bin; first: the offset of each bin's pairs in entries;
-    windows: W."""
+    window_bins: H * NBLK, the bins of one window."""
     entries: torch.Tensor
     counts: torch.Tensor
     first: torch.Tensor
     table: BlockTable
-    windows: int = 1
+    window_bins: int
 
 
 def _block_lists(block_indices: torch.Tensor, spec: NSASpec, table: BlockTable,
@@ -327,15 +327,15 @@ def _block_lists(block_indices: torch.Tensor, spec: NSASpec, table: BlockTable,
     edges = torch.searchsorted(sorted_key, torch.arange(n_bin + 1, device=dev, dtype=kt),
                                out_int32=narrow)
     entries = order.to(torch.int32) if narrow else order
-    return BlockLists(entries, edges[1:] - edges[:-1], edges[:-1], table, n_win)
+    return BlockLists(entries, edges[1:] - edges[:-1], edges[:-1], table, n_head_bin)
 
 
 def _bin_blocks(lists: BlockLists, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Bins b as (kv head, first key row of the block, end row of its sequence)."""
     n_blk = lists.table.key_row.numel()
+    b = b % lists.window_bins  # every window numbers its bins alike
     h = torch.div(b, n_blk, rounding_mode="floor")
     g = b - h * n_blk
-    h = h % (lists.counts.numel() // (n_blk * lists.windows))  # each window's bins anew
     return h, lists.table.key_row[g], lists.table.row_end[g]
 
 
