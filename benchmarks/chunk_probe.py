@@ -9,10 +9,14 @@ partials streaming through). Smaller chunks or windows keep fewer rows' queries 
 for more per-chunk work (the lists' torch kernels, two launches) or K/V read once per window
 instead of once per chunk, and segments less full.
 
-Per SPEC (query-batched at --seqlen by the dispatcher) and each mode MIB:WINDOW (a budget in
-MiB, window rows, 0 for none; $CHUNK_PROBE_MODES, the shipped mode first): nsa()'s median
-(do_bench), the GPU time of its kernels by kind (profiled), the rows a chunk holds, and
-whether the output is bit-identical to the first mode's.
+A third knob, `QUERY_PERSIST`: the partials kernel persistent, that many programs an SM,
+each requesting its next segment's queries before the current one's dots.
+
+Per SPEC (query-batched at --seqlen by the dispatcher) and each mode MIB:WINDOW[:PERSIST] (a
+budget in MiB, window rows, 0 for none, programs an SM, 0 for one a segment;
+$CHUNK_PROBE_MODES, the shipped mode first): nsa()'s median (do_bench), the GPU time of its
+kernels by kind (profiled), the rows a chunk holds, and whether the output is bit-identical
+to the first mode's.
 
 Usage: python benchmarks/chunk_probe.py [--seqlen 65536] [--out DIR] small-group mqa
 """
@@ -29,8 +33,9 @@ from nsa_gen.benchmark import _bench  # noqa: E402
 from nsa_gen.ops import selection as sel  # noqa: E402
 from probe_main import kernel_ms, probe_main, random_nsa_args  # noqa: E402
 
-MODES = [tuple(int(x) for x in m.split(":")) for m in os.environ.get(
-    "CHUNK_PROBE_MODES", "2048:0,2048:2048,2048:4096,2048:8192,512:0,256:0").split(",")]
+MODES = [tuple(int(x) for x in (m + ":0").split(":")[:3]) for m in os.environ.get(
+    "CHUNK_PROBE_MODES", "2048:0,2048:0:2,2048:0:1,2048:0:4,2048:4096,2048:8192,512:0,256:0"
+).split(",")]
 
 
 def probe(name: str, T: int) -> dict:
@@ -42,21 +47,21 @@ def probe(name: str, T: int) -> dict:
     def fwd():
         return api.nsa(*args, spec=spec)
     row = {"spec": name, "T": T}
-    shipped, want = (sel.QUERY_PART_BYTES, sel.QUERY_WINDOW_ROWS), None
+    shipped, want = (sel.QUERY_PART_BYTES, sel.QUERY_WINDOW_ROWS, sel.QUERY_PERSIST), None
     try:
-        for mib, window in MODES:
-            sel.QUERY_PART_BYTES, sel.QUERY_WINDOW_ROWS = mib << 20, window
+        for mib, window, persist in MODES:
+            sel.QUERY_PART_BYTES, sel.QUERY_WINDOW_ROWS, sel.QUERY_PERSIST = mib << 20, window, persist
             out = fwd()
             want = out if want is None else want
             kernels = kernel_ms(fwd, 3)
-            row[f"{mib}:{window}"] = {
+            row[f"{mib}:{window}:{persist}"] = {
                 "rows": sel.query_chunk_rows(spec, 2), "ms": _bench(fwd),
                 "partials_ms": sum(t for k, t in kernels.items() if k.startswith("nsa_selection_fwd_kernel")),
                 "combine_ms": sum(t for k, t in kernels.items() if "combine" in k),
                 "torch_ms": sum(t for k, t in kernels.items() if not k.startswith(("nsa_", "Memcpy"))),
                 "kernels_ms": sum(kernels.values()), "same": bool(torch.equal(out, want))}
     finally:
-        sel.QUERY_PART_BYTES, sel.QUERY_WINDOW_ROWS = shipped
+        sel.QUERY_PART_BYTES, sel.QUERY_WINDOW_ROWS, sel.QUERY_PERSIST = shipped
     row["shipped_again_ms"] = _bench(fwd)
     return row
 

@@ -231,6 +231,33 @@ def test_selection_fwd_query_chunks(forced, window, monkeypatch, poison):
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("forced", [0, 64])
+@pytest.mark.parametrize("key,block_q,persist,tma,block_n", [
+    ("G4", 8, 1, 0, 16), ("G4", 8, 3, 1, 32), ("G4", 8, 3, 0, 32), ("G16", 1, 2, 1, 16)])
+def test_selection_fwd_query_persist(forced, key, block_q, persist, tma, block_n, monkeypatch,
+                                     poison):
+    """The persistent partials kernel (QUERY_PERSIST programs, here on the CPU 1 to 3 in all,
+    each looping over many segments; two K/V tiles a block unrolled at BLOCK_N 16) gives the
+    one-program-a-segment kernel's result, in 64-row chunks over 2 x 150 rows too, so a
+    chunk's segments after the first start from the table's real count again."""
+    from nsa_gen.ops import selection as sel
+    spec = make_spec(key)  # BS = 32
+    case = make_case("selection_fwd", spec, 150, B=2, dtype=torch.float32, seed=9)
+    cfg = variant(spec, block_q, block_n=block_n, tma=tma, forced=forced)
+    want = case.run(cfg)
+    assert case.rel_error(want) < case.tolerance
+    monkeypatch.setattr(sel, "QUERY_PERSIST", persist)
+    sized = []  # the persistent grid is sized from the SM count: this run took that path
+    monkeypatch.setattr(sel, "_sm_count", lambda device: sized.append(device) or 1)
+    got = case.run(cfg)
+    assert sized
+    assert case.rel_error(got) < case.tolerance
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    monkeypatch.setattr(sel, "QUERY_PART_BYTES", 1)
+    chunked = case.run(cfg)
+    torch.testing.assert_close(chunked, want, rtol=1e-6, atol=1e-6)
+
+
 def test_selection_fwd_lists_after_a_mark(monkeypatch, poison):
     """`after` (nsa() marks top-n's output) reaches the block lists' `ahead` only where the
     lists read nothing selection_fwd makes itself: canonical lists of unpacked sequences."""
@@ -663,6 +690,9 @@ def test_query_segments_cover_every_pair_once(lens, seg, skip_forced, keys, wind
     n_tok = segs[:, 3]
     assert int((n_tok > 0).sum()) <= segs.shape[0] and int(n_tok.max()) <= seg
     real = segs[n_tok > 0]
+    # Every row tells the real number, and the real segments come first (the persistent
+    # kernel loops up to it).
+    assert (segs[:, 4] == real.shape[0]).all() and (n_tok[: real.shape[0]] > 0).all()
     covered = torch.cat([lists.entries[int(s[2]): int(s[2]) + int(s[3])] for s in real]
                         + [lists.entries[:0]]).long()
     row0 = starts.long() if starts is not None else torch.zeros(T, dtype=torch.long)

@@ -63,6 +63,8 @@ def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indic
     if gates is not None:
         gate_args = _gate_args(gates, outs or {}, spec, o)
         config = config.replace(GATED=1)
+    if config["BLOCK_Q"] and QUERY_PERSIST:
+        config = config.replace(PERSIST=QUERY_PERSIST)
     if config["FORCED"] and not forced_listed:
         config = fall_back("selection_fwd", config, "FORCED needs block lists that hold every "
                            "forced block (forced_listed=True, as topn's do)", FORCED=0)
@@ -173,6 +175,11 @@ COMBINE_LAUNCH = {"num_warps": 4, "num_stages": 1}
 # small-group's 2 GiB chunk); each block's K/V is then read once per window.
 # benchmarks/chunk_probe.py measures it.
 QUERY_WINDOW_ROWS = 0
+# Programs an SM of the query-batched forward's partials kernel made persistent (each loops
+# over segments, the next ones' loads pipelined under the current one's dots; see
+# templates/selection_fwd.py.j2). 0: one program a segment, the shipped behaviour.
+# benchmarks/chunk_probe.py measures it.
+QUERY_PERSIST = 0
 # Build the query-batched forward's block lists and the backward's inverted selection on a
 # side stream (`common.ahead`); False builds them in line, as before session 27
 # (benchmarks/ahead_ab.py's baseline).
@@ -224,10 +231,21 @@ def _selection_fwd_query(q, k, v, block_indices, spec, config, starts, o, lse, g
     # With FORCED, the forced pass's state in o and lse stands for the forced slots.
     pos_args = [starts if starts is not None else q, T, starts is not None] if forced else []
     for (r0, r1), (entries, segments) in zip(chunks, built):
-        mod.nsa_selection_fwd_kernel[(segments.shape[0],)](
+        grid = segments.shape[0]
+        if config.get("PERSIST", 0):
+            grid = min(grid, config["PERSIST"] * _sm_count(q.device))
+        mod.nsa_selection_fwd_kernel[(grid,)](
             q, *kv, entries, segments, o_part, lse_part, r0, **launch_options(config))
         mod.nsa_selection_fwd_combine_kernel[(r1 - r0,)](
             block_indices, o_part, lse_part, o, lse, r0, *pos_args, **gate_args, **COMBINE_LAUNCH)
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter), where a
+    persistent grid of QUERY_PERSIST programs then loops over the segments."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # The sort keys of _block_lists: the narrowest type that holds every bin and the empty one.
@@ -341,9 +359,9 @@ def _bin_blocks(lists: BlockLists, b: torch.Tensor) -> tuple[torch.Tensor, torch
 
 def _query_segments(lists: BlockLists, seg: int) -> torch.Tensor:
     """Segments of at most `seg` pairs of one bin, int32 [n, 6] as the query-batched kernel
-    reads them (kv head, first key row, offset in entries, count, 0, end row of the
-    sequence). n is a bound known without reading the GPU: rows past the real number have
-    count 0."""
+    reads them (kv head, first key row, offset in entries, count, the real number of
+    segments, end row of the sequence). n is a bound known without reading the GPU: rows
+    past the real number have count 0."""
     # Segments <= pairs / seg + one per non-empty bin.
     n_pairs, n_bin = lists.entries.numel(), lists.counts.numel()
     bound = n_pairs // seg + 1 + min(n_pairs, n_bin)
@@ -358,7 +376,7 @@ def _query_segments(lists: BlockLists, seg: int) -> torch.Tensor:
     n_tok = torch.where(i < seg_end[-1], torch.clamp(counts[b] - kth * seg, max=seg), 0)
     h, row_kv, row_end = _bin_blocks(lists, b)
     return torch.stack([h, row_kv.to(it), lists.first[b].to(it) + kth * seg, n_tok,
-                        torch.zeros_like(h), row_end.to(it)], 1).to(torch.int32).contiguous()
+                        seg_end[-1:].expand_as(h), row_end.to(it)], 1).to(torch.int32).contiguous()
 
 
 def topn(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, spec: NSASpec,
