@@ -64,21 +64,34 @@ def arg_type(v) -> str | None:
     raise TypeError(f"no signature type for {type(v).__name__}")
 
 
+def aligned(v) -> bool:
+    """Whether the JIT marks a launch argument divisible by 16 (a tensor's address, an int),
+    as it does on the GPU: without it, the compiler cannot vectorise loads through pointers
+    built from it (a gathered tile of 1-element rows is too narrow for the pipeliner's
+    asynchronous copies), and the registers and shared memory reported are not the launch's."""
+    import torch
+    if isinstance(v, torch.Tensor):
+        return v.data_ptr() % 16 == 0
+    return isinstance(v, int) and not isinstance(v, bool) and v % 16 == 0
+
+
 def compile_launch(fn, args, kwargs, ptxas: str) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
     values = dict(zip(fn.arg_names, args), **kwargs)
-    sig, consts = {}, {}
+    sig, consts, attrs = {}, {}, {}
     for p in fn.params:
         v = values.get(p.name, p.default)
         t = None if p.is_constexpr else arg_type(v)
         sig[p.name] = t or "constexpr"
         if t is None:
             consts[(p.num,)] = v
-    k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options=opts)
+        elif aligned(v):
+            attrs[(p.num,)] = [["tt.divisibility", 16]]
+    k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options=opts)
     ptx = Path("/tmp") / f"nsa_resources_{os.getpid()}.ptx"
     ptx.write_text(k.asm["ptx"])
     out = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", str(ptx.with_suffix(".cubin"))],
