@@ -6,8 +6,8 @@
 #            TMA, FORCED, the gated combine and the lists built ahead; and deepseek-nsa's
 #            group-centric kernel after the forced pass (FORCED 64, SHARE 1)
 #   chunk    benchmarks/chunk_probe.py at 64k: small-group and mqa's nsa() with the
-#            query-batched forward's row chunk (2048 MiB shipped, 512, 256) and row windows
-#            (QUERY_WINDOW_ROWS 2048, 4096, 8192): do the queries' gathers miss the L2?
+#            query-batched forward's row chunk at 2048 (shipped) down to 128 MiB of partials:
+#            do the queries' gathers come from HBM, and do smaller chunks keep them in L2?
 #   any other step is session 28's (h200, tunegated, launch) or older: see gpu_session28.sh
 set -o pipefail
 source "$(dirname "$0")/device_env.sh"

@@ -135,9 +135,8 @@ def _slc_fwd_context(spec: NSASpec, cfg: Config) -> dict:
                 # The forced pass's tiles never straddle a selection block.
                 FORCED_ONE_BLOCK=cfg["FORCED"] > 0 and spec.BS % (cfg["FORCED"] // gt) == 0,
                 INITIAL=spec.initial_blocks, LOCAL=spec.local_blocks,
-                # Not tuning params: selection_fwd sets GATED to store the gated sum, and
-                # PERSIST for the persistent partials kernel (ops.selection.QUERY_PERSIST).
-                GATED=cfg.get("GATED", 0), PERSIST=cfg.get("PERSIST", 0))
+                # Not a tuning param: selection_fwd sets it to store the gated sum.
+                GATED=cfg.get("GATED", 0))
 
 
 def _slc_fwd_gated_context(spec: NSASpec, cfg: Config) -> dict:

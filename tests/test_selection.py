@@ -210,18 +210,15 @@ def test_selection_fwd_tma(key, block_q, poison):
 
 
 @pytest.mark.parametrize("forced", [0, 64])
-@pytest.mark.parametrize("window", [0, 24])
-def test_selection_fwd_query_chunks(forced, window, monkeypatch, poison):
+def test_selection_fwd_query_chunks(forced, monkeypatch, poison):
     """Row chunks of the query-batched forward (partials kept within a byte budget) give the
     same result as one chunk: here 64-row chunks over 2 x 150 rows, the last one short; with
-    FORCED, every chunk's combine starts from the one forced pass's state of its rows. With
-    QUERY_WINDOW_ROWS, each chunk's segments run by windows of rows (the last one short)."""
+    FORCED, every chunk's combine starts from the one forced pass's state of its rows."""
     from nsa_gen.ops import selection as sel
     spec = make_spec("G4")
     case = make_case("selection_fwd", spec, 150, B=2, dtype=torch.float32, seed=8)
     whole = case.run(variant(spec, 8, forced=forced))[0]
     monkeypatch.setattr(sel, "QUERY_PART_BYTES", 1)
-    monkeypatch.setattr(sel, "QUERY_WINDOW_ROWS", window)
     assert sel.query_chunk_rows(spec, 4) == 64
     chunked = case.run(variant(spec, 8, forced=forced))[0]
     assert case.rel_error((chunked,)) < 1e-4
@@ -229,33 +226,6 @@ def test_selection_fwd_query_chunks(forced, window, monkeypatch, poison):
     # depend on which rows a tile batches together (chunks group a block's tokens
     # differently); 1-ulp differences were seen on one CPU and not on another.
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("forced", [0, 64])
-@pytest.mark.parametrize("key,block_q,persist,tma,block_n", [
-    ("G4", 8, 1, 0, 16), ("G4", 8, 3, 1, 32), ("G4", 8, 3, 0, 32), ("G16", 1, 2, 1, 16)])
-def test_selection_fwd_query_persist(forced, key, block_q, persist, tma, block_n, monkeypatch,
-                                     poison):
-    """The persistent partials kernel (QUERY_PERSIST programs, here on the CPU 1 to 3 in all,
-    each looping over many segments; two K/V tiles a block unrolled at BLOCK_N 16) gives the
-    one-program-a-segment kernel's result, in 64-row chunks over 2 x 150 rows too, so a
-    chunk's segments after the first start from the table's real count again."""
-    from nsa_gen.ops import selection as sel
-    spec = make_spec(key)  # BS = 32
-    case = make_case("selection_fwd", spec, 150, B=2, dtype=torch.float32, seed=9)
-    cfg = variant(spec, block_q, block_n=block_n, tma=tma, forced=forced)
-    want = case.run(cfg)
-    assert case.rel_error(want) < case.tolerance
-    monkeypatch.setattr(sel, "QUERY_PERSIST", persist)
-    sized = []  # the persistent grid is sized from the SM count: this run took that path
-    monkeypatch.setattr(sel, "_sm_count", lambda device: sized.append(device) or 1)
-    got = case.run(cfg)
-    assert sized
-    assert case.rel_error(got) < case.tolerance
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    monkeypatch.setattr(sel, "QUERY_PART_BYTES", 1)
-    chunked = case.run(cfg)
-    torch.testing.assert_close(chunked, want, rtol=1e-6, atol=1e-6)
 
 
 def test_selection_fwd_lists_after_a_mark(monkeypatch, poison):
@@ -665,14 +635,12 @@ def test_block_table_dense_batch():
 @pytest.mark.parametrize("seg", [1, 3, 16])
 @pytest.mark.parametrize("skip_forced", [False, True])
 @pytest.mark.parametrize("keys", ["int16", "int32"])
-@pytest.mark.parametrize("window", [0, 37])
-def test_query_segments_cover_every_pair_once(lens, seg, skip_forced, keys, window, monkeypatch):
+def test_query_segments_cover_every_pair_once(lens, seg, skip_forced, keys, monkeypatch):
     """The query-batched forward's segment table, sized without reading the GPU, holds every
     (token, slot) pair of every block exactly once (with skip_forced, every pair but the
     forced blocks'), at most `seg` a segment, tokens ascending, each in the right block and
     sequence; the rows past the real segments are empty. keys: the sort's key type (int32
-    from 32k bins on). window: with row windows, a segment's tokens are of one window, and
-    the segments run window by window."""
+    from 32k bins on)."""
     from nsa_gen.ops import selection as sel
     if keys == "int32":
         monkeypatch.setattr(sel, "KEY_TYPES", sel.KEY_TYPES[1:])
@@ -684,15 +652,11 @@ def test_query_segments_cover_every_pair_once(lens, seg, skip_forced, keys, wind
     table = sel.block_table(spec, 1, T, cu if len(lens) > 1 else None, "cpu")
     raw = torch.randint(-1, 7, (1, T, spec.H, spec.S), generator=g, dtype=torch.int32)
     idx = sel.visible_blocks(raw, spec, starts)
-    lists = sel._block_lists(idx, spec, table, starts, (0, T), skip_forced=skip_forced,
-                             window=window)
+    lists = sel._block_lists(idx, spec, table, starts, (0, T), skip_forced=skip_forced)
     segs = sel._query_segments(lists, seg)
     n_tok = segs[:, 3]
     assert int((n_tok > 0).sum()) <= segs.shape[0] and int(n_tok.max()) <= seg
     real = segs[n_tok > 0]
-    # Every row tells the real number, and the real segments come first (the persistent
-    # kernel loops up to it).
-    assert (segs[:, 4] == real.shape[0]).all() and (n_tok[: real.shape[0]] > 0).all()
     covered = torch.cat([lists.entries[int(s[2]): int(s[2]) + int(s[3])] for s in real]
                         + [lists.entries[:0]]).long()
     row0 = starts.long() if starts is not None else torch.zeros(T, dtype=torch.long)
@@ -709,12 +673,6 @@ def test_query_segments_cover_every_pair_once(lens, seg, skip_forced, keys, wind
         blocks = flat[rows, h, slot]
         assert (row0[rows] + blocks * spec.BS == s[1]).all()  # the segment's block
         assert (rows < s[5]).all() and (rows >= row0[rows]).all()
-    if window:
-        wins = [sorted({int(r) // window for r in lists.entries[int(s[2]): int(s[2]) + int(s[3])]
-                        // (spec.H * spec.S)}) for s in real]
-        assert all(len(w) == 1 for w in wins) and [w[0] for w in wins] == sorted(w[0] for w in wins)
-        kept_rows = keep.reshape(-1).nonzero().squeeze(1) // (spec.H * spec.S)
-        assert {w[0] for w in wins} == {int(r) // window for r in kept_rows}
 
 
 def test_ahead_builds_in_line_off_the_gpu():

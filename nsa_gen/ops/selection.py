@@ -63,8 +63,6 @@ def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indic
     if gates is not None:
         gate_args = _gate_args(gates, outs or {}, spec, o)
         config = config.replace(GATED=1)
-    if config["BLOCK_Q"] and QUERY_PERSIST:
-        config = config.replace(PERSIST=QUERY_PERSIST)
     if config["FORCED"] and not forced_listed:
         config = fall_back("selection_fwd", config, "FORCED needs block lists that hold every "
                            "forced block (forced_listed=True, as topn's do)", FORCED=0)
@@ -169,17 +167,6 @@ QUERY_PART_BYTES = 2 << 30
 # benchmarks/launch_probe.py can measure others in place.
 FORCED_LAUNCH = {"num_warps": 4}
 COMBINE_LAUNCH = {"num_warps": 4, "num_stages": 1}
-# Rows of a window of the query-batched forward's row chunk (0: the whole chunk). Its segments
-# run window by window (then kv head, then block), so the programs running at once gather the
-# queries of one window, which the L2 can hold, instead of the whole chunk's (134 MB of q at
-# small-group's 2 GiB chunk); each block's K/V is then read once per window.
-# benchmarks/chunk_probe.py measures it.
-QUERY_WINDOW_ROWS = 0
-# Programs an SM of the query-batched forward's partials kernel made persistent (each loops
-# over segments, the next ones' loads pipelined under the current one's dots; see
-# templates/selection_fwd.py.j2). 0: one program a segment, the shipped behaviour.
-# benchmarks/chunk_probe.py measures it.
-QUERY_PERSIST = 0
 # Build the query-batched forward's block lists and the backward's inverted selection on a
 # side stream (`common.ahead`); False builds them in line, as before session 27
 # (benchmarks/ahead_ab.py's baseline).
@@ -207,7 +194,7 @@ def _query_tables(q, block_indices, spec, config, cu_seqlens, starts, after=None
         if not table:  # made by the first build, where the builds run (after `after`)
             table.append(block_table(spec, B, T, cu_seqlens, q.device))
         lists = _block_lists(block_indices, spec, table[0], starts, rows,
-                             skip_forced=config["FORCED"] > 0, window=QUERY_WINDOW_ROWS)
+                             skip_forced=config["FORCED"] > 0)
         return lists.entries, _query_segments(lists, config["BLOCK_Q"])
     # ~30 short torch kernels a chunk (1.1 ms at small-group, 64k, H100, RESULTS run 44): on a
     # side stream they run beside the forced pass and the earlier chunks' kernels.
@@ -231,21 +218,10 @@ def _selection_fwd_query(q, k, v, block_indices, spec, config, starts, o, lse, g
     # With FORCED, the forced pass's state in o and lse stands for the forced slots.
     pos_args = [starts if starts is not None else q, T, starts is not None] if forced else []
     for (r0, r1), (entries, segments) in zip(chunks, built):
-        grid = segments.shape[0]
-        if config.get("PERSIST", 0):
-            grid = min(grid, config["PERSIST"] * _sm_count(q.device))
-        mod.nsa_selection_fwd_kernel[(grid,)](
+        mod.nsa_selection_fwd_kernel[(segments.shape[0],)](
             q, *kv, entries, segments, o_part, lse_part, r0, **launch_options(config))
         mod.nsa_selection_fwd_combine_kernel[(r1 - r0,)](
             block_indices, o_part, lse_part, o, lse, r0, *pos_args, **gate_args, **COMBINE_LAUNCH)
-
-
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter), where a
-    persistent grid of QUERY_PERSIST programs then loops over the segments."""
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # The sort keys of _block_lists: the narrowest type that holds every bin and the empty one.
@@ -295,30 +271,24 @@ def block_table(spec: NSASpec, B: int, T: int, cu_seqlens: torch.Tensor | None,
 @dataclass(frozen=True)
 class BlockLists:
     """The (token, slot) pairs of a row range r0 .. r1 - 1 grouped by the block they chose.
-    Bin w * H * NBLK + h * NBLK + g holds kv head h's pairs of row window w (rows r0 + w *
-    window on; one window without one) that chose block g of `table`. entries int32 [E]
+    Bin h * NBLK + g holds kv head h's pairs that chose block g of `table`. entries int32 [E]
     (int64 from 2^31 pairs on): (row - r0) * H * S + h * S + slot, by bin, tokens ascending
-    within one; E counts the empty slots too, which sort after every bin. counts [W * H *
-    NBLK] (entries' type): pairs per bin; first: the offset of each bin's pairs in entries;
-    window_bins: H * NBLK, the bins of one window."""
+    within one; E counts the empty slots too, which sort after every bin. counts [H * NBLK]
+    (entries' type): pairs per bin; first: the offset of each bin's pairs in entries."""
     entries: torch.Tensor
     counts: torch.Tensor
     first: torch.Tensor
     table: BlockTable
-    window_bins: int
 
 
 def _block_lists(block_indices: torch.Tensor, spec: NSASpec, table: BlockTable,
                  starts: torch.Tensor | None, rows: tuple[int, int], *,
-                 skip_forced: bool = False, window: int = 0) -> BlockLists:
+                 skip_forced: bool = False) -> BlockLists:
     """Invert rows r0 .. r1 - 1 of visible_blocks' [B, T, H, S] indices by a stable sort.
-    skip_forced: leave out each token's forced blocks (initial and local), as empty slots.
-    window > 0: bin the pairs by window of that many rows first (QUERY_WINDOW_ROWS)."""
+    skip_forced: leave out each token's forced blocks (initial and local), as empty slots."""
     B, T, H, S = block_indices.shape
     (r0, r1), dev = rows, block_indices.device
-    n_win = -(-(r1 - r0) // window) if window > 0 else 1
-    n_head_bin = H * table.key_row.numel()
-    n_bin = n_win * n_head_bin
+    n_bin = H * table.key_row.numel()
     # Keys are bins, not key rows: BS times fewer, so 16 bits hold them up to 32k bins
     # (64k tokens of 8 kv heads at BS = 64), and the radix sort takes half the passes of
     # 32-bit keys; the bin-sized steps below shrink as much.
@@ -332,11 +302,7 @@ def _block_lists(block_indices: torch.Tensor, spec: NSASpec, table: BlockTable,
         keep &= (idx >= spec.initial_blocks) & (idx <= own - spec.local_blocks)
     wide = torch.int32 if kt != torch.int64 else torch.int64
     heads = torch.arange(H, device=dev, dtype=wide)[None, :, None] * table.key_row.numel()
-    key = heads + table.row_block[r0:r1, None, None] + idx
-    if n_win > 1:
-        win = torch.arange(r1 - r0, device=dev, dtype=wide) // window * n_head_bin
-        key = key + win[:, None, None]
-    key = torch.where(keep, key, n_bin)
+    key = torch.where(keep, heads + table.row_block[r0:r1, None, None] + idx, n_bin)
     sorted_key, order = torch.sort(key.to(kt).flatten(), stable=True)  # stable: tokens stay ascending
     # Each bin's first pair by binary search in the sorted keys, not by counting: an atomic
     # count (index_add_) serialises on the bin of the empty slots, which with the forced
@@ -345,13 +311,12 @@ def _block_lists(block_indices: torch.Tensor, spec: NSASpec, table: BlockTable,
     edges = torch.searchsorted(sorted_key, torch.arange(n_bin + 1, device=dev, dtype=kt),
                                out_int32=narrow)
     entries = order.to(torch.int32) if narrow else order
-    return BlockLists(entries, edges[1:] - edges[:-1], edges[:-1], table, n_head_bin)
+    return BlockLists(entries, edges[1:] - edges[:-1], edges[:-1], table)
 
 
 def _bin_blocks(lists: BlockLists, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Bins b as (kv head, first key row of the block, end row of its sequence)."""
     n_blk = lists.table.key_row.numel()
-    b = b % lists.window_bins  # every window numbers its bins alike
     h = torch.div(b, n_blk, rounding_mode="floor")
     g = b - h * n_blk
     return h, lists.table.key_row[g], lists.table.row_end[g]
@@ -359,9 +324,9 @@ def _bin_blocks(lists: BlockLists, b: torch.Tensor) -> tuple[torch.Tensor, torch
 
 def _query_segments(lists: BlockLists, seg: int) -> torch.Tensor:
     """Segments of at most `seg` pairs of one bin, int32 [n, 6] as the query-batched kernel
-    reads them (kv head, first key row, offset in entries, count, the real number of
-    segments, end row of the sequence). n is a bound known without reading the GPU: rows
-    past the real number have count 0."""
+    reads them (kv head, first key row, offset in entries, count, 0, end row of the
+    sequence). n is a bound known without reading the GPU: rows past the real number have
+    count 0."""
     # Segments <= pairs / seg + one per non-empty bin.
     n_pairs, n_bin = lists.entries.numel(), lists.counts.numel()
     bound = n_pairs // seg + 1 + min(n_pairs, n_bin)
@@ -376,7 +341,7 @@ def _query_segments(lists: BlockLists, seg: int) -> torch.Tensor:
     n_tok = torch.where(i < seg_end[-1], torch.clamp(counts[b] - kth * seg, max=seg), 0)
     h, row_kv, row_end = _bin_blocks(lists, b)
     return torch.stack([h, row_kv.to(it), lists.first[b].to(it) + kth * seg, n_tok,
-                        seg_end[-1:].expand_as(h), row_end.to(it)], 1).to(torch.int32).contiguous()
+                        torch.zeros_like(h), row_end.to(it)], 1).to(torch.int32).contiguous()
 
 
 def topn(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, spec: NSASpec,
