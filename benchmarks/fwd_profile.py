@@ -2,7 +2,10 @@
 benchmark's branch columns time each kernel alone, with the ungated selected kernel, so
 their sum need not be the total).
 
-    python benchmarks/fwd_profile.py SPEC... [--seqlen 65536] [--out DIR]
+    python benchmarks/fwd_profile.py SPEC[:STEM:P=V,...]... [--seqlen 65536] [--out DIR]
+
+SPEC:STEM:P=V,... profiles nsa() with STEM's dispatched config so changed (as
+benchmarks/nsa_variant_probe.py runs it), e.g. deepseek-nsa:selection_fwd:FORCED=64,SHARE=1.
 
 Per spec: the op's median (do_bench), then the GPU kernels of 5 profiled calls, by name,
 in ms per call, and the gap between the op's time and the sum of its kernels (launch gaps,
@@ -19,23 +22,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from probe_main import kernel_ms, random_nsa_args  # noqa: E402
 
 
-def profile(name: str, T: int, calls: int = 5) -> dict:
+def profile(run: str, T: int, calls: int = 5) -> dict:
     from triton.testing import do_bench
 
     from nsa_gen import api
+    from nsa_gen.config import parse_assignments
     from nsa_gen.spec import load_spec
+    from nsa_variant_probe import _Override
+    name, stem, overrides = (run.split(":", 2) + ["", ""])[:3]
     spec = load_spec(name)
     args = random_nsa_args(spec, T)
+    dispatcher = _Override(stem, parse_assignments(filter(None, overrides.split(",")))) if stem else None
 
     def fwd():
-        return api.nsa(*args, spec=spec)
+        return api.nsa(*args, spec=spec, dispatcher=dispatcher)
     fwd()
     ms = do_bench(fwd, warmup=10, rep=50, return_mode="median")
     per: dict[str, float] = defaultdict(float)
     for kname, t in kernel_ms(fwd, calls).items():
         per[kname[:80]] += t
     kernels = dict(sorted(per.items(), key=lambda kv: -kv[1]))
-    return {"spec": name, "T": T, "op_ms": ms, "kernels_ms": sum(kernels.values()),
+    return {"spec": run, "T": T, "op_ms": ms, "kernels_ms": sum(kernels.values()),
             "gap_ms": ms - sum(kernels.values()), "kernels": kernels}
 
 
