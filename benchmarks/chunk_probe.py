@@ -4,13 +4,12 @@ nsa()'s forward, on the GPU, in one process.
 A segment of the partials kernel gathers the queries of BLOCK_Q tokens that chose its block;
 within a row chunk those tokens are spread over all the chunk's rows, so the kernels running
 at once read queries from all of them: 134 MB of q per 2 GiB chunk at small-group, more than
-the L2 holds, so most of those gathers come from HBM (about 7 GB at 64k, as much as the
-partials written). Smaller chunks keep a chunk's queries in L2, for more per-chunk work (the
+the L2 holds. Smaller chunks keep a chunk's queries in L2, for more per-chunk work (the
 lists' torch kernels, two launches, segments less full). Measured (H100, RESULTS run 48):
 the partials kernel's time hardly moves from 2048 to 256 MiB, so those gathers do not bound it.
 
-Per SPEC (query-batched at --seqlen by the dispatcher) and each budget in MiB (--mib, the
-shipped one first): nsa()'s median (do_bench) and the GPU time of its kernels by name
+Per SPEC (query-batched at --seqlen by the dispatcher) and each budget in MiB
+($CHUNK_PROBE_MIB, the shipped one first): nsa()'s median (do_bench) and the GPU time of its kernels by name
 (profiled), the rows a chunk holds, and whether the output is bit-identical to the shipped
 budget's (a token's partials and their combination do not depend on the chunk).
 
