@@ -8,16 +8,16 @@ the L2 holds. Smaller chunks keep a chunk's queries in L2, for more per-chunk wo
 lists' torch kernels, two launches, segments less full). Measured (H100, RESULTS run 48):
 the partials kernel's time hardly moves from 2048 to 256 MiB, so those gathers do not bound it.
 
-Per SPEC (query-batched at --seqlen by the dispatcher) and each budget in MiB
-($CHUNK_PROBE_MIB, the shipped one first): nsa()'s median (do_bench) and the GPU time of its kernels by name
-(profiled), the rows a chunk holds, and whether the output is bit-identical to the shipped
-budget's (a token's partials and their combination do not depend on the chunk).
+Per SPEC (query-batched at --seqlen by the dispatcher) and each budget in MiB (after the
+spec's colon, comma-separated; 2048,1024,512,256,128 if none; the first is the reference):
+nsa()'s median (do_bench) and the GPU time of its kernels by name (profiled), the rows a
+chunk holds, and whether the output is bit-identical to the first budget's (a token's
+partials and their combination do not depend on the chunk).
 
-Usage: python benchmarks/chunk_probe.py [--seqlen 65536] [--out DIR] small-group mqa
+Usage: python benchmarks/chunk_probe.py [--seqlen 65536] [--out DIR] small-group mqa:2048,256
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -28,12 +28,13 @@ from nsa_gen.benchmark import _bench  # noqa: E402
 from nsa_gen.ops import selection as sel  # noqa: E402
 from probe_main import kernel_ms, probe_main, random_nsa_args  # noqa: E402
 
-BUDGETS_MIB = [int(m) for m in os.environ.get("CHUNK_PROBE_MIB", "2048,1024,512,256,128").split(",")]
+BUDGETS_MIB = "2048,1024,512,256,128"
 
 
-def probe(name: str, T: int) -> dict:
+def probe(run: str, T: int) -> dict:
     from nsa_gen import api
     from nsa_gen.spec import load_spec
+    name, _, budgets = run.partition(":")
     spec = load_spec(name)
     args = random_nsa_args(spec, T)
 
@@ -42,7 +43,7 @@ def probe(name: str, T: int) -> dict:
     row = {"spec": name, "T": T}
     shipped, want = sel.QUERY_PART_BYTES, None
     try:
-        for mib in BUDGETS_MIB:
+        for mib in map(int, (budgets or BUDGETS_MIB).split(",")):
             sel.QUERY_PART_BYTES = mib << 20
             out = fwd()
             want = out if want is None else want
@@ -60,4 +61,4 @@ def probe(name: str, T: int) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(probe_main("chunk_probe", "SPEC", probe))
+    sys.exit(probe_main("chunk_probe", "SPEC[:MIB,MIB,...]", probe))
