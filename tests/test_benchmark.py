@@ -128,7 +128,8 @@ def test_topn_probe_cuts_what_it_says():
         sys.path.pop(0)
     spec = load_spec("fla-compat")
     base = kernel_def("topn").default(spec, 65536)
-    for cfg in (base.replace(MERGE="bitonic", INSERT=4), base.replace(MERGE="sort", INSERT=0),
+    for cfg in (base.replace(MERGE="bitonic", INSERT=4), base.replace(MERGE="hcube", INSERT=0),
+                base.replace(MERGE="sort", INSERT=0),
                 base.replace(MERGE="rank", IMP="mma", BJ=64), base.replace(MERGE="sort", LIST=1)):
         src = kernel_source("topn", spec, cfg)
         assert topn_probe.ablate(src, "full") == src

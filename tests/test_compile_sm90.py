@@ -26,7 +26,7 @@ def topn_configs(spec):
     summed importance (IMP "sum") with each merge and key width, and the transposed sum
     (IMP "tsum") and the group sum on the tensor cores (IMP "mma", where the space has it)
     with and without TMA and with each key width; the S-wide running list (LIST = 1) at each
-    chunk width wider than S, with the sort (with insertions) and the bitonic merge, and with
+    chunk width wider than S, with the sort (with insertions), the bitonic and the hcube merge, and with
     IMP "mma" at the widest chunk."""
     from nsa_gen.kernels import kernel_def
     kd = kernel_def("topn")
@@ -41,7 +41,7 @@ def topn_configs(spec):
                                                 space["TMA"], space["KEY"])]
             + [base.replace(BJ=bj, LIST=1, MERGE=m, INSERT=i)
                for bj, (m, i) in itertools.product([b for b in space["BJ"] if b > spec.S],
-                                                   [("sort", 8), ("bitonic", 0)])]
+                                                   [("sort", 8), ("bitonic", 0), ("hcube", 0)])]
             + [base.replace(BJ=space["BJ"][-1], LIST=1, IMP=i, MERGE="sort", INSERT=8, TMA=1)
                for i in ("mma",) if i in space["IMP"] and space["BJ"][-1] > spec.S])
 

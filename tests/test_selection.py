@@ -354,7 +354,7 @@ def test_topn(key, poison):
 @pytest.mark.parametrize("key", ["G4", "fla"])
 @pytest.mark.parametrize("width", [64, 32])
 def test_topn_merge_variants(key, width, poison):
-    """The bitonic and rank merges keep exactly what sorting the union keeps, at chunks of 16
+    """The bitonic, hcube and rank merges keep exactly what sorting the union keeps, at chunks of 16
     and 32 blocks, over several chunks (600 tokens: 38 selection blocks of 16), with 64- and 32-bit
     keys."""
     spec = make_spec(key, selection={"block": 16, "top_n": 4, "initial_blocks": 1, "local_blocks": 2})
@@ -405,7 +405,8 @@ def test_topn_wide_chunks(poison):
 def test_topn_narrow_list(poison):
     """LIST = 1 keeps the running list next_pow2(S) keys wide instead of BJ: with S = 4 and
     32-block chunks the sort merge (with up to 2 insertions) and the bitonic merge keep
-    exactly what the BJ-wide sort merge keeps, over several chunks (600 tokens: 38 selection
+    exactly what the BJ-wide sort merge keeps (and the hcube merge, with and without
+    insertions), over several chunks (600 tokens: 38 selection
     blocks). LIST is unread by the rank merge."""
     spec = make_spec("G4", selection={"block": 16, "top_n": 4, "initial_blocks": 1, "local_blocks": 2})
     kd = kernel_def("topn")
@@ -414,7 +415,7 @@ def test_topn_narrow_list(poison):
     base = kd.default(spec, 93).replace(BJ=32, MERGE="sort", INSERT=0, LIST=0)
     want = case.run(base)[0]
     assert case.rel_error((want,)) < 1e-4
-    for merge, insert in (("sort", 2), ("bitonic", 0)):
+    for merge, insert in (("sort", 2), ("bitonic", 0), ("hcube", 0), ("hcube", 2)):
         got = case.run(base.replace(MERGE=merge, INSERT=insert, LIST=1))[0]
         assert torch.equal(got, want), (merge, insert)
     assert kd.canonical(spec, base.replace(MERGE="rank", LIST=1))["LIST"] == 0
@@ -483,7 +484,7 @@ def test_topn_insert_path(forced, poison):
     case = make_case("topn", spec, 600, B=1, dtype=torch.float32, seed=5)
     base = kernel_def("topn").default(spec, 93)
     want = case.run(base.replace(MERGE="sort"))[0]
-    for merge, insert in (("bitonic", base["BJ"]), ("bitonic", 2), ("rank", base["BJ"])):
+    for merge, insert in (("bitonic", base["BJ"]), ("bitonic", 2), ("hcube", 2), ("rank", base["BJ"])):
         for width in (64, 32):
             got = case.run(base.replace(MERGE=merge, INSERT=insert, KEY=width))[0]
             assert torch.equal(got, want), (merge, insert, width)

@@ -268,10 +268,11 @@ def test_structural_variants_of_the_default_are_seeded(spec, tmp_path, monkeypat
     assert [c for c in seeds[1:] if c["CUDNN"]] == [kd.canonical(spec, default.replace(CUDNN=1))]
     topn = t.seeds("topn", 4096, 1, pruned_space("topn", spec, H200)[0])
     assert [(c["MERGE"], c["INSERT"], c["TMA"], c["KEY"], c["IMP"]) for c in topn] == [  # INSERT 4 at 4-token tiles
-        ("bitonic", 4, 0, 32, "dot"), ("sort", 4, 0, 32, "dot"), ("rank", 4, 0, 32, "dot"),
-        ("bitonic", 0, 0, 32, "dot"), ("bitonic", 2, 0, 32, "dot"), ("bitonic", 8, 0, 32, "dot"),
-        ("bitonic", 4, 1, 32, "dot"), ("bitonic", 4, 0, 64, "dot"), ("bitonic", 4, 0, 32, "sum"),
-        ("bitonic", 4, 0, 32, "tsum"), ("bitonic", 4, 0, 32, "mma")]
+        ("hcube", 4, 0, 32, "dot"), ("sort", 4, 0, 32, "dot"), ("bitonic", 4, 0, 32, "dot"),
+        ("rank", 4, 0, 32, "dot"),
+        ("hcube", 0, 0, 32, "dot"), ("hcube", 2, 0, 32, "dot"), ("hcube", 8, 0, 32, "dot"),
+        ("hcube", 4, 1, 32, "dot"), ("hcube", 4, 0, 64, "dot"), ("hcube", 4, 0, 32, "sum"),
+        ("hcube", 4, 0, 32, "tsum"), ("hcube", 4, 0, 32, "mma")]
     assert t.seeds(STEM, 4096, 1, pruned_space(STEM, spec, H200)[0]) == [KD.default(spec, 4096)]
     KERNELS[STEM] = FULL_KD  # (the fixture restores the pinned one)
     keep = pruned_space(STEM, spec, H200)[0]

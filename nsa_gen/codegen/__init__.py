@@ -24,7 +24,7 @@ from .. import __version__, env
 # Strings a template may print: dtype and branch names, kernel variants.
 SAFE_WORDS = frozenset({
     "float32", "float16", "bfloat16", "mean", "mlp", "cmp", "slc", "swa",
-    "dot", "fma", "group", "split", "sort", "bitonic", "rank", "sum", "tsum", "mma",
+    "dot", "fma", "group", "split", "sort", "bitonic", "hcube", "rank", "sum", "tsum", "mma",
 })
 
 
