@@ -2,7 +2,8 @@
 # Session 33's device steps: bash benchmarks/gpu_session33.sh STEP...
 #   hcube    top-n's MERGE "hcube" (the bitonic merge's half-cleaners as compare-exchanges
 #            along the axes of the key tile seen as a hypercube: no permute/split/join, so no
-#            shared-memory round trips between steps) against each spec's 64k entry:
+#            shared-memory round trips between steps; and the spill-over carry as a gather)
+#            against each spec's 64k entry:
 #            benchmarks/variant_probe.py (the kernel alone; outputs must be bit-identical,
 #            the merges keep the same keys) and benchmarks/nsa_variant_probe.py (nsa()) for
 #            deepseek-nsa
