@@ -265,8 +265,7 @@ def _topn_context(spec: NSASpec, cfg: Config) -> dict:
                 BLOCK_T=cfg["BLOCK_T"], BJ=cfg["BJ"], BC=topn_bc(spec, cfg),
                 ROWS=token_tile_rows(spec, cfg), SCALE_LOG2=c["SCALE_LOG2"],
                 MERGE=cfg["MERGE"], MERGE_STEPS=_half_cleaners(lw),
-                CUBE_SHAPE=(2,) * ((cfg["BLOCK_T"] * lw).bit_length() - 1),
-                CUBE_STEPS=_cube_steps(cfg["BLOCK_T"], lw),
+                **_cube(cfg["BLOCK_T"], lw),
                 NARROW=narrow, SL=sl,
                 # the widths a chunk is halved through down to its best SL (LIST = 1)
                 CHUNK_HALVES=tuple(cfg["BJ"] >> s for s in range(1, cfg["BJ"].bit_length())
@@ -306,17 +305,16 @@ def _half_cleaners(n: int) -> tuple[tuple[int, int], ...]:
     return tuple((n // (2 * h), h) for h in (n >> s for s in range(1, n.bit_length())))
 
 
-def _cube_steps(rows: int, width: int) -> tuple[tuple[int, tuple[int, ...]], ...]:
+def _cube(rows: int, width: int) -> dict[str, tuple]:
     """MERGE "hcube": a [rows, width] tile (powers of two) seen as a hypercube of
-    log2(rows * width) axes of 2, row-major, so bit k of the column index is axis n - 1 - k.
-    The half-cleaner steps of each row's bitonic merge, widest first: (the axis whose two
-    ends are compared, the shape of an arange(0, 2) that marks the axis' second end)."""
+    n = log2(rows * width) axes of 2 (CUBE_SHAPE), row-major, so bit k of the column index is
+    axis n - 1 - k. CUBE_STEPS: the half-cleaner steps of each row's bitonic merge, widest
+    first: (the axis whose two ends are compared, the shape of an arange(0, 2) that marks the
+    axis' second end)."""
     n = (rows * width).bit_length() - 1
-    steps = []
-    for k in range(width.bit_length() - 2, -1, -1):
-        axis = n - 1 - k
-        steps.append((axis, tuple(2 if a == axis else 1 for a in range(n))))
-    return tuple(steps)
+    axes = [n - 1 - k for k in range(width.bit_length() - 2, -1, -1)]
+    return {"CUBE_SHAPE": (2,) * n,
+            "CUBE_STEPS": tuple((a, tuple(2 if b == a else 1 for b in range(n))) for a in axes)}
 
 
 def _topn_space(spec: NSASpec) -> dict[str, list]:
@@ -335,8 +333,8 @@ def _topn_space(spec: NSASpec) -> dict[str, list]:
 
 
 def _topn_default(spec: NSASpec, T: int) -> Config:
-    """64-row tiles, the bitonic merge (as "hcube"). INSERT 4 on tiles of at most 4 tokens: at 64k on an
-    H200 it took fla-compat's top-n from 8.48 to 6.82 ms and deepseek-nsa's from 18.60 to
+    """64-row tiles, the bitonic merge (as "hcube"). INSERT 4 on tiles of at most 4 tokens: at
+    64k on an H200 it took fla-compat's top-n from 8.48 to 6.82 ms and deepseek-nsa's from 18.60 to
     18.31; on small-group's 16-token tiles it cost 2% (12.33 -> 12.63), so it is off there
     (the more tokens a tile holds, the more often one of them has many keys to insert).
     32-bit keys: 8-29% faster than 64-bit ones with the same tiles and merge for all three
@@ -347,8 +345,8 @@ def _topn_default(spec: NSASpec, T: int) -> Config:
     (G_PAD 16) or sums nothing (G = 1). H200, 64k, DB tiles (RESULTS session 8): fla-compat
     5.35 -> 4.47 ms, small-group 8.60 -> 7.63; deepseek-nsa 12.74 -> 24.37, mqa 5.89 -> 8.82.
     Chunks of at least 32 compressed blocks (BJ 32 at R = 1): fla-compat 4.47 -> 4.01.
-    The hcube merge keeps what the bitonic one keeps, 8-14% faster at each spec's 64k entry
-    and 4-6% at 16k (H100, session 33)."""
+    The hcube merge keeps what the bitonic one keeps: each spec's 64k entry with it was 9-17%
+    faster than with the entry's own merge (H100, RESULTS run 49)."""
     block_t = max(1, 64 // token_group_pad(spec))
     r = topn_r(spec)
     imp = "sum" if r == 1 or 2 <= token_group_pad(spec) <= 4 else "dot"

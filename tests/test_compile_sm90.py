@@ -26,8 +26,8 @@ def topn_configs(spec):
     summed importance (IMP "sum") with each merge and key width, and the transposed sum
     (IMP "tsum") and the group sum on the tensor cores (IMP "mma", where the space has it)
     with and without TMA and with each key width; the S-wide running list (LIST = 1) at each
-    chunk width wider than S, with the sort (with insertions), the bitonic and the hcube merge, and with
-    IMP "mma" at the widest chunk."""
+    chunk width wider than S, with the sort (with insertions), the bitonic and the hcube
+    merge, and with IMP "mma" at the widest chunk."""
     from nsa_gen.kernels import kernel_def
     kd = kernel_def("topn")
     base, space = kd.default(spec, 65536), kd.space(spec)

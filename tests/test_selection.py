@@ -354,9 +354,9 @@ def test_topn(key, poison):
 @pytest.mark.parametrize("key", ["G4", "fla"])
 @pytest.mark.parametrize("width", [64, 32])
 def test_topn_merge_variants(key, width, poison):
-    """The bitonic, hcube and rank merges keep exactly what sorting the union keeps, at chunks of 16
-    and 32 blocks, over several chunks (600 tokens: 38 selection blocks of 16), with 64- and 32-bit
-    keys."""
+    """The bitonic, hcube and rank merges keep exactly what sorting the union keeps, at chunks
+    of 16 and 32 blocks, over several chunks (600 tokens: 38 selection blocks of 16), with 64-
+    and 32-bit keys."""
     spec = make_spec(key, selection={"block": 16, "top_n": 4, "initial_blocks": 1, "local_blocks": 2})
     case = make_case("topn", spec, 600, B=1, dtype=torch.float32, seed=5)
     space = kernel_def("topn").space(spec)
@@ -406,8 +406,8 @@ def test_topn_narrow_list(poison):
     """LIST = 1 keeps the running list next_pow2(S) keys wide instead of BJ: with S = 4 and
     32-block chunks the sort merge (with up to 2 insertions) and the bitonic merge keep
     exactly what the BJ-wide sort merge keeps (and the hcube merge, with and without
-    insertions), over several chunks (600 tokens: 38 selection
-    blocks). LIST is unread by the rank merge."""
+    insertions), over several chunks (600 tokens: 38 selection blocks). LIST is unread by the
+    rank merge."""
     spec = make_spec("G4", selection={"block": 16, "top_n": 4, "initial_blocks": 1, "local_blocks": 2})
     kd = kernel_def("topn")
     assert 32 in kd.space(spec)["BJ"]
