@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Session 34's device steps: bash benchmarks/gpu_session34.sh STEP...
+#   tunehcube top-n's studies at 64k that also measure each spec's entry at MERGE "hcube"
+#            (and, for deepseek-nsa, hcube with wider chunks or more warps, since the merge's
+#            share of a chunk fell); the tuned DB is kept in /tmp/db34 for a later call on the
+#            same machine and returned as $OUT/db.tar.gz
+#   bench64  the forward benchmark at 64k with /tmp/db34's entries where a previous call on
+#            this machine left them
+#   hcubecheck  each spec's 64k top-n entry (MERGE hcube since this session's studies) checked
+#            in bf16 against the reference at 8k and 16k (as nsa-gen verify checks a kernel)
+#   profile  benchmarks/fwd_profile.py at 64k (each kernel's GPU time inside nsa()) for
+#            deepseek-nsa and small-group
+#   any other step is session 33's or older: see gpu_session33.sh
+set -o pipefail
+source "$(dirname "$0")/device_env.sh"
+export NSA_GEN_LOG=${NSA_GEN_LOG:-ERROR}
+keep_db() { rm -rf /tmp/db34 && cp -r tuning_db /tmp/db34 && tar -czf "$OUT/db.tar.gz" --exclude='.*.lock' tuning_db; }
+for step in "$@"; do case $step in
+tunehcube)
+  for S in ${HCUBE_SPECS:-deepseek-nsa small-group fla-compat mqa}; do
+    tries=(--try MERGE=hcube); trials=4
+    [ "$S" = deepseek-nsa ] && { tries+=(--try MERGE=hcube,BJ=32 --try MERGE=hcube,num_warps=8); trials=6; }
+    timeout 150 python3 cli.py tune $S --kernels topn --seqlens 64k --trials $trials "${tries[@]}" \
+      --db tuning_db --jobs 8 --timeout 60 --no-progress 2>&1 | quiet | tail -4
+  done
+  keep_db ;;
+tunegated)
+  timeout 200 python3 cli.py tune fla-compat --kernels selection_fwd_gated --seqlens 64k \
+    --trials 12 --try BLOCK_N=64 --db tuning_db --jobs 8 --timeout 60 --no-progress 2>&1 \
+    | quiet | tail -4
+  keep_db ;;
+bench64)
+  [ -d /tmp/db34 ] && cp -r /tmp/db34/. tuning_db/
+  gpu_info
+  timeout 250 python3 cli.py bench deepseek-nsa fla-compat small-group --seqlens 65536 \
+    --out "$OUT/bench" 2>&1 | quiet | tail -12 ;;
+hcubecheck)
+  timeout 200 python3 - <<'PY' 2>&1 | quiet | tee "$OUT/hcubecheck.txt"
+import torch
+from nsa_gen.db.dispatch import default_dispatcher
+from nsa_gen.harness import make_case
+from nsa_gen.spec import load_spec
+for name in ("deepseek-nsa", "small-group", "fla-compat", "mqa"):
+    spec = load_spec(name)
+    cfg = default_dispatcher().get("topn", spec, 65536, 1)
+    for T in (8192, 16384):
+        case = make_case("topn", spec, T, dtype=torch.bfloat16, device="cuda", seed=T)
+        err = case.rel_error(case.run(cfg))
+        print(f"{name} T={T} {cfg} rel_error={err:.2e} bound={case.tolerance:.0e} "
+              f"{'pass' if err <= case.tolerance else 'FAIL'}")
+PY
+  ;;
+profile)
+  timeout 200 python3 benchmarks/fwd_profile.py deepseek-nsa small-group --out "$OUT/profile" 2>&1 | quiet ;;
+*)
+  bash "$(dirname "$0")/gpu_session33.sh" "$step" ;;
+esac; done
