@@ -3,6 +3,11 @@
 # calls run under. $OUT (the folder the device returns) defaults to ./out.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl >/dev/null 2>&1 || { echo "wheel install failed"; exit 1; }
+# wheels.sh does not fetch the cuDNN frontend; without it the DB's window CUDNN entries run the
+# generated kernel (session 34's first benchmark did, unnoticed until it printed the fallback).
+ls .whl/nvidia_cudnn_frontend-*.whl >/dev/null 2>&1 || echo "note: no nvidia-cudnn-frontend wheel in" \
+  ".whl (python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --platform" \
+  "manylinux_2_28_x86_64 -d .whl nvidia-cudnn-frontend==1.32.0): window CUDNN entries will fall back"
 export PYTHONPATH=/tmp/site:$PWD TRITON_INTERPRET=0 NSA_GEN_CACHE_DIR=/tmp/nsa-cache PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
 mkdir -p "$OUT"

@@ -8,6 +8,8 @@
 #            this machine left them
 #   hcubecheck  each spec's 64k top-n entry (MERGE hcube since this session's studies) checked
 #            in bf16 against the reference at 8k and 16k (as nsa-gen verify checks a kernel)
+#   tiles    benchmarks/variant_probe.py at 64k: the new top-n entries (hcube) against other
+#            tiles, stages and register caps the 4-6 trial studies may not have sampled
 #   profile  benchmarks/fwd_profile.py at 64k (each kernel's GPU time inside nsa()) for
 #            deepseek-nsa and small-group
 #   any other step is session 33's or older: see gpu_session33.sh
@@ -50,6 +52,11 @@ for name in ("deepseek-nsa", "small-group", "fla-compat", "mqa"):
               f"{'pass' if err <= case.tolerance else 'FAIL'}")
 PY
   ;;
+tiles)
+  timeout 240 python3 benchmarks/variant_probe.py --seqlen 65536 --out "$OUT/tiles" \
+    deepseek-nsa:topn:num_stages=2 deepseek-nsa:topn:MAXNREG=0 deepseek-nsa:topn:BLOCK_T=16 \
+    deepseek-nsa:topn:BLOCK_T=4 deepseek-nsa:topn:TMA=0 small-group:topn:BLOCK_T=32 \
+    small-group:topn:BJ=32 small-group:topn:MAXNREG=168 2>&1 | quiet ;;
 profile)
   timeout 200 python3 benchmarks/fwd_profile.py deepseek-nsa small-group --out "$OUT/profile" 2>&1 | quiet ;;
 *)
