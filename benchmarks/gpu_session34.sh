@@ -27,15 +27,12 @@ tunehcube)
   done
   keep_db ;;
 tunegated)
-  timeout 200 python3 cli.py tune fla-compat --kernels selection_fwd_gated --seqlens 64k \
-    --trials 12 --try BLOCK_N=64 --db tuning_db --jobs 8 --timeout 60 --no-progress 2>&1 \
-    | quiet | tail -4
+  GATED_SPECS=fla-compat bash "$(dirname "$0")/gpu_session28.sh" tunegated
   keep_db ;;
 bench64)
   [ -d /tmp/db34 ] && cp -r /tmp/db34/. tuning_db/
   gpu_info
-  timeout 250 python3 cli.py bench deepseek-nsa fla-compat small-group --seqlens 65536 \
-    --out "$OUT/bench" 2>&1 | quiet | tail -12 ;;
+  bash "$(dirname "$0")/gpu_session23.sh" bench64 ;;
 hcubecheck)
   timeout 200 python3 - <<'PY' 2>&1 | quiet | tee "$OUT/hcubecheck.txt"
 import torch
