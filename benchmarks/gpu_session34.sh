@@ -34,21 +34,10 @@ bench64)
   gpu_info
   bash "$(dirname "$0")/gpu_session23.sh" bench64 ;;
 hcubecheck)
-  timeout 200 python3 - <<'PY' 2>&1 | quiet | tee "$OUT/hcubecheck.txt"
-import torch
-from nsa_gen.db.dispatch import default_dispatcher
-from nsa_gen.harness import make_case
-from nsa_gen.spec import load_spec
-for name in ("deepseek-nsa", "small-group", "fla-compat", "mqa"):
-    spec = load_spec(name)
-    cfg = default_dispatcher().get("topn", spec, 65536, 1)
-    for T in (8192, 16384):
-        case = make_case("topn", spec, T, dtype=torch.bfloat16, device="cuda", seed=T)
-        err = case.rel_error(case.run(cfg))
-        print(f"{name} T={T} {cfg} rel_error={err:.2e} bound={case.tolerance:.0e} "
-              f"{'pass' if err <= case.tolerance else 'FAIL'}")
-PY
-  ;;
+  for T in 8192 16384; do
+    timeout 100 python3 cli.py verify deepseek-nsa small-group fla-compat mqa --kernels topn \
+      --dtype bfloat16 -T $T --db-seqlens 64k --no-variants 2>&1 | quiet
+  done | tee "$OUT/hcubecheck.txt" ;;
 tiles)
   timeout 240 python3 benchmarks/variant_probe.py --seqlen 65536 --out "$OUT/tiles" \
     deepseek-nsa:topn:num_stages=2 deepseek-nsa:topn:MAXNREG=0 deepseek-nsa:topn:BLOCK_T=16 \

@@ -65,7 +65,9 @@ def cmd_verify(args) -> int:
     for name in args.spec:
         spec = load_spec(name)
         res = verify_spec(spec, T=args.seqlen, B=args.batch, dtypes=_dtypes(args.dtype, spec, device),
-                          device=device, kernels=args.kernels, seed=args.seed)
+                          device=device, kernels=args.kernels, seed=args.seed,
+                          db_seqlens=tuple(getattr(args, "db_seqlens", ())),
+                          variants=not getattr(args, "no_variants", False))
         print(format_table(spec.name, res), flush=True)
         failed |= not all(r.ok for r in res)
     return 1 if failed else 0
@@ -90,6 +92,7 @@ def cmd_build(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .tuning.commands import seqlens_arg
     p = argparse.ArgumentParser(prog="nsa-gen", description="Generated, autotuned Triton kernels "
                                 "for Native Sparse Attention.")
     p.add_argument("--version", action="version", version=f"nsa-gen {__version__}")
@@ -116,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     s.add_argument("--kernels", nargs="+", help="kernel stems (default: all the spec uses)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--db-seqlens", type=seqlens_arg, default=(), metavar="T[,T...]",
+                   help="also check the configs the tuning DB dispatches at these token counts "
+                   "(e.g. 64k), each run at --seqlen")
+    s.add_argument("--no-variants", action="store_true",
+                   help="run each kernel's default config alone, not its structural variants")
     s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("build", help="the main job: generate + verify the built-in specs, "

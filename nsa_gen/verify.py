@@ -36,11 +36,18 @@ def verify_targets(spec: NSASpec) -> list[str]:
 
 
 def verify_spec(spec: NSASpec, *, T: int, B: int = 1, dtypes: list[torch.dtype],
-                device: str, kernels: list[str] | None = None, seed: int = 0) -> list[VerifyResult]:
+                device: str, kernels: list[str] | None = None, seed: int = 0,
+                db_seqlens: tuple[int, ...] = (), dispatcher=None,
+                variants: bool = True) -> list[VerifyResult]:
     """Run each kernel on fresh random inputs and compare with naive.py: its default config
     and, in rows of their own, the default with each other structural variant (each a
     different algorithm the tuner may pick). Kernels the spec does not use are skipped,
-    also when named in `kernels`."""
+    also when named in `kernels`. variants=False runs the default alone.
+
+    db_seqlens: also run, in a row each, the config the tuning DB dispatches for each of
+    these token counts (B rows), checked at T: a long-sequence entry is too slow to check
+    against the reference at its own length. dispatcher: where those configs come from
+    (default: `nsa_gen.db.default_dispatcher()`)."""
     results = []
     wanted = verify_targets(spec)
     shape = f"B={B} T={T} HQ={spec.HQ} H={spec.H} DK={spec.DK} DV={spec.DV}"
@@ -52,13 +59,20 @@ def verify_spec(spec: NSASpec, *, T: int, B: int = 1, dtypes: list[torch.dtype],
             kd = KERNELS[stem]
             default = kd.default(spec, T)
             seen = {kd.effective(kd.canonical(spec, default), T)}
-            for cfg in kd.variants(spec, default):
+            for cfg in kd.variants(spec, default) if variants else ():
                 # e.g. splits longer than T (one pass), a param the variant does not read
                 key = kd.effective(kd.canonical(spec, cfg), T)
                 if key not in seen:
                     seen.add(key)
                     runs.append((f"{stem} " + " ".join(f"{n}={cfg[n]}" for n in kd.structural
                                                        if cfg[n] != default[n]), cfg))
+            if db_seqlens:
+                if dispatcher is None:
+                    from .db import default_dispatcher
+                    dispatcher = default_dispatcher()
+                for n in db_seqlens:
+                    runs.append((f"{stem} db[T={n}] {dispatcher.get(stem, spec, n, B)}",
+                                 dispatcher.get(stem, spec, n, B)))
         for dtype in dtypes:
             name = str(dtype).replace("torch.", "")
             case = None

@@ -14,7 +14,8 @@ from ..spec import SpecError, load_spec
 DEFAULT_SEQLENS = (1024, 4096, 16384)
 
 
-def _seqlens(text: str) -> list[int]:
+def seqlens_arg(text: str) -> list[int]:
+    """'1k,64k' or '4096' as sorted token counts (an argparse type)."""
     out = []
     for part in text.split(","):
         p = part.strip().lower()
@@ -49,7 +50,7 @@ def register(subparsers) -> None:
     t.add_argument("spec", help="spec YAML file or built-in spec name")
     t.add_argument("--kernels", type=_names, default=None,
                    help="comma-separated kernel stems (default: every kernel the spec uses)")
-    t.add_argument("--seqlens", type=_seqlens, default=list(DEFAULT_SEQLENS),
+    t.add_argument("--seqlens", type=seqlens_arg, default=list(DEFAULT_SEQLENS),
                    help="comma-separated sequence lengths T, 'k' = 1024 (default: 1k,4k,16k)")
     t.add_argument("--batch", type=int, default=1, help="batch size B (default 1)")
     t.add_argument("--trials", type=int, default=40,
