@@ -59,15 +59,16 @@ def cmd_generate(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .verify import format_table, verify_spec
+    from .verify import format_table, verify_specs
     device = _device(args.device)
+    specs = [load_spec(name) for name in args.spec]
+    runs = [(spec, dict(T=args.seqlen, B=args.batch, dtypes=_dtypes(args.dtype, spec, device),
+                        device=device, kernels=args.kernels, seed=args.seed,
+                        db_seqlens=tuple(getattr(args, "db_seqlens", ())),
+                        variants=not getattr(args, "no_variants", False)))
+            for spec in specs]
     failed = False
-    for name in args.spec:
-        spec = load_spec(name)
-        res = verify_spec(spec, T=args.seqlen, B=args.batch, dtypes=_dtypes(args.dtype, spec, device),
-                          device=device, kernels=args.kernels, seed=args.seed,
-                          db_seqlens=tuple(getattr(args, "db_seqlens", ())),
-                          variants=not getattr(args, "no_variants", False))
+    for spec, res in verify_specs(runs, jobs=getattr(args, "jobs", 1) or 1):
         print(format_table(spec.name, res), flush=True)
         failed |= not all(r.ok for r in res)
     return 1 if failed else 0
@@ -80,8 +81,16 @@ def cmd_build(args) -> int:
     for name in builtin_specs():
         a = argparse.Namespace(spec=name, output=str(Path(args.out) / name))
         rc |= cmd_generate(a)
+    # On a CPU only default configs ever run (no DB entries are keyed to the interpreter):
+    # the structural variants, three times the rows in the slow interpreter, are checked on
+    # a GPU, by `nsa-gen verify` and by the tests.
+    variants = torch.cuda.is_available() or args.all_variants
+    if not variants:
+        print("no GPU here: verifying each kernel's default config (--all-variants adds the "
+              "structural variants the tuner picks from on a GPU)", flush=True)
     a = argparse.Namespace(spec=builtin_specs(), seqlen=args.seqlen, batch=1, dtype=None,
-                           device=None, kernels=None, seed=0)
+                           device=None, kernels=None, seed=0, no_variants=not variants,
+                           jobs=args.jobs or (1 if torch.cuda.is_available() else os.cpu_count()))
     rc |= cmd_verify(a)
     if torch.cuda.is_available() and not args.no_tune:
         from .tuning.commands import run_tune_all
@@ -124,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(e.g. 64k), each run at --seqlen")
     s.add_argument("--no-variants", action="store_true",
                    help="run each kernel's default config alone, not its structural variants")
+    s.add_argument("--jobs", "-j", type=int, default=1,
+                   help="specs verified at once, each in a process of its own (default 1)")
     s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("build", help="the main job: generate + verify the built-in specs, "
@@ -132,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seqlen", "-T", type=int, default=None)
     s.add_argument("--trials", type=int, default=40)
     s.add_argument("--no-tune", action="store_true")
+    s.add_argument("--all-variants", action="store_true",
+                   help="on a CPU also verify each kernel's structural variants (always on a GPU)")
+    s.add_argument("--jobs", "-j", type=int, default=None,
+                   help="specs verified at once (default: one per core on a CPU, 1 on a GPU)")
     s.set_defaults(func=cmd_build)
 
     from .benchmark import register as register_bench

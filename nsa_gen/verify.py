@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -85,6 +86,32 @@ def verify_spec(spec: NSASpec, *, T: int, B: int = 1, dtypes: list[torch.dtype],
                     results.append(VerifyResult(label, shape, name, float("nan"), 0.0,
                                                 f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"))
     return results
+
+
+def _verify_one(spec: NSASpec, kwargs: dict) -> list[VerifyResult]:
+    return verify_spec(spec, **kwargs)
+
+
+def verify_specs(runs: list[tuple[NSASpec, dict]], jobs: int = 1
+                 ) -> Iterator[tuple[NSASpec, list[VerifyResult]]]:
+    """`verify_spec(spec, **kwargs)` for each (spec, kwargs) of `runs`, yielded in order.
+    jobs > 1 runs that many specs at once, each in a fresh process (spawned, so that each
+    imports triton under this process's TRITON_INTERPRET): the interpreter uses one core.
+    A worker that dies is a failing row of its spec, not a crash of the others."""
+    if jobs <= 1 or len(runs) <= 1:
+        for spec, kwargs in runs:
+            yield spec, verify_spec(spec, **kwargs)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(min(jobs, len(runs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_verify_one, spec, kwargs) for spec, kwargs in runs]
+        for (spec, _), fut in zip(runs, futures):
+            try:
+                yield spec, fut.result()
+            except Exception as e:
+                yield spec, [VerifyResult("(all)", "", "", float("nan"), 0.0,
+                                          f"worker failed: {type(e).__name__}: {e}")]
 
 
 def format_table(spec_name: str, results: list[VerifyResult]) -> str:

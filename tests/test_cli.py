@@ -1,9 +1,11 @@
-"""CLI end to end in fresh processes, as a user on a machine without a GPU runs it."""
+"""CLI end to end as a user on a machine without a GPU runs it: in fresh processes, except where
+a test watches which rows a command asks the verifier for."""
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,6 +66,39 @@ def test_verify_checks_the_config_the_db_dispatches_at_a_longer_seqlen(tmp_path)
     assert r.returncode == 2 and "not a sequence length" in r.stderr
 
 
+def test_verify_jobs_runs_specs_in_processes_and_prints_them_in_order(tmp_path):
+    paths = []
+    for name, top_n in (("tiny", 3), ("tiny2", 4)):
+        paths.append(tmp_path / f"{name}.yaml")
+        paths[-1].write_text(yaml.safe_dump({**TINY, "name": name,
+                                             "selection": {"block": 16, "top_n": top_n}}))
+    r = _run("verify", *map(str, paths), "-T", "40", "--dtype", "float32", "--kernels", "topn",
+             "--no-variants", "--jobs", "2", tmp_path=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [line.split("|") for line in r.stdout.splitlines() if line.startswith("| tiny")]
+    assert [(row[1].strip(), row[2].strip()) for row in rows] == [("tiny", "topn"), ("tiny2", "topn")]
+    assert all("pass" in row[-2] for row in rows)
+
+
 def test_unknown_spec_exit_2(tmp_path):
     r = _run("verify", "no-such-spec", tmp_path=tmp_path)
     assert r.returncode == 2 and "no such spec" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("all_variants", [False, True])
+def test_build_on_a_cpu_verifies_default_configs_unless_asked(tmp_path, monkeypatch, capsys, all_variants):
+    # The verify itself is the other tests' job: here, which rows build asks it for.
+    import nsa_gen.verify
+    from nsa_gen.cli import main
+    from nsa_gen.spec import builtin_specs
+    calls = []
+    monkeypatch.setattr(nsa_gen.verify, "verify_spec",
+                        lambda spec, **kw: calls.append((spec.name, kw["variants"])) or [])
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    argv = ["build", "--out", str(tmp_path / "k"), "--jobs", "1"] + (["--all-variants"] if all_variants else [])
+    assert main(argv) == 0
+    assert calls == [(name, all_variants) for name in builtin_specs()]
+    out = capsys.readouterr().out
+    assert ("verifying each kernel's default config" in out) is not all_variants
+    assert "tuning skipped" in out
+    assert (tmp_path / "k" / "deepseek-nsa" / "topn.py").is_file()
