@@ -72,8 +72,8 @@ def verify_spec(spec: NSASpec, *, T: int, B: int = 1, dtypes: list[torch.dtype],
                     from .db import default_dispatcher
                     dispatcher = default_dispatcher()
                 for n in db_seqlens:
-                    runs.append((f"{stem} db[T={n}] {dispatcher.get(stem, spec, n, B)}",
-                                 dispatcher.get(stem, spec, n, B)))
+                    cfg = dispatcher.get(stem, spec, n, B)
+                    runs.append((f"{stem} db[T={n}] {cfg}", cfg))
         for dtype in dtypes:
             name = str(dtype).replace("torch.", "")
             case = None
@@ -86,10 +86,6 @@ def verify_spec(spec: NSASpec, *, T: int, B: int = 1, dtypes: list[torch.dtype],
                     results.append(VerifyResult(label, shape, name, float("nan"), 0.0,
                                                 f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"))
     return results
-
-
-def _verify_one(spec: NSASpec, kwargs: dict) -> list[VerifyResult]:
-    return verify_spec(spec, **kwargs)
 
 
 def verify_specs(runs: list[tuple[NSASpec, dict]], jobs: int = 1
@@ -105,7 +101,7 @@ def verify_specs(runs: list[tuple[NSASpec, dict]], jobs: int = 1
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     with ProcessPoolExecutor(min(jobs, len(runs)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_verify_one, spec, kwargs) for spec, kwargs in runs]
+        futures = [pool.submit(verify_spec, spec, **kwargs) for spec, kwargs in runs]
         for (spec, _), fut in zip(runs, futures):
             try:
                 yield spec, fut.result()
