@@ -7,13 +7,13 @@ study, 9.26 in the benchmark, same config).
 Each run `SPEC:STEM` times the dispatched config of kernel STEM on the same inputs:
   cold_tuner   bench_timer after 2 s idle;
   cold_bench   do_bench (rep 100 ms) after 2 s idle;
-  hot_bench    do_bench right after --heat seconds of back-to-back launches of the kernel;
+  hot_bench    do_bench right after HEAT_S (3) seconds of back-to-back launches of the kernel;
   hot_tuner    bench_timer right after the same heat;
   long_bench   do_bench with rep 2000 ms (a sustained load's steady state);
 and, for each phase, the SM clock (MHz) and power (W) that `nvidia-smi -lms 50` sampled
 while it ran (mean and min; null where nvidia-smi is missing).
 
-Usage: python benchmarks/clock_probe.py [--seqlen 65536] [--out DIR] [--heat 3] SPEC:STEM ...
+Usage: python benchmarks/clock_probe.py [--seqlen 65536] [--out DIR] SPEC:STEM ...
 """
 from __future__ import annotations
 
@@ -25,12 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from probe_main import dispatched_case, probe_main  # noqa: E402
 
-HEAT_S = 3.0
-for i, a in enumerate(sys.argv):
-    if a == "--heat":  # probe_main's parser knows only runs, --seqlen and --out
-        HEAT_S = float(sys.argv[i + 1])
-        del sys.argv[i:i + 2]
-        break
+HEAT_S = 3.0  # seconds of load before the hot phases: the H100 reaches its power cap in less
 
 
 class Sampler:

@@ -64,11 +64,10 @@ def cmd_verify(args) -> int:
     specs = [load_spec(name) for name in args.spec]
     runs = [(spec, dict(T=args.seqlen, B=args.batch, dtypes=_dtypes(args.dtype, spec, device),
                         device=device, kernels=args.kernels, seed=args.seed,
-                        db_seqlens=tuple(getattr(args, "db_seqlens", ())),
-                        variants=not getattr(args, "no_variants", False)))
+                        db_seqlens=tuple(args.db_seqlens), variants=not args.no_variants))
             for spec in specs]
     failed = False
-    for spec, res in verify_specs(runs, jobs=getattr(args, "jobs", 1) or 1):
+    for spec, res in verify_specs(runs, jobs=args.jobs):
         print(format_table(spec.name, res), flush=True)
         failed |= not all(r.ok for r in res)
     return 1 if failed else 0
@@ -84,18 +83,19 @@ def cmd_build(args) -> int:
     # On a CPU only default configs ever run (no DB entries are keyed to the interpreter):
     # the structural variants, three times the rows in the slow interpreter, are checked on
     # a GPU, by `nsa-gen verify` and by the tests.
-    variants = torch.cuda.is_available() or args.all_variants
+    gpu = torch.cuda.is_available()
+    variants = gpu or args.all_variants
     if not variants:
         print("no GPU here: verifying each kernel's default config (--all-variants adds the "
               "structural variants the tuner picks from on a GPU)", flush=True)
     a = argparse.Namespace(spec=builtin_specs(), seqlen=args.seqlen, batch=1, dtype=None,
-                           device=None, kernels=None, seed=0, no_variants=not variants,
-                           jobs=args.jobs or (1 if torch.cuda.is_available() else os.cpu_count()))
+                           device=None, kernels=None, seed=0, db_seqlens=(), no_variants=not variants,
+                           jobs=args.jobs or (1 if gpu else os.cpu_count()))
     rc |= cmd_verify(a)
-    if torch.cuda.is_available() and not args.no_tune:
+    if gpu and not args.no_tune:
         from .tuning.commands import run_tune_all
         rc |= run_tune_all(builtin_specs(), trials=args.trials)
-    elif not torch.cuda.is_available():
+    elif not gpu:
         print("no GPU here: tuning skipped (kernels were verified in Triton's interpreter)")
     return rc
 
