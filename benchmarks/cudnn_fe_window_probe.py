@@ -28,10 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nsa_gen.benchmark import _bench  # noqa: E402
 from probe_main import max_diff, probe_main, random_qkv  # noqa: E402
 
-BACKWARD = "--backward" in sys.argv
-if BACKWARD:
-    sys.argv.remove("--backward")
-
 
 def _bhsd(x):
     """[1, T, heads, D] -> the [B, heads, T, D] view cuDNN's graph describes (no copy)."""
@@ -58,7 +54,7 @@ def _band(cudnn, w: int) -> dict:
                 diagonal_band_right_bound=0)
 
 
-def probe(name: str, T: int) -> dict:
+def probe(name: str, T: int, backward: bool = False) -> dict:
     import cudnn
     import torch
 
@@ -97,8 +93,8 @@ def probe(name: str, T: int) -> dict:
         row["err_lse"] = max_diff(stats[0, :, :, 0].t(), lse_ref[0])
         row["cudnn_ms"] = _bench(fwd)
         row["workspace_MiB"] = g.get_workspace_size() / 2**20
-        if BACKWARD:
-            backward(row, spec, q, k, v, o, stats, o_ref, lse_ref, handle, cudnn)
+        if backward:
+            time_backward(row, spec, q, k, v, o, stats, o_ref, lse_ref, handle, cudnn)
     except Exception as e:  # noqa: BLE001 - a probe reports what failed and goes on
         row["cudnn_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     finally:
@@ -107,7 +103,7 @@ def probe(name: str, T: int) -> dict:
     return row
 
 
-def backward(row, spec, q, k, v, o, stats, o_ref, lse_ref, handle, cudnn) -> None:
+def time_backward(row, spec, q, k, v, o, stats, o_ref, lse_ref, handle, cudnn) -> None:
     import torch
 
     from nsa_gen.api import _configs
@@ -142,4 +138,5 @@ def backward(row, spec, q, k, v, o, stats, o_ref, lse_ref, handle, cudnn) -> Non
 
 
 if __name__ == "__main__":
-    sys.exit(probe_main("cudnn_fe_window_probe", "SPEC", probe))
+    sys.exit(probe_main("cudnn_fe_window_probe", "SPEC", probe,
+                        {"backward": "also window_bwd against cuDNN's backward graph"}))

@@ -26,12 +26,8 @@ from nsa_gen.benchmark import _bench  # noqa: E402
 from probe_main import probe_main, random_qkv  # noqa: E402
 
 
-BACKWARD = "--backward" in sys.argv
-if BACKWARD:
-    sys.argv.remove("--backward")
 
-
-def probe(run: str, T: int) -> dict:
+def probe(run: str, T: int, backward: bool = False) -> dict:
     import torch
 
     from nsa_gen.api import _configs
@@ -69,15 +65,15 @@ def probe(run: str, T: int) -> dict:
         row["err_o"] = (got.float() - o_ref[0, w: w + n * C].float()).abs().max().item()
         row["o_stride"] = str(o.stride())
         row["cudnn_ms"] = _bench(run_cudnn)
-        if BACKWARD:
-            backward(row, spec, cfg, q, k, v, o_ref, qv, kv, vv, bias, n, C)
+        if backward:
+            time_backward(row, spec, cfg, q, k, v, o_ref, qv, kv, vv, bias, n, C)
     except Exception as e:  # noqa: BLE001 - a probe reports what failed and goes on
         row["cudnn_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     torch.cuda.synchronize()
     return row
 
 
-def backward(row, spec, cfg, q, k, v, o_win, qv, kv, vv, bias, n, C) -> None:
+def time_backward(row, spec, cfg, q, k, v, o_win, qv, kv, vv, bias, n, C) -> None:
     import torch
 
     from nsa_gen.api import _configs
@@ -114,4 +110,5 @@ def backward(row, spec, cfg, q, k, v, o_win, qv, kv, vv, bias, n, C) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(probe_main("cudnn_swa_probe", "SPEC:C", probe))
+    sys.exit(probe_main("cudnn_swa_probe", "SPEC:C", probe,
+                        {"backward": "also time cuDNN's attention backward of the same chunked call"}))

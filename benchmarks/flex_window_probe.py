@@ -25,12 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nsa_gen.benchmark import _bench  # noqa: E402
 from probe_main import max_diff, probe_main, random_qkv  # noqa: E402
 
-BACKWARD = "--backward" in sys.argv
-if BACKWARD:
-    sys.argv.remove("--backward")
 
-
-def probe(name: str, T: int) -> dict:
+def probe(name: str, T: int, backward: bool = False) -> dict:
     import torch
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -63,7 +59,7 @@ def probe(name: str, T: int) -> dict:
         row["err_o"] = max_diff(o.transpose(1, 2), o_ref)
         row["err_lse"] = max_diff(lse.transpose(1, 2), lse_ref)
         row["flex_ms"] = _bench(fwd)
-        if BACKWARD:
+        if backward:
             do = torch.randn_like(o_ref)
             bcfg = _configs(spec, T, 1, None)("window_bwd")
             want = window_bwd(q, k, v, o_ref, lse_ref, do, spec, bcfg)
@@ -86,4 +82,5 @@ def probe(name: str, T: int) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(probe_main("flex_window_probe", "SPEC", probe))
+    sys.exit(probe_main("flex_window_probe", "SPEC", probe,
+                        {"backward": "also window_bwd against flex's backward"}))

@@ -11,18 +11,25 @@ import argparse
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 
-def probe_main(name: str, runs_help: str, probe: Callable[[str, int], dict]) -> int:
-    ap = argparse.ArgumentParser()
+def probe_main(name: str, runs_help: str, probe: Callable[..., dict],
+               flags: Mapping[str, str] = {}, argv: Sequence[str] | None = None) -> int:
+    """Parse the command line (argv, default sys.argv[1:]) and run `probe(run, seqlen)` for
+    each run. `flags` maps a probe's own on/off options to their help (`{"backward": ...}`
+    adds `--backward`); each is passed to the probe as a keyword (`backward=True`)."""
+    ap = argparse.ArgumentParser(prog=name)
     ap.add_argument("runs", nargs="+", help=runs_help)
     ap.add_argument("--seqlen", type=int, default=65536)
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    for flag, help_ in flags.items():
+        ap.add_argument(f"--{flag}", action="store_true", help=help_)
+    args = ap.parse_args(argv)
+    options = {flag: getattr(args, flag) for flag in flags}
     rows = []
     for run in args.runs:
-        rows.append(probe(run, args.seqlen))
+        rows.append(probe(run, args.seqlen, **options))
         print(json.dumps(rows[-1]), flush=True)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

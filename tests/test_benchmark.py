@@ -1,11 +1,27 @@
 """The benchmark's code paths on the CPU (interpreter, tiny shapes, a fake timer): the GPU
 run must not be the first time this code executes."""
+import importlib
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from conftest import shrink
 from nsa_gen import benchmark
 from nsa_gen.ops import common
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def bench_script(name: str):
+    """benchmarks/<name>.py imported as a module (with benchmarks/ on the path while it
+    imports, as when it runs as a script: the probes import probe_main beside them)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
 
 
 def test_bench_spec_paths(monkeypatch, tmp_path):
@@ -97,12 +113,7 @@ def test_flop_model():
 def test_train_check_best_lag():
     """benchmarks/train_check.py's curve alignment: a curve that is another one delayed by
     3 steps is found to lag by 3, with no difference left once shifted."""
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_check.py"
-    spec = importlib.util.spec_from_file_location("train_check", path)
-    tc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tc)
+    tc = bench_script("train_check")
     base = [5.5 - 2.0 / (1.0 + 2.0 ** (-(t - 60) / 4)) for t in range(120)]  # a sharp drop
     late = [base[max(0, t - 3)] for t in range(120)]
     r = tc.best_lag(late, base, 40)
@@ -117,15 +128,9 @@ def test_topn_probe_cuts_what_it_says():
     """benchmarks/topn_probe.py's ablations of the rendered top-n: 'nomerge' drops the
     insertion path and every merge (sort, bitonic, rank; narrow list or not), 'noexp' also
     exp2; each still a valid module."""
-    import sys
-    from pathlib import Path
     from nsa_gen.kernels import kernel_def, kernel_source
     from nsa_gen.spec import load_spec
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        import topn_probe
-    finally:
-        sys.path.pop(0)
+    topn_probe = bench_script("topn_probe")
     spec = load_spec("fla-compat")
     base = kernel_def("topn").default(spec, 65536)
     for cfg in (base.replace(MERGE="bitonic", INSERT=4), base.replace(MERGE="hcube", INSERT=0),
@@ -145,15 +150,9 @@ def test_topn_probe_cuts_what_it_says():
 def test_ws_probe_rewrites_main_loops_only():
     """benchmarks/ws_probe.py turns each kernel's main loops (i.. variables) into
     warp-specialized tl.range loops and leaves inner `_` loops alone."""
-    import sys
-    from pathlib import Path
     from nsa_gen.kernels import kernel_def, kernel_source
     from nsa_gen.spec import load_spec
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        import ws_probe
-    finally:
-        sys.path.pop(0)
+    ws_probe = bench_script("ws_probe")
     spec = load_spec("deepseek-nsa")
     for stem, loops in (("compression_fwd", 2), ("window_fwd", 3), ("topn", 1)):
         cfg = kernel_def(stem).default(spec, 65536)
@@ -170,15 +169,9 @@ def test_lists_ab_baseline_matches_the_launcher(skip_forced):
     """benchmarks/lists_ab.py's baseline (session 25's lists: bins by key row, 32-bit keys)
     gives the launcher's entries and, past the empty rows, its segments: the A/B times two
     ways to the same table."""
-    import sys
-    from pathlib import Path
     from nsa_gen.ops import selection as sel
     from nsa_gen.spec import load_spec
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        import lists_ab
-    finally:
-        sys.path.pop(0)
+    lists_ab = bench_script("lists_ab")
     spec = load_spec("small-group")
     T = 1500
     raw = torch.randint(-1, 30, (1, T, spec.H, spec.S), generator=torch.Generator().manual_seed(7),
@@ -195,15 +188,9 @@ def test_lists_ab_baseline_matches_the_launcher(skip_forced):
 
 def test_nsa_variant_probe_overrides_one_kernel():
     """benchmarks/nsa_variant_probe.py's dispatcher changes the named kernel's config only."""
-    import sys
-    from pathlib import Path
     from nsa_gen.db.dispatch import default_dispatcher
     from nsa_gen.spec import load_spec
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        import nsa_variant_probe
-    finally:
-        sys.path.pop(0)
+    nsa_variant_probe = bench_script("nsa_variant_probe")
     spec = load_spec("fla-compat")
     over = nsa_variant_probe._Override("selection_fwd", {"BLOCK_N": 16, "num_warps": 8})
     base = default_dispatcher().get("selection_fwd", spec, 4096, 1)
@@ -220,14 +207,8 @@ def test_nsa_variant_probe_overrides_one_kernel():
 def test_launch_probe_options():
     """benchmarks/launch_probe.py changes the named launch option of selection.py's constants
     and nothing else; an unknown knob stops it."""
-    import sys
-    from pathlib import Path
     from nsa_gen.ops import selection
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        import launch_probe
-    finally:
-        sys.path.pop(0)
+    launch_probe = bench_script("launch_probe")
     base = launch_probe.options({})
     assert base == {"FORCED_LAUNCH": selection.FORCED_LAUNCH, "COMBINE_LAUNCH": selection.COMBINE_LAUNCH}
     got = launch_probe.options({"combine_stages": "3", "forced_warps": 8})
@@ -238,3 +219,29 @@ def test_launch_probe_options():
         launch_probe.options({"warps": 2})
     # a config param of the gated kernel is left to the probe's dispatcher
     assert launch_probe.options({"FORCED": 128}, ("FORCED",)) == base
+
+
+def test_probe_main_flags(tmp_path):
+    """A probe's own on/off options (the window probes' --backward) reach it as keywords,
+    off by default; the rows go to OUT/<name>.json in order."""
+    import json
+    probe_main = bench_script("probe_main").probe_main
+    seen = []
+
+    def probe(run, T, backward=False):
+        seen.append((run, T, backward))
+        return {"run": run, "backward": backward}
+    flags = {"backward": "also the backward"}
+    assert probe_main("p", "SPEC", probe, flags, ["a", "b", "--backward", "--seqlen", "128",
+                                                 "--out", str(tmp_path)]) == 0
+    assert seen == [("a", 128, True), ("b", 128, True)]
+    assert json.loads((tmp_path / "p.json").read_text()) == [{"run": "a", "backward": True},
+                                                             {"run": "b", "backward": True}]
+    seen.clear()
+    probe_main("p", "SPEC", probe, flags, ["a"])
+    assert seen == [("a", 65536, False)]
+    with pytest.raises(SystemExit):  # a probe without the flag refuses it
+        probe_main("p", "SPEC", lambda run, T: {}, {}, ["a", "--backward"])
+    for name in ("cudnn_fe_window_probe", "cudnn_swa_probe", "flex_window_probe"):
+        mod = bench_script(name)
+        assert "backward" in mod.probe.__code__.co_varnames[:mod.probe.__code__.co_argcount], name
