@@ -52,7 +52,6 @@ def _bench(fn, warmup=25, rep=100, graph: bool = False) -> float:
 
 def _sdpa(q, k, v, backend, backward=False):
     """Full causal attention with K/V expanded to the query heads (outside the timer)."""
-    import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
     be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
     G = q.shape[2] // k.shape[2]

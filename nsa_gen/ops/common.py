@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import dim_chunks
+from ..kernels import dim_chunks, kernel_fn
 from ..spec import NSASpec
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -222,6 +222,21 @@ def kv_tile_args(k: torch.Tensor, v: torch.Tensor, spec: NSASpec, config, rows: 
     """The K/V arguments of a token-tile kernel (compressed or window attention): k, v; with
     config TMA, descriptors with `rows`-row boxes, one per dim_chunks piece of DK, then DV."""
     return tile_args(config, rows, (k, dim_widths(spec.DK)), (v, dim_widths(spec.DV)))
+
+
+def token_tile_fwd(stem: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                   lse: torch.Tensor, spec: NSASpec, config, cu_seqlens: torch.Tensor | None,
+                   kv_rows: str) -> None:
+    """Launch a token-tile attention forward (compression_fwd over the compressed keys,
+    window_fwd over the keys) into o [B, T, HQ, DV] and lse [B, T, HQ]: one program per
+    BLOCK_T-token tile and kv head; `kv_rows` names the config parameter that sizes the
+    K/V boxes with TMA (BLOCK_C, BLOCK_N)."""
+    B, T = q.shape[:2]
+    tiles = tile_table(cu_seqlens, B, T, config["BLOCK_T"], spec.l, spec.d, q.device)
+    config = tma_config(stem, config, k, v)
+    kernel_fn(stem, spec, config)[(tiles.shape[0], spec.H)](
+        q, *kv_tile_args(k, v, spec, config, config[kv_rows]), o, lse, tiles,
+        DOT_PRECISION=dot_precision(q), **launch_options(config))
 
 
 def launch_options(config) -> dict:

@@ -8,8 +8,8 @@ from ..kernels import kernel_def, kernel_fn, kernel_module, num_cmp_blocks
 from ..spec import NSASpec
 from .common import (attention_math, attention_math_bwd, check, check_grad_inputs,
                      check_seqlens, check_tensor, cmp_seqlens, cmp_tile_table, cudnn_config,
-                     cudnn_refused, dkv_launch_options, dot_precision, kv_tile_args,
-                     launch_options, outputs, RowPieces, tile_table, tma_config)
+                     cudnn_refused, dkv_launch_options, dot_precision, launch_options, outputs,
+                     RowPieces, tile_table, token_tile_fwd)
 
 
 def compress_mean(x: torch.Tensor, spec: NSASpec, config: Config | None = None,
@@ -204,12 +204,7 @@ def compression_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, s
         except RuntimeError as e:
             config = cudnn_refused("compression_fwd", config, q, spec, e)
             o = o if o is not None else torch.empty(o_shape, device=q.device, dtype=q.dtype)
-    tiles = tile_table(cu_seqlens, B, T, config["BLOCK_T"], spec.l, spec.d, q.device)
-    config = tma_config("compression_fwd", config, k_cmp, v_cmp)
-    fn = kernel_fn("compression_fwd", spec, config)
-    fn[(tiles.shape[0], spec.H)](q, *kv_tile_args(k_cmp, v_cmp, spec, config, config["BLOCK_C"]),
-                                 o, lse, tiles, DOT_PRECISION=dot_precision(q),
-                                 **launch_options(config))
+    token_tile_fwd("compression_fwd", q, k_cmp, v_cmp, o, lse, spec, config, cu_seqlens, "BLOCK_C")
     return o, lse
 
 

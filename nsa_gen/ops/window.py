@@ -6,12 +6,11 @@ import functools
 import torch
 
 from ..config import Config
-from ..kernels import kernel_def, kernel_fn, kernel_module
+from ..kernels import kernel_def, kernel_module
 from ..spec import NSASpec
 from .common import (attention_math, attention_math_bwd, check_grad_inputs, check_qkv,
                      check_seqlens, cudnn_config, cudnn_refused, dkv_launch_options,
-                     dot_precision, kv_tile_args, launch_options, outputs, tile_table,
-                     tma_config)
+                     dot_precision, launch_options, outputs, tile_table, token_tile_fwd)
 
 
 def window_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: NSASpec,
@@ -43,12 +42,7 @@ def window_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: NSASpec,
             return o, lse
         except Exception as e:  # noqa: BLE001 - any cuDNN refusal runs the kernel instead
             config = cudnn_refused("window_fwd", config, q, spec, e)
-    tiles = tile_table(cu_seqlens, B, T, config["BLOCK_T"], spec.l, spec.d, q.device)
-    config = tma_config("window_fwd", config, k, v)
-    fn = kernel_fn("window_fwd", spec, config)
-    fn[(tiles.shape[0], spec.H)](q, *kv_tile_args(k, v, spec, config, config["BLOCK_N"]),
-                                 o, lse, tiles, DOT_PRECISION=dot_precision(q),
-                                 **launch_options(config))
+    token_tile_fwd("window_fwd", q, k, v, o, lse, spec, config, cu_seqlens, "BLOCK_N")
     return o, lse
 
 
