@@ -9,7 +9,9 @@ benchmarks/nsa_variant_probe.py runs it), e.g. deepseek-nsa:selection_fwd:FORCED
 
 Per spec: the op's median (do_bench), then the GPU kernels of 5 profiled calls, by name,
 in ms per call, and the gap between the op's time and the sum of its kernels (launch gaps,
-host work that the GPU waits on). bf16 inputs as the benchmark makes them."""
+host work that the GPU waits on, kernels on a side stream overlapping: negative). The idle
+stretches of the profiled calls' timeline tell the waits apart: the GPU idle a call, and the
+longest stretches with the kernels either side. bf16 inputs as the benchmark makes them."""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from probe_main import kernel_ms, random_nsa_args  # noqa: E402
+from probe_main import idle_gaps, kernel_events, per_kernel_ms, random_nsa_args  # noqa: E402
 
 
 def profile(run: str, T: int, calls: int = 5) -> dict:
@@ -38,12 +40,16 @@ def profile(run: str, T: int, calls: int = 5) -> dict:
         return api.nsa(*args, spec=spec, dispatcher=dispatcher)
     fwd()
     ms = do_bench(fwd, warmup=10, rep=50, return_mode="median")
+    events = kernel_events(fwd, calls)
     per: dict[str, float] = defaultdict(float)
-    for kname, t in kernel_ms(fwd, calls).items():
+    for kname, t in per_kernel_ms(events, calls).items():
         per[kname[:80]] += t
     kernels = dict(sorted(per.items(), key=lambda kv: -kv[1]))
+    gaps = idle_gaps(events)
     return {"spec": run, "T": T, "op_ms": ms, "kernels_ms": sum(kernels.values()),
-            "gap_ms": ms - sum(kernels.values()), "kernels": kernels}
+            "gap_ms": ms - sum(kernels.values()),
+            "idle_ms": sum(g["us"] for g in gaps) / 1e3 / calls,
+            "idle_gaps": sorted(gaps, key=lambda g: -g["us"])[:8], "kernels": kernels}
 
 
 def main() -> int:
@@ -57,7 +63,9 @@ def main() -> int:
         r = profile(name, args.seqlen)
         rows.append(r)
         print(f"## {name} T={r['T']}: op {r['op_ms']:.2f} ms, kernels {r['kernels_ms']:.2f}, "
-              f"gap {r['gap_ms']:.2f}")
+              f"gap {r['gap_ms']:.2f}, GPU idle {r['idle_ms']:.3f} a call (profiled)")
+        for g in r["idle_gaps"][:3]:
+            print(f"  idle {g['us']:8.1f} us  after {g['after'][:50]}  before {g['before'][:50]}")
         for kname, t in r["kernels"].items():
             if t >= 0.005:
                 print(f"  {t:7.3f}  {kname}")

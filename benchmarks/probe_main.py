@@ -37,11 +37,10 @@ def probe_main(name: str, runs_help: str, probe: Callable[..., dict],
     return 0
 
 
-def kernel_ms(fn: Callable[[], object], calls: int = 1) -> dict[str, float]:
-    """GPU time of each kernel one call of fn launches, by kernel name, in ms, slowest first:
-    fn once to warm up, then `calls` times under the torch profiler, averaged."""
-    from collections import defaultdict
-
+def kernel_events(fn: Callable[[], object], calls: int = 1) -> list[tuple[str, float, float]]:
+    """(name, start, end) of each GPU kernel, copy and memset `calls` calls of fn launch, in
+    microseconds on the GPU's clock, by start: fn once to warm up, then the calls under the
+    torch profiler."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     fn()
@@ -50,11 +49,36 @@ def kernel_ms(fn: Callable[[], object], calls: int = 1) -> dict[str, float]:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
+    return sorted(((ev.name, ev.time_range.start, ev.time_range.end) for ev in prof.events()
+                   if ev.device_type == torch.autograd.DeviceType.CUDA), key=lambda e: e[1])
+
+
+def kernel_ms(fn: Callable[[], object], calls: int = 1) -> dict[str, float]:
+    """GPU time of each kernel one call of fn launches, by kernel name, in ms, slowest first:
+    fn once to warm up, then `calls` times under the torch profiler, averaged."""
+    return per_kernel_ms(kernel_events(fn, calls), calls)
+
+
+def per_kernel_ms(events: Sequence[tuple[str, float, float]], calls: int = 1) -> dict[str, float]:
+    """kernel_events' list as ms a call by kernel name, slowest first."""
+    from collections import defaultdict
     per: dict[str, float] = defaultdict(float)
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            per[ev.name] += ev.device_time / 1e3 / calls
+    for name, start, end in events:
+        per[name] += (end - start) / 1e3 / calls
     return dict(sorted(per.items(), key=lambda kv: -kv[1]))
+
+
+def idle_gaps(events: Sequence[tuple[str, float, float]], min_us: float = 10.0) -> list[dict]:
+    """The stretches, at least min_us long, in which no kernel of kernel_events' list runs
+    (kernels on other streams overlap and count as busy), each with its length in us and the
+    kernels that end before it and start after it: where the GPU waits on the host."""
+    gaps, busy_to, last = [], None, None
+    for name, start, end in sorted(events, key=lambda e: e[1]):
+        if busy_to is not None and start - busy_to >= min_us:
+            gaps.append({"us": start - busy_to, "after": last, "before": name})
+        if busy_to is None or end >= busy_to:
+            busy_to, last = end, name
+    return gaps
 
 
 def torch_kernel_ms(fn: Callable[[], object]) -> float:

@@ -245,3 +245,19 @@ def test_probe_main_flags(tmp_path):
     for name in ("cudnn_fe_window_probe", "cudnn_swa_probe", "flex_window_probe"):
         mod = bench_script(name)
         assert "backward" in mod.probe.__code__.co_varnames[:mod.probe.__code__.co_argcount], name
+
+
+def test_idle_gaps_of_a_timeline():
+    """benchmarks/probe_main.py's timeline helpers: kernels on a side stream that overlap
+    count as busy; a wait is measured from the latest end before it, and names the kernel
+    that ended last and the one that starts after; short waits are left out."""
+    pm = bench_script("probe_main")
+    events = [("a", 0.0, 100.0), ("side", 50.0, 300.0), ("b", 120.0, 200.0),  # b inside side
+              ("c", 350.0, 400.0), ("d", 405.0, 500.0), ("e", 600.0, 610.0)]
+    assert pm.idle_gaps(events) == [{"us": 50.0, "after": "side", "before": "c"},
+                                    {"us": 100.0, "after": "d", "before": "e"}]
+    assert pm.idle_gaps(events, min_us=1.0)[1] == {"us": 5.0, "after": "c", "before": "d"}
+    assert pm.idle_gaps(list(reversed(events))) == pm.idle_gaps(events)  # any order in
+    assert pm.idle_gaps([]) == []
+    per = pm.per_kernel_ms(events + [("a", 700.0, 900.0)], calls=2)
+    assert list(per)[:2] == ["a", "side"] and per["a"] == pytest.approx(0.15) and per["e"] == pytest.approx(0.005)
