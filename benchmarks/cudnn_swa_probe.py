@@ -26,7 +26,6 @@ from nsa_gen.benchmark import _bench  # noqa: E402
 from probe_main import probe_main, random_qkv  # noqa: E402
 
 
-
 def probe(run: str, T: int, backward: bool = False) -> dict:
     import torch
 
