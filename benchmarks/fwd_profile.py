@@ -11,7 +11,11 @@ Per spec: the op's median (do_bench), then the GPU kernels of 5 profiled calls, 
 in ms per call, and the gap between the op's time and the sum of its kernels (launch gaps,
 host work that the GPU waits on, kernels on a side stream overlapping: negative). The idle
 stretches of the profiled calls' timeline tell the waits apart: the GPU idle a call, and the
-longest stretches with the kernels either side. bf16 inputs as the benchmark makes them."""
+longest stretches with the kernels either side. Without the profiler: the host time of one
+call (enqueued behind a GPU sleep: is the host ahead of the GPU?) and the op replayed from a
+CUDA graph (no host time at all; do_bench median), so that the stretches the profiler's own
+host overhead opens can be told from those the plain op pays. bf16 inputs as the benchmark
+makes them."""
 from __future__ import annotations
 
 import argparse
@@ -21,7 +25,8 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from probe_main import idle_gaps, kernel_events, per_kernel_ms, random_nsa_args  # noqa: E402
+from probe_main import (graph_replay, host_ms, idle_gaps, kernel_events,  # noqa: E402
+                        per_kernel_ms, random_nsa_args)
 
 
 def profile(run: str, T: int, calls: int = 5) -> dict:
@@ -46,10 +51,17 @@ def profile(run: str, T: int, calls: int = 5) -> dict:
         per[kname[:80]] += t
     kernels = dict(sorted(per.items(), key=lambda kv: -kv[1]))
     gaps = idle_gaps(events)
-    return {"spec": run, "T": T, "op_ms": ms, "kernels_ms": sum(kernels.values()),
-            "gap_ms": ms - sum(kernels.values()),
-            "idle_ms": sum(g["us"] for g in gaps) / 1e3 / calls,
-            "idle_gaps": sorted(gaps, key=lambda g: -g["us"])[:8], "kernels": kernels}
+    row = {"spec": run, "T": T, "op_ms": ms, "kernels_ms": sum(kernels.values()),
+           "gap_ms": ms - sum(kernels.values()),
+           "idle_ms": sum(g["us"] for g in gaps) / 1e3 / calls,
+           "idle_gaps": sorted(gaps, key=lambda g: -g["us"])[:8], "kernels": kernels,
+           "host_ms": host_ms(fwd)}
+    try:
+        row["graph_ms"] = do_bench(graph_replay(fwd), warmup=10, rep=50, return_mode="median")
+        row["op_ms_after_graph"] = do_bench(fwd, warmup=10, rep=50, return_mode="median")
+    except Exception as e:  # noqa: BLE001 - a probe reports what failed and goes on
+        row["graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    return row
 
 
 def main() -> int:
@@ -63,7 +75,8 @@ def main() -> int:
         r = profile(name, args.seqlen)
         rows.append(r)
         print(f"## {name} T={r['T']}: op {r['op_ms']:.2f} ms, kernels {r['kernels_ms']:.2f}, "
-              f"gap {r['gap_ms']:.2f}, GPU idle {r['idle_ms']:.3f} a call (profiled)")
+              f"gap {r['gap_ms']:.2f}, GPU idle {r['idle_ms']:.3f} a call (profiled); host "
+              f"{r['host_ms']:.2f} a call; graph {r.get('graph_ms', r.get('graph_error'))}")
         for g in r["idle_gaps"][:3]:
             print(f"  idle {g['us']:8.1f} us  after {g['after'][:50]}  before {g['before'][:50]}")
         for kname, t in r["kernels"].items():

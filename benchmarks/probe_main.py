@@ -81,6 +81,47 @@ def idle_gaps(events: Sequence[tuple[str, float, float]], min_us: float = 10.0) 
     return gaps
 
 
+def host_ms(fn: Callable[[], object], calls: int = 5, busy: Callable[[], object] | None = None,
+            sync: Callable[[], object] | None = None) -> float:
+    """Host time of one call of fn, in ms (median of `calls`), each enqueued behind `busy`
+    (default: a 0.2 s GPU sleep), so that the host never waits for the GPU's earlier work:
+    against the op's GPU time, whether the host keeps ahead. A call that reads the GPU
+    (a sync) shows as at least the sleep."""
+    import statistics
+    import time
+    if busy is None or sync is None:
+        import torch
+        busy = busy or (lambda: torch.cuda._sleep(400_000_000))  # ~0.2 s at ~2 GHz
+        sync = sync or torch.cuda.synchronize
+    fn()
+    sync()
+    times = []
+    for _ in range(calls):
+        busy()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        sync()
+    return statistics.median(times)
+
+
+def graph_replay(fn: Callable[[], object], warmup: int = 2) -> Callable[[], object]:
+    """fn captured in a CUDA graph (after `warmup` calls on a side stream, as capture needs),
+    as a function that replays it: the op without its host time. Raises where fn cannot be
+    captured (it reads the GPU, say)."""
+    import torch
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def torch_kernel_ms(fn: Callable[[], object]) -> float:
     """GPU time of the torch (non-Triton, non-copy) kernels one call of fn launches, in ms."""
     return sum(t for name, t in kernel_ms(fn).items() if not name.startswith(("nsa_", "Memcpy")))

@@ -3,6 +3,7 @@ run must not be the first time this code executes."""
 import importlib
 import inspect
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -262,3 +263,17 @@ def test_idle_gaps_of_a_timeline():
     assert pm.idle_gaps([]) == []
     per = pm.per_kernel_ms(events + [("a", 700.0, 900.0)], calls=2)
     assert list(per)[:2] == ["a", "side"] and per["a"] == pytest.approx(0.15) and per["e"] == pytest.approx(0.005)
+
+
+def test_host_ms_times_the_host_side_of_a_call():
+    """benchmarks/probe_main.py's host_ms: the median host time of the calls, each after
+    `busy` and before `sync`, and the warm-up call untimed."""
+    pm = bench_script("probe_main")
+    steps, naps = [], iter([0.05, 0.002, 0.002, 0.004])  # the first, the warm-up, is slow
+
+    def fn():
+        steps.append("fn")
+        time.sleep(next(naps))
+    ms = pm.host_ms(fn, calls=3, busy=lambda: steps.append("busy"), sync=lambda: steps.append("sync"))
+    assert steps == ["fn", "sync"] + ["busy", "fn", "sync"] * 3
+    assert 2.0 <= ms < 4.0  # the median of 2, 2 and 4 ms, not the warm-up's 50
