@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Session 37's device steps: bash benchmarks/gpu_session37.sh STEP...
+#   combine  selection_fwd's COMBINE = 1 (a (token, kv head) a combine program, its slots as
+#            one tile): nsa-gen verify's bf16 check of the structural variants (COMBINE 1
+#            among them) at 4k for small-group and mqa; nsa() at 64k with COMBINE 1 against
+#            the DB's configs (nsa_variant_probe.py); small-group's kernels inside nsa() with
+#            it (fwd_profile.py)
+#   any other step is session 35's or older: see gpu_session35.sh
+set -o pipefail
+source "$(dirname "$0")/device_env.sh"
+export NSA_GEN_LOG=${NSA_GEN_LOG:-ERROR}
+for step in "$@"; do case $step in
+combine)
+  timeout 120 python3 cli.py verify small-group mqa --kernels selection_fwd selection_fwd_gated \
+    --dtype bfloat16 -T 4096 2>&1 | quiet | tee "$OUT/combinecheck.txt"
+  timeout 150 python3 benchmarks/nsa_variant_probe.py --seqlen 65536 --out "$OUT/combine" \
+    small-group:selection_fwd:COMBINE=1 mqa:selection_fwd:COMBINE=1 2>&1 | quiet
+  timeout 90 python3 benchmarks/fwd_profile.py small-group:selection_fwd:COMBINE=1 \
+    --out "$OUT/combine_profile" 2>&1 | quiet ;;
+*)
+  bash "$(dirname "$0")/gpu_session35.sh" "$step" ;;
+esac; done
