@@ -4,7 +4,7 @@
 #            one tile): nsa-gen verify's bf16 check of the structural variants (COMBINE 1
 #            among them) at 4k for small-group and mqa; nsa() at 64k with COMBINE 1 against
 #            the DB's configs (nsa_variant_probe.py)
-#   tunecombine  short studies of selection_fwd and selection_fwd_gated at 64k for small-group
+#   tunecombine  3-trial studies (default, the entry, the entry with COMBINE = 1) of selection_fwd and selection_fwd_gated at 64k for small-group
 #            and mqa, the DB's config with COMBINE = 1 tried (kept only if 1% faster, after
 #            the tuner's bf16 check); the DB comes back as db.tar.gz, and the bench64 step of
 #            the same call runs with it
@@ -17,7 +17,7 @@ for step in "$@"; do case $step in
 tunecombine)
   for S in small-group mqa; do
     timeout 120 python3 cli.py tune $S --kernels selection_fwd,selection_fwd_gated --seqlens 64k \
-      --trials 5 --try COMBINE=1 --storage memory --db tuning_db --jobs 8 --timeout 60 \
+      --trials 3 --try COMBINE=1 --storage memory --db tuning_db --jobs 8 --timeout 60 \
       --no-progress 2>&1 | quiet | tail -6
   done | tee "$OUT/tunecombine.txt"
   keep_db ;;
