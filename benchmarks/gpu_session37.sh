@@ -4,10 +4,10 @@
 #            one tile): nsa-gen verify's bf16 check of the structural variants (COMBINE 1
 #            among them) at 4k for small-group and mqa; nsa() at 64k with COMBINE 1 against
 #            the DB's configs (nsa_variant_probe.py)
-#   tunecombine  3-trial studies (default, the entry, the entry with COMBINE = 1) of selection_fwd and selection_fwd_gated at 64k for small-group
-#            and mqa, the DB's config with COMBINE = 1 tried (kept only if 1% faster, after
-#            the tuner's bf16 check); the DB comes back as db.tar.gz, and the bench64 step of
-#            the same call runs with it
+#   tunecombine  3-trial studies (the default, the entry, the entry with COMBINE = 1) of
+#            selection_fwd and selection_fwd_gated at 64k for small-group and mqa (a winner
+#            passes the tuner's bf16 check and beats the entry by 1%); the DB comes back as
+#            db.tar.gz, and the bench64 step of the same call runs with it
 #   any other step is session 35's or older: see gpu_session35.sh
 set -o pipefail
 source "$(dirname "$0")/device_env.sh"
