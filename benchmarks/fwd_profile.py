@@ -23,13 +23,15 @@ import json
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from probe_main import (graph_replay, host_ms, idle_gaps, kernel_events,  # noqa: E402
                         per_kernel_ms, random_nsa_args)
 
 
-def profile(run: str, T: int, calls: int = 5) -> dict:
+def profile(run: str, T: int, calls: int = 5) -> tuple[dict, Callable[[], object]]:
+    """The row of `run` (op, kernels, idle stretches, host time) and its nsa() call."""
     from triton.testing import do_bench
 
     from nsa_gen import api
@@ -56,12 +58,18 @@ def profile(run: str, T: int, calls: int = 5) -> dict:
            "idle_ms": sum(g["us"] for g in gaps) / 1e3 / calls,
            "idle_gaps": sorted(gaps, key=lambda g: -g["us"])[:8], "kernels": kernels,
            "host_ms": host_ms(fwd)}
+    return row, fwd
+
+
+def time_graph(row: dict, fwd: Callable[[], object]) -> None:
+    """row["graph_ms"]: fwd replayed from a CUDA graph, and the eager op again after it
+    (do_bench medians); or row["graph_error"] where fwd cannot be captured."""
+    from triton.testing import do_bench
     try:
         row["graph_ms"] = do_bench(graph_replay(fwd), warmup=10, rep=50, return_mode="median")
         row["op_ms_after_graph"] = do_bench(fwd, warmup=10, rep=50, return_mode="median")
     except Exception as e:  # noqa: BLE001 - a probe reports what failed and goes on
         row["graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-    return row
 
 
 def main() -> int:
@@ -70,21 +78,31 @@ def main() -> int:
     ap.add_argument("--seqlen", type=int, default=65536)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    rows = []
+    rows, calls = [], []
+
+    def save():
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "fwd_profile.json").write_text(json.dumps(rows, indent=1))
     for name in args.specs:
-        r = profile(name, args.seqlen)
+        r, fwd = profile(name, args.seqlen)
         rows.append(r)
+        calls.append(fwd)
+        save()
         print(f"## {name} T={r['T']}: op {r['op_ms']:.2f} ms, kernels {r['kernels_ms']:.2f}, "
               f"gap {r['gap_ms']:.2f}, GPU idle {r['idle_ms']:.3f} a call (profiled); host "
-              f"{r['host_ms']:.2f} a call; graph {r.get('graph_ms', r.get('graph_error'))}")
+              f"{r['host_ms']:.2f} a call", flush=True)
         for g in r["idle_gaps"][:3]:
             print(f"  idle {g['us']:8.1f} us  after {g['after'][:50]}  before {g['before'][:50]}")
         for kname, t in r["kernels"].items():
             if t >= 0.005:
                 print(f"  {t:7.3f}  {kname}")
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "fwd_profile.json").write_text(json.dumps(rows, indent=1))
+    # Graphs last: a failed capture can leave the device unusable for what follows.
+    for r, fwd in zip(rows, calls):
+        time_graph(r, fwd)
+        save()
+        print(f"## {r['spec']}: graph {r.get('graph_ms', r.get('graph_error'))}, eager again "
+              f"{r.get('op_ms_after_graph')}", flush=True)
     return 0
 
 
