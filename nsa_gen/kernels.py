@@ -134,7 +134,7 @@ def _slc_fwd_context(spec: NSASpec, cfg: Config) -> dict:
                 FORCED=cfg["FORCED"], FORCED_T=cfg["FORCED"] // gt,
                 # The forced pass's tiles never straddle a selection block.
                 FORCED_ONE_BLOCK=cfg["FORCED"] > 0 and spec.BS % (cfg["FORCED"] // gt) == 0,
-                INITIAL=spec.initial_blocks, LOCAL=spec.local_blocks, COMBINE=cfg["COMBINE"],
+                INITIAL=spec.initial_blocks, LOCAL=spec.local_blocks,
                 # Not a tuning param: selection_fwd sets it to store the gated sum.
                 GATED=cfg.get("GATED", 0))
 
@@ -157,9 +157,7 @@ def _slc_fwd_space(spec: NSASpec) -> dict[str, list]:
     the forced blocks (initial and local) as every other; n > 0 runs them first in a
     token-tile pass of n query rows (tokens * G rounded to a power of two), where adjacent
     tokens share them, so each K/V tile is read once per tile instead of once per token
-    (the query-batched kernel then has no partials for them). COMBINE (the query-batched
-    kernel's combine): 0 merges one token's partials a program, all heads, slot by slot; 1
-    one (token, kv head) a program, its slots as one tile (where S * G * DV fits in one)."""
+    (the query-batched kernel then has no partials for them)."""
     gt, dmax = token_group_pad(spec), max(next_pow2(spec.DK), next_pow2(spec.DV))
     forced = [r for r in (64, 128) if r >= gt and r * dmax <= MAX_TILE_ELEMS]
     return {"BLOCK_N": [b for b in (16, 32, 64, 128) if spec.BS % b == 0],
@@ -167,7 +165,6 @@ def _slc_fwd_space(spec: NSASpec) -> dict[str, list]:
                               if 16 <= t * gt <= 128 and t * gt * dmax <= MAX_TILE_ELEMS],
             "TMA": [0, 1], "SHARE": [1, 2, 4],
             "FORCED": [0] + (forced if has_forced_blocks(spec) else []),
-            "COMBINE": [0] + ([1] if next_pow2(spec.S) * gt * next_pow2(spec.DV) <= MAX_TILE_ELEMS // 2 else []),
             "num_warps": [2, 4, 8], "num_stages": [1, 2, 3, 4]}
 
 
@@ -183,7 +180,7 @@ def _slc_fwd_default(spec: NSASpec, T: int) -> Config:
     gt = token_group_pad(spec)
     block_q = 64 // gt if gt <= 4 and T >= 4096 else 0
     return Config.make(BLOCK_N=min(64, spec.BS), BLOCK_Q=block_q, TMA=1, SHARE=1, FORCED=0,
-                       COMBINE=0, num_warps=4 if block_q else 2, num_stages=2)
+                       num_warps=4 if block_q else 2, num_stages=2)
 
 
 def slc_fwd_rows(spec: NSASpec, cfg: Config) -> int:
@@ -759,9 +756,8 @@ TMA_ARCH = (("TMA", 90),)
 # The selected forward; its gated twin below is the same kernel storing NSA's gated sum.
 _SLC_FWD = KernelDef("selection_fwd", "slc", _slc_fwd_context, _slc_fwd_default, _slc_fwd_space,
                      _slc_fwd_smem, lambda s: s.has("slc"),
-                     structural=("BLOCK_Q", "TMA", "SHARE", "FORCED", "COMBINE"), min_arch=TMA_ARCH,
+                     structural=("BLOCK_Q", "TMA", "SHARE", "FORCED"), min_arch=TMA_ARCH,
                      unread=(("SHARE", 1, lambda s, c: c["BLOCK_Q"] > 0),
-                             ("COMBINE", 0, lambda s, c: c["BLOCK_Q"] == 0),
                              ("FORCED", 0, lambda s, c: c["BLOCK_Q"] == 0 and c["SHARE"] > 1)))
 
 KERNELS: dict[str, KernelDef] = {

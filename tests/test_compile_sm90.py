@@ -84,11 +84,9 @@ def share_signature(spec, config) -> tuple[dict, dict]:
 
 def gated_runs(spec) -> list[tuple]:
     """The selected forward storing the gated sum (nsa() without autograd): the group-centric
-    kernel and the query-batched combine kernel (a token a program, and where the space has
-    it a (token, kv head) with its slots as one tile), o_cmp read in row pieces (bf16)."""
+    kernel and the query-batched combine kernel, o_cmp read in row pieces (bf16)."""
     from nsa_gen.kernels import kernel_def
-    kd = kernel_def("selection_fwd")
-    base = kd.default(spec, 65536).replace(GATED=1, TMA=0, FORCED=0)
+    base = kernel_def("selection_fwd").default(spec, 65536).replace(GATED=1, TMA=0, FORCED=0)
     gate = {"g_slc": "*bf16", "o_cmp": "*bf16", "o_cmp_tail": "*bf16", "cmp_r0": "i32",
             "cmp_r1": "i32", "g_cmp": "*bf16", "o_swa": "*bf16", "g_swa": "*bf16"}
     flags = {"HAS_CMP": 1, "HAS_SWA": int(spec.w > 0)}
@@ -97,8 +95,8 @@ def gated_runs(spec) -> list[tuple]:
                "lse": "*fp32", "row_base": "i32"}
     return [("selection_fwd", None, base.replace(BLOCK_Q=0), {**group, **gate},
              {**consts, **flags}),
-            *(("selection_fwd", "nsa_selection_fwd_combine_kernel", base.replace(BLOCK_Q=4, COMBINE=c),
-               {**combine, **gate}, flags) for c in kd.space(spec)["COMBINE"])]
+            ("selection_fwd", "nsa_selection_fwd_combine_kernel", base.replace(BLOCK_Q=4),
+             {**combine, **gate}, flags)]
 
 
 def decode_runs(spec) -> list[tuple]:

@@ -345,7 +345,7 @@ def test_rekey_keeps_only_entries_whose_code_is_unchanged(tmp_path, spec):
     db = TuningDB(tmp_path / "db")
     stale = TuneKey.make(H200, STEM, spec, 4096, source_hash="0" * 16)
     db.put(stale, Entry(Config.make(BLOCK_N=64, num_warps=4, num_stages=2), 1.0, 0.1, 5, "2026-01-01"))
-    cmd = [sys.executable, str(root / "benchmarks" / "rekey.py"), STEM, str(old), "BLOCK_Q=0", "TMA=0", "SHARE=1", "FORCED=0", "COMBINE=0",
+    cmd = [sys.executable, str(root / "benchmarks" / "rekey.py"), STEM, str(old), "BLOCK_Q=0", "TMA=0", "SHARE=1", "FORCED=0",
            "--db", str(tmp_path / "db")]
     # A template whose group-centric code differs: nothing moves.
     old.write_text(text.replace("One flat loop over", "A flat loop over"))
@@ -380,10 +380,10 @@ def test_rekey_from_adopts_checked_entries(tmp_path, spec):
             Entry(cfg, 1.0, 0.1, 5, "2026-01-02"))
     src.put(TuneKey.make(H200, STEM, spec, 16384), Entry(cfg, 3.0, 0.1, 5, "2026-01-02"))
     r = subprocess.run([sys.executable, str(root / "benchmarks" / "rekey.py"), STEM, str(old),
-                        "TMA=0", "SHARE=1", "FORCED=0", "COMBINE=0", "--db", str(dst.root), "--from", str(src.root)],
+                        "TMA=0", "SHARE=1", "FORCED=0", "--db", str(dst.root), "--from", str(src.root)],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0 and "2 entries of selection_fwd copied" in r.stdout, r.stdout + r.stderr
     got = {k.T: (k.source_hash, e) for k, e in dst.load().items()}
     assert sorted(got) == [4096, 16384]
     assert all(h == kernel_source_hash(STEM) for h, _ in got.values())
-    assert got[4096][1].config == Config.from_dict(dict(tuned, TMA=0, SHARE=1, FORCED=0, COMBINE=0)) and got[4096][1].ms == 1.0
+    assert got[4096][1].config == Config.from_dict(dict(tuned, TMA=0, SHARE=1, FORCED=0)) and got[4096][1].ms == 1.0

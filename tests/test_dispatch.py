@@ -33,7 +33,7 @@ def no_env_overlay(monkeypatch):
 
 
 def cfg(block_n=32, warps=8, stages=2):
-    return Config.make(BLOCK_N=block_n, BLOCK_Q=0, TMA=0, SHARE=1, FORCED=0, COMBINE=0, num_warps=warps, num_stages=stages)
+    return Config.make(BLOCK_N=block_n, BLOCK_Q=0, TMA=0, SHARE=1, FORCED=0, num_warps=warps, num_stages=stages)
 
 
 def put(root, spec, T, config, device=H200, B=1, **kw):
@@ -130,8 +130,8 @@ def test_config_that_does_not_fit_falls_back(tmp_path, spec, caplog):
 
 
 def test_config_outside_the_space_falls_back(tmp_path, spec, caplog):
-    put(tmp_path, spec, 4096, Config.make(BLOCK_N=48, BLOCK_Q=0, TMA=0, SHARE=1, FORCED=0, COMBINE=0, num_warps=4, num_stages=2))
-    put(tmp_path, spec, 8192, Config.make(BLOCK_N=64, BLOCK_Q=0, TMA=0, SHARE=1, FORCED=0, COMBINE=0, TILE=3, num_warps=4, num_stages=2))
+    put(tmp_path, spec, 4096, Config.make(BLOCK_N=48, BLOCK_Q=0, TMA=0, SHARE=1, FORCED=0, num_warps=4, num_stages=2))
+    put(tmp_path, spec, 8192, Config.make(BLOCK_N=64, BLOCK_Q=0, TMA=0, SHARE=1, FORCED=0, TILE=3, num_warps=4, num_stages=2))
     d = dispatcher(shipped=tmp_path)
     with caplog.at_level(logging.WARNING, logger="nsa_gen"):
         assert d.get(STEM, spec, 4096) == KD.default(spec, 4096)
@@ -146,7 +146,7 @@ def test_default_is_made_to_fit(spec):
     assert config_problem(KD, spec, default, A10) is not None
     fixed = fitting_default(KD, spec, 4096, A10)
     assert config_problem(KD, spec, fixed, A10) is None
-    assert fixed == Config.make(BLOCK_N=64, BLOCK_Q=0, TMA=0, SHARE=1, FORCED=0, COMBINE=0, num_warps=default.num_warps,
+    assert fixed == Config.make(BLOCK_N=64, BLOCK_Q=0, TMA=0, SHARE=1, FORCED=0, num_warps=default.num_warps,
                                 num_stages=1)
     assert dispatcher(device=A10).get(STEM, spec, 4096) == fixed
     assert fitting_default(KD, spec, 4096, H200) == default

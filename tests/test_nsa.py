@@ -171,7 +171,7 @@ def test_bad_calls():
     from nsa_gen.ops.selection import selection_fwd, topn  # noqa: F401
     from nsa_gen.config import Config
     idx = torch.zeros(1, 20, spec.H, spec.S, dtype=torch.int32)
-    batched = Config.make(BLOCK_N=16, BLOCK_Q=4, TMA=0, SHARE=1, FORCED=0, COMBINE=0)
+    batched = Config.make(BLOCK_N=16, BLOCK_Q=4, TMA=0, SHARE=1, FORCED=0)
     x = [t.detach() for t in (q, k, v, *gates)]
     for cfg in (None, batched):  # group-centric (the default here) and query-batched
         with pytest.raises(ValueError, match="branch 'cmp' has a gate but no output"):
@@ -249,7 +249,7 @@ def test_nsa_inference_gates_in_the_selected_kernel(G, slc, branches, poison, mo
     q, k, v, gates, _ = inputs(spec, B, T, seed=20 + G)
     q, k, v = (x.detach() for x in (q, k, v))
     gates = [g.detach() if i in branches else None for i, g in enumerate(gates)]
-    cfg = Config.make(**{**dict(BLOCK_N=16, BLOCK_Q=0, TMA=0, SHARE=1, FORCED=0, COMBINE=0), **slc},
+    cfg = Config.make(**{**dict(BLOCK_N=16, BLOCK_Q=0, TMA=0, SHARE=1, FORCED=0), **slc},
                       num_warps=4, num_stages=1)
     ref = naive.naive_nsa(spec, q, k, v, *gates)
     runs = []
@@ -277,7 +277,7 @@ def test_nsa_inference_cmp_through_cudnn_in_pieces(B, slc, poison, monkeypatch):
     T = 61  # (T - l + 1) % d = 6: a tail of 6 tokens after the residue batch
     q, k, v, gates, _ = inputs(spec, B, T, seed=40 + B)
     q, k, v, *gates = (x.detach() for x in (q, k, v, *gates))
-    cfg = Config.make(**{**dict(BLOCK_N=16, BLOCK_Q=0, TMA=0, SHARE=1, FORCED=0, COMBINE=0), **slc},
+    cfg = Config.make(**{**dict(BLOCK_N=16, BLOCK_Q=0, TMA=0, SHARE=1, FORCED=0), **slc},
                       num_warps=4, num_stages=1)
     made = []
     real = compression._residue_attention
@@ -311,7 +311,7 @@ def test_selection_gated_reads_cmp_pieces(slc, poison):
     r0, r1 = 5, 40
     pieces = RowPieces(torch.randn(r1 - r0, spec.HQ, spec.DV, generator=g),
                        torch.randn(T - r1, spec.HQ, spec.DV, generator=g), r0, r1, T)
-    cfg = Config.make(**{**dict(BLOCK_N=16, BLOCK_Q=0, TMA=0, SHARE=1, FORCED=0, COMBINE=0), **slc},
+    cfg = Config.make(**{**dict(BLOCK_N=16, BLOCK_Q=0, TMA=0, SHARE=1, FORCED=0), **slc},
                       num_warps=4, num_stages=1)
     kw = dict(canonical=True, forced_listed=True, gates={"cmp": gates[0], "slc": gates[1]})
     want = selection_fwd(q, k, v, idx, spec, cfg, outs={"cmp": pieces.full()}, **kw)[0]

@@ -29,15 +29,14 @@ def make_spec(key, **extra):
 
 
 def variant(spec, block_q: int, block_n: int = 16, tma: int = 0, share: int = 1,
-            forced: int = 0, combine: int = 0) -> Config:
+            forced: int = 0) -> Config:
     """BLOCK_Q 0: the group-centric kernel (share tokens a program; forced > 0: the forced
     blocks first in a pass of that many query rows a tile); n > 0: query-batched, n tokens
-    a program, its partials merged a token (combine 0) or a (token, kv head) a program
-    (combine 1). tma 1: K/V through tensor descriptors."""
+    a program. tma 1: K/V through tensor descriptors."""
     space = kernel_def("selection_fwd").space(spec)
-    assert block_q in space["BLOCK_Q"] and forced in space["FORCED"] and combine in space["COMBINE"]
+    assert block_q in space["BLOCK_Q"] and forced in space["FORCED"]
     return Config.make(BLOCK_N=block_n, BLOCK_Q=block_q, TMA=tma, SHARE=share, FORCED=forced,
-                       COMBINE=combine, num_warps=4, num_stages=1)
+                       num_warps=4, num_stages=1)
 
 
 def overlapping_indices(spec, B: int, T: int, g: torch.Generator) -> torch.Tensor:
@@ -96,11 +95,10 @@ def test_selection_fwd(key, dtype, which, poison):
     assert err < case.tolerance, err
 
 
-@pytest.mark.parametrize("key,block_q,forced,combine", [
-    ("G16", 0, 0, 0), ("G16", 0, 64, 0), ("G4", 4, 0, 0), ("G4", 8, 64, 0), ("G4", 4, 0, 1),
-    ("G4", 8, 64, 1)])
+@pytest.mark.parametrize("key,block_q,forced", [("G16", 0, 0), ("G16", 0, 64), ("G4", 4, 0),
+                                                ("G4", 8, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_selection_fwd_gated_case(key, block_q, forced, combine, dtype, poison):
+def test_selection_fwd_gated_case(key, block_q, forced, dtype, poison):
     """selection_fwd_gated's case (what its tuning key times): the kernel storing the gated
     sum of all the spec's branches against naive_gate over naive_selection and the other
     outputs; a gate that is not read or a branch left out fails it."""
@@ -108,7 +106,7 @@ def test_selection_fwd_gated_case(key, block_q, forced, combine, dtype, poison):
     assert spec.branches == ("cmp", "slc", "swa")
     case = make_case("selection_fwd_gated", spec, 77, B=2, dtype=dtype, seed=12)
     assert {"o_cmp", "o_swa", "g_cmp", "g_slc", "g_swa"} <= set(case.inputs)
-    out = case.run(variant(spec, block_q, forced=forced, combine=combine))
+    out = case.run(variant(spec, block_q, forced=forced))
     assert case.rel_error(out) < case.tolerance
     # Not the ungated output: the gates and the other branches are in it.
     plain = make_case("selection_fwd", spec, 77, B=2, dtype=dtype, seed=12)
@@ -165,48 +163,16 @@ def test_selection_fwd_forced(key, rows, tma, dtype, block_q, forced, poison):
     assert err < (1e-5 if dtype == torch.float32 else case.tolerance), err
 
 
-@pytest.mark.parametrize("key,block_q,forced", [("G4", 4, 0), ("G4", 8, 64), ("G1", 16, 64)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_selection_fwd_combine(key, block_q, forced, dtype, poison):
-    """COMBINE 1 (a (token, kv head) a program, its slots as one tile) against the reference,
-    on the case's lists (empty slots) and with forced blocks the forced pass covers; and
-    against COMBINE 0, which adds the same partials in slot order (so not bit for bit)."""
-    spec = make_spec(key, selection={"block": 16, "top_n": 5, "initial_blocks": 1,
-                                     "local_blocks": 2})
-    case = make_case("selection_fwd", spec, 77, B=2, dtype=dtype, seed=50 + block_q)
-    assert (case.inputs["block_indices"] == -1).any()
-    got = case.run(variant(spec, block_q, forced=forced, combine=1))
-    assert case.rel_error(got) < (1e-5 if dtype == torch.float32 else case.tolerance)
-    want = case.run(variant(spec, block_q, forced=forced, combine=0))
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5 if dtype == torch.float32 else 2e-3,
-                                   atol=1e-5 if dtype == torch.float32 else 2e-3)
-
-
-def test_combine_space_and_unread():
-    """COMBINE 1 is offered where a (token, kv head)'s slots fit one tile, and is not read by
-    the group-centric kernel (its canonical value there is 0)."""
-    kd = kernel_def("selection_fwd")
-    assert kd.space(make_spec("G4"))["COMBINE"] == [0, 1]
-    big = make_spec("G16", heads={"q": 64, "kv": 1}, head_dim={"k": 128, "v": 128},
-                    selection={"block": 32, "top_n": 16, "initial_blocks": 1, "local_blocks": 2})
-    assert kd.space(big)["COMBINE"] == [0]  # 16 slots x 64 heads x 128 dims: too big a tile
-    spec = make_spec("G4")
-    assert kd.canonical(spec, variant(spec, 0).replace(COMBINE=1))["COMBINE"] == 0
-    assert kd.canonical(spec, variant(spec, 4, combine=1))["COMBINE"] == 1
-
-
 def test_selection_fwd_forced_varlen(poison):
     """Packed sequences: a forced tile never crosses into the next sequence, and each
     sequence's initial block is its own."""
     spec = make_spec("G4", selection={"block": 16, "top_n": 5, "initial_blocks": 1,
                                       "local_blocks": 2})
     q, k, v, idx, cu, ref = packed_case(spec, seed=12)
-    for tma, block_q, combine in ((0, 0, 0), (1, 0, 0), (0, 4, 0), (1, 16, 0), (0, 4, 1)):
-        o, _ = selection_fwd(q, k, v, idx, spec, variant(spec, block_q, tma=tma, forced=64,
-                                                         combine=combine),
+    for tma, block_q in ((0, 0), (1, 0), (0, 4), (1, 16)):
+        o, _ = selection_fwd(q, k, v, idx, spec, variant(spec, block_q, tma=tma, forced=64),
                              cu_seqlens=cu, forced_listed=True)
-        assert (o - ref).norm() / ref.norm() < 1e-5, (tma, block_q, combine)
+        assert (o - ref).norm() / ref.norm() < 1e-5, (tma, block_q)
 
 
 def test_selection_fwd_forced_needs_listed_blocks(poison, caplog):
@@ -243,18 +209,18 @@ def test_selection_fwd_tma(key, block_q, poison):
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
-@pytest.mark.parametrize("forced,combine", [(0, 0), (64, 0), (64, 1)])
-def test_selection_fwd_query_chunks(forced, combine, monkeypatch, poison):
+@pytest.mark.parametrize("forced", [0, 64])
+def test_selection_fwd_query_chunks(forced, monkeypatch, poison):
     """Row chunks of the query-batched forward (partials kept within a byte budget) give the
     same result as one chunk: here 64-row chunks over 2 x 150 rows, the last one short; with
     FORCED, every chunk's combine starts from the one forced pass's state of its rows."""
     from nsa_gen.ops import selection as sel
     spec = make_spec("G4")
     case = make_case("selection_fwd", spec, 150, B=2, dtype=torch.float32, seed=8)
-    whole = case.run(variant(spec, 8, forced=forced, combine=combine))[0]
+    whole = case.run(variant(spec, 8, forced=forced))[0]
     monkeypatch.setattr(sel, "QUERY_PART_BYTES", 1)
     assert sel.query_chunk_rows(spec, 4) == 64
-    chunked = case.run(variant(spec, 8, forced=forced, combine=combine))[0]
+    chunked = case.run(variant(spec, 8, forced=forced))[0]
     assert case.rel_error((chunked,)) < 1e-4
     # Not bitwise: in the interpreter tl.dot is numpy's matmul, whose summation order can
     # depend on which rows a tile batches together (chunks group a block's tokens
@@ -337,8 +303,8 @@ def test_case_indices_are_canonical(key):
         assert torch.equal(visible_blocks(idx, spec, None), idx)
 
 
-@pytest.mark.parametrize("block_q,share,combine", [(0, 1, 0), (4, 1, 0), (0, 2, 0), (4, 1, 1)])
-def test_selection_fwd_lse_and_empty_rows(block_q, share, combine, poison):
+@pytest.mark.parametrize("block_q,share", [(0, 1), (4, 1), (0, 2)])
+def test_selection_fwd_lse_and_empty_rows(block_q, share, poison):
     """lse is the log-sum-exp of the visible logits; a token with only -1 slots gets 0, -inf."""
     spec = make_spec("G4")
     g = torch.Generator().manual_seed(5)
@@ -349,7 +315,7 @@ def test_selection_fwd_lse_and_empty_rows(block_q, share, combine, poison):
     idx = torch.full((B, T, spec.H, spec.S), -1, dtype=torch.int32)
     idx[:, :, :, 0] = 0
     idx[:, 7] = -1  # token 7: nothing to attend to
-    o, lse = selection_fwd(q, k, v, idx, spec, variant(spec, block_q, share=share, combine=combine))
+    o, lse = selection_fwd(q, k, v, idx, spec, variant(spec, block_q, share=share))
     assert torch.all(o[:, 7] == 0) and torch.all(lse[:, 7] == float("-inf"))
     t = 20
     kk = k[0, : t + 1].repeat_interleave(spec.G, 1)  # [t+1, HQ, DK]
@@ -357,13 +323,12 @@ def test_selection_fwd_lse_and_empty_rows(block_q, share, combine, poison):
     torch.testing.assert_close(lse[0, t], torch.logsumexp(logits, -1), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("block_q,share,combine", [(0, 1, 0), (4, 1, 0), (0, 4, 0), (4, 1, 1)])
-def test_selection_fwd_varlen(block_q, share, combine, poison):
+@pytest.mark.parametrize("block_q,share", [(0, 1), (4, 1), (0, 4)])
+def test_selection_fwd_varlen(block_q, share, poison):
     spec = make_spec("G4")
     q, k, v, idx, cu, ref = packed_case(spec, seed=9)
     # SHARE 4: programs of tokens 36-39 and 40-43 cross into the next sequence.
-    o, _ = selection_fwd(q, k, v, idx, spec, variant(spec, block_q, share=share, combine=combine),
-                         cu_seqlens=cu)
+    o, _ = selection_fwd(q, k, v, idx, spec, variant(spec, block_q, share=share), cu_seqlens=cu)
     assert (o - ref).norm() / ref.norm() < 1e-5
 
 

@@ -31,8 +31,8 @@ FULL_KD = kernel_def(STEM)
 # The fake cost below is over tiles, warps and stages: these tests tune selection_fwd's
 # group-centric kernel alone (BLOCK_Q = 0, pointer loads), a space of 36 configs, from a
 # default pinned to 4 warps (the tests place neighbours' winners around it).
-KD = dataclasses.replace(FULL_KD, space=lambda s: dict(FULL_KD.space(s), BLOCK_Q=[0], TMA=[0], SHARE=[1], FORCED=[0], COMBINE=[0]),
-                         default=lambda s, T: FULL_KD.default(s, T).replace(BLOCK_Q=0, TMA=0, SHARE=1, FORCED=0, COMBINE=0,
+KD = dataclasses.replace(FULL_KD, space=lambda s: dict(FULL_KD.space(s), BLOCK_Q=[0], TMA=[0], SHARE=[1], FORCED=[0]),
+                         default=lambda s, T: FULL_KD.default(s, T).replace(BLOCK_Q=0, TMA=0, SHARE=1, FORCED=0,
                                                                             num_warps=4))
 
 
@@ -47,7 +47,7 @@ def spec():
 
 
 def cfg(block_n=64, warps=4, stages=2):
-    return Config.make(BLOCK_N=block_n, BLOCK_Q=0, TMA=0, SHARE=1, FORCED=0, COMBINE=0, num_warps=warps, num_stages=stages)
+    return Config.make(BLOCK_N=block_n, BLOCK_Q=0, TMA=0, SHARE=1, FORCED=0, num_warps=warps, num_stages=stages)
 
 
 # ----------------------------------------------------------------------------- space

@@ -220,8 +220,7 @@ def _selection_fwd_query(q, k, v, block_indices, spec, config, starts, o, lse, g
     for (r0, r1), (entries, segments) in zip(chunks, built):
         mod.nsa_selection_fwd_kernel[(segments.shape[0],)](
             q, *kv, entries, segments, o_part, lse_part, r0, **launch_options(config))
-        # COMBINE 1: a program for each (token, kv head), else for each token.
-        mod.nsa_selection_fwd_combine_kernel[(r1 - r0, spec.H if config["COMBINE"] else 1)](
+        mod.nsa_selection_fwd_combine_kernel[(r1 - r0,)](
             block_indices, o_part, lse_part, o, lse, r0, *pos_args, **gate_args, **COMBINE_LAUNCH)
 
 
