@@ -12,10 +12,10 @@ in ms per call, and the gap between the op's time and the sum of its kernels (la
 host work that the GPU waits on, kernels on a side stream overlapping: negative). The idle
 stretches of the profiled calls' timeline tell the waits apart: the GPU idle a call, and the
 longest stretches with the kernels either side. Without the profiler: the host time of one
-call (enqueued behind a GPU sleep: is the host ahead of the GPU?) and the op replayed from a
-CUDA graph (no host time at all; do_bench median), so that the stretches the profiler's own
-host overhead opens can be told from those the plain op pays. bf16 inputs as the benchmark
-makes them."""
+call (enqueued behind a GPU sleep: is the host ahead of the GPU?) with the functions that
+take most of it (cProfile), and the op replayed from a CUDA graph (no host time at all;
+do_bench median), so that the stretches the profiler's own host overhead opens can be told
+from those the plain op pays. bf16 inputs as the benchmark makes them."""
 from __future__ import annotations
 
 import argparse
@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from probe_main import (graph_replay, host_ms, idle_gaps, kernel_events,  # noqa: E402
-                        per_kernel_ms, random_nsa_args)
+from probe_main import (graph_replay, host_ms, host_top, idle_gaps,  # noqa: E402
+                        kernel_events, per_kernel_ms, random_nsa_args)
 
 
 def profile(run: str, T: int, calls: int = 5) -> tuple[dict, Callable[[], object]]:
@@ -57,7 +57,7 @@ def profile(run: str, T: int, calls: int = 5) -> tuple[dict, Callable[[], object
            "gap_ms": ms - sum(kernels.values()),
            "idle_ms": sum(g["us"] for g in gaps) / 1e3 / calls,
            "idle_gaps": sorted(gaps, key=lambda g: -g["us"])[:8], "kernels": kernels,
-           "host_ms": host_ms(fwd)}
+           "host_ms": host_ms(fwd), "host_top": host_top(fwd)}
     return row, fwd
 
 
@@ -97,6 +97,9 @@ def main() -> int:
         for kname, t in r["kernels"].items():
             if t >= 0.005:
                 print(f"  {t:7.3f}  {kname}")
+        for f in r["host_top"][:8]:
+            print(f"  host {f['own_ms']:7.3f} ms own, {f['total_ms']:7.3f} total, "
+                  f"{f['calls']:5d} calls  {f['function'][:70]}")
     # Graphs last: a failed capture can leave the device unusable for what follows.
     for r, fwd in zip(rows, calls):
         time_graph(r, fwd)

@@ -81,6 +81,15 @@ def idle_gaps(events: Sequence[tuple[str, float, float]], min_us: float = 10.0) 
     return gaps
 
 
+def _gpu_busy_and_sync(busy, sync) -> tuple[Callable[[], object], Callable[[], object]]:
+    """busy and sync, a 0.2 s GPU sleep and a device synchronize where not given."""
+    if busy is None or sync is None:
+        import torch
+        busy = busy or (lambda: torch.cuda._sleep(400_000_000))  # ~0.2 s at ~2 GHz
+        sync = sync or torch.cuda.synchronize
+    return busy, sync
+
+
 def host_ms(fn: Callable[[], object], calls: int = 5, busy: Callable[[], object] | None = None,
             sync: Callable[[], object] | None = None) -> float:
     """Host time of one call of fn, in ms (median of `calls`), each enqueued behind `busy`
@@ -89,10 +98,7 @@ def host_ms(fn: Callable[[], object], calls: int = 5, busy: Callable[[], object]
     (a sync) shows as at least the sleep."""
     import statistics
     import time
-    if busy is None or sync is None:
-        import torch
-        busy = busy or (lambda: torch.cuda._sleep(400_000_000))  # ~0.2 s at ~2 GHz
-        sync = sync or torch.cuda.synchronize
+    busy, sync = _gpu_busy_and_sync(busy, sync)
     fn()
     sync()
     times = []
@@ -103,6 +109,29 @@ def host_ms(fn: Callable[[], object], calls: int = 5, busy: Callable[[], object]
         times.append((time.perf_counter() - t0) * 1e3)
         sync()
     return statistics.median(times)
+
+
+def host_top(fn: Callable[[], object], n: int = 12, busy: Callable[[], object] | None = None,
+             sync: Callable[[], object] | None = None) -> list[dict]:
+    """Where one call of fn spends its host time: cProfile of a call enqueued behind `busy`
+    (as host_ms), the n functions with the most time of their own, each as
+    {"function": "file:line(name)", "own_ms", "total_ms", "calls"}."""
+    import cProfile
+    import pstats
+    busy, sync = _gpu_busy_and_sync(busy, sync)
+    fn()
+    sync()
+    prof = cProfile.Profile()
+    busy()
+    prof.enable()
+    fn()
+    prof.disable()
+    sync()
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (calls, primitive, own, total, callers)}
+    rows = [{"function": f"{Path(f).name}:{line}({name})", "own_ms": own * 1e3,
+             "total_ms": total * 1e3, "calls": calls}
+            for (f, line, name), (calls, _, own, total, _) in stats.items()]
+    return sorted(rows, key=lambda r: -r["own_ms"])[:n]
 
 
 def graph_replay(fn: Callable[[], object], warmup: int = 2) -> Callable[[], object]:

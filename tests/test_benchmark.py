@@ -277,3 +277,21 @@ def test_host_ms_times_the_host_side_of_a_call():
     ms = pm.host_ms(fn, calls=3, busy=lambda: steps.append("busy"), sync=lambda: steps.append("sync"))
     assert steps == ["fn", "sync"] + ["busy", "fn", "sync"] * 3
     assert 2.0 <= ms < 4.0  # the median of 2, 2 and 4 ms, not the warm-up's 50
+
+
+def test_host_top_names_the_functions_of_one_call():
+    """benchmarks/probe_main.py's host_top: cProfile of one call after `busy`, the functions
+    with the most time of their own first, each with its calls."""
+    pm = bench_script("probe_main")
+
+    def slow():
+        time.sleep(0.004)
+
+    def fn():
+        for _ in range(3):
+            slow()
+    top = pm.host_top(fn, n=5, busy=lambda: None, sync=lambda: None)
+    assert len(top) <= 5 and top == sorted(top, key=lambda r: -r["own_ms"])
+    mine = next(r for r in top if r["function"].endswith("(slow)"))
+    assert mine["calls"] == 3 and mine["total_ms"] >= 12.0
+    assert mine["function"].startswith("test_benchmark.py:")
