@@ -266,8 +266,8 @@ def test_idle_gaps_of_a_timeline():
 
 
 def test_host_ms_times_the_host_side_of_a_call():
-    """benchmarks/probe_main.py's host_ms: the median host time of the calls, each after
-    `busy` and before `sync`, and the warm-up call untimed."""
+    """benchmarks/probe_main.py's host_ms: the median host time of the calls, enqueued back
+    to back after one `busy`, and the warm-up call untimed."""
     pm = bench_script("probe_main")
     steps, naps = [], iter([0.05, 0.002, 0.002, 0.004])  # the first, the warm-up, is slow
 
@@ -275,7 +275,7 @@ def test_host_ms_times_the_host_side_of_a_call():
         steps.append("fn")
         time.sleep(next(naps))
     ms = pm.host_ms(fn, calls=3, busy=lambda: steps.append("busy"), sync=lambda: steps.append("sync"))
-    assert steps == ["fn", "sync"] + ["busy", "fn", "sync"] * 3
+    assert steps == ["fn", "sync", "busy", "fn", "fn", "fn", "sync"]
     assert 2.0 <= ms < 4.0  # the median of 2, 2 and 4 ms, not the warm-up's 50
 
 
