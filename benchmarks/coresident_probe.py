@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nsa_gen.benchmark import _bench  # noqa: E402
-from probe_main import dispatched_case, probe_main  # noqa: E402
+from probe_main import dispatched_case, error_line, probe_main  # noqa: E402
 from resources import capture  # noqa: E402
 
 OUTPUT_ARGS = ("block_idx", "o", "lse")  # A's output arguments, poisoned before a check
@@ -119,7 +119,7 @@ def probe(run: str, T: int) -> dict:
             launch_p()
             torch.cuda.synchronize()
         except Exception as e:  # noqa: BLE001 - a probe reports what failed and goes on
-            row[f"p{p}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            row[f"p{p}_error"] = error_line(e)
             continue
         row[f"p{p}_same"] = all(torch.equal(a, b) for a, b in zip(want, outs))
         row[f"p{p}_programs"] = n0 * grid[1] * grid[2]

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from probe_main import (graph_replay, host_ms, host_top, idle_gaps,  # noqa: E402
-                        kernel_events, per_kernel_ms, random_nsa_args)
+from probe_main import (error_line, graph_replay, host_ms, host_top,  # noqa: E402
+                        idle_gaps, kernel_events, per_kernel_ms, random_nsa_args)
 
 
 def profile(run: str, T: int, calls: int = 5) -> tuple[dict, Callable[[], object]]:
@@ -69,7 +69,7 @@ def time_graph(row: dict, fwd: Callable[[], object]) -> None:
         row["graph_ms"] = do_bench(graph_replay(fwd), warmup=10, rep=50, return_mode="median")
         row["op_ms_after_graph"] = do_bench(fwd, warmup=10, rep=50, return_mode="median")
     except Exception as e:  # noqa: BLE001 - a probe reports what failed and goes on
-        row["graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        row["graph_error"] = error_line(e)
 
 
 def main() -> int:

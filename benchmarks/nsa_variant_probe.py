@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nsa_gen.benchmark import _bench  # noqa: E402
 from nsa_gen.config import parse_assignments  # noqa: E402
-from probe_main import probe_main, random_nsa_args  # noqa: E402
+from probe_main import error_line, probe_main, random_nsa_args  # noqa: E402
 
 
 class _Override:
@@ -62,7 +62,7 @@ def probe(run: str, T: int) -> dict:
         row["variant_ms"] = _bench(lambda: fwd(variant))
         row["max_abs_diff"] = float((got.double() - want.double()).abs().max())
     except Exception as e:  # noqa: BLE001 - a probe reports what failed and goes on
-        row["variant_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        row["variant_error"] = error_line(e)
     row["base_again_ms"] = _bench(fwd)
     return row
 

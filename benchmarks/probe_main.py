@@ -227,6 +227,13 @@ def max_diff(a, b) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
+def error_line(e: BaseException) -> str:
+    """An exception as a probe reports it: its type and the first line of its message, at
+    most 300 characters."""
+    msg = str(e)
+    return f"{type(e).__name__}: {msg.splitlines()[0][:300] if msg else ''}"
+
+
 def time_variant(row: dict, prefix: str, run: Callable[[], Sequence], want: Sequence) -> None:
     """Run and time `run` (a launch returning its outputs) into row[prefix + "_ms"], and
     compare its outputs with `want`: row["same"] (bit-identical) and row["max_abs_diff"].
@@ -238,7 +245,7 @@ def time_variant(row: dict, prefix: str, run: Callable[[], Sequence], want: Sequ
         got = [o.clone() for o in run()]
         row[prefix + "_ms"] = _bench(run)
     except Exception as e:  # noqa: BLE001 - a probe reports what failed and goes on
-        row[prefix + "_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        row[prefix + "_error"] = error_line(e)
         return
     row["same"] = all(torch.equal(a, b) for a, b in zip(want, got))
     row["max_abs_diff"] = max(float((a.double() - b.double()).abs().max()) for a, b in zip(want, got))

@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nsa_gen.benchmark import _bench  # noqa: E402
 from nsa_gen.config import parse_assignments  # noqa: E402
-from probe_main import dispatched_case, probe_main, rewritten_source  # noqa: E402
+from probe_main import dispatched_case, error_line, probe_main, rewritten_source  # noqa: E402
 
 MERGE_START = ("        # Past the first chunks", "        # Merge: the best")
 MERGE_END = "    # Keep the first S"
@@ -55,7 +55,7 @@ def probe(run: str, T: int) -> dict:
                 case.run(cfg)
                 row[f"{what}_ms"] = _bench(lambda: case.run(cfg))
         except Exception as e:  # noqa: BLE001 - a probe reports what failed and goes on
-            row[f"{what}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            row[f"{what}_error"] = error_line(e)
     return row
 
 

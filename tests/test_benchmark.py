@@ -295,3 +295,12 @@ def test_host_top_names_the_functions_of_one_call():
     mine = next(r for r in top if r["function"].endswith("(slow)"))
     assert mine["calls"] == 3 and mine["total_ms"] >= 12.0
     assert mine["function"].startswith("test_benchmark.py:")
+
+
+def test_error_line_of_a_probe():
+    """benchmarks/probe_main.py's error_line: the type and the first line of the message, cut
+    at 300 characters; an empty message leaves the type alone."""
+    pm = bench_script("probe_main")
+    assert pm.error_line(ValueError("bad tile\nsecond line")) == "ValueError: bad tile"
+    assert pm.error_line(RuntimeError("x" * 400)) == "RuntimeError: " + "x" * 300
+    assert pm.error_line(KeyError()) == "KeyError: "
