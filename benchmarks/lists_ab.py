@@ -1,15 +1,16 @@
-"""A/B of the query-batched forward's block lists (GPU): bins by block (the launcher's
-`block_table`, 16-bit sort keys where they fit) against bins by key row (session 25's
-launcher, restated here as the baseline: H * B*T bins, 32-bit keys), in one process.
+"""A/B of the query-batched forward's block lists (GPU): the list kernels (`_query_lists`:
+bins, a stable sort, edges, scan, segments; session 38) against the torch steps they
+replace (sessions 26-37's launcher, restated here as the baseline: ~50 short torch
+kernels a row chunk), in one process.
 
-For each built-in SPEC (dense, B = 1, the dispatcher's selection_fwd config at --seqlen,
-which must be query-batched), on the tuner's inputs: the lists and the segment table of the
-whole sequence (one chunk) timed alone, the sum of GPU kernel time of the launcher's torch
-steps over its row chunks (torch profiler), and the whole `selection_fwd`; both ways, and
-whether the outputs are equal bit for bit. Then the whole forward (block bins) with row
-chunks of 1, 2 (shipped), 4 and 8 GiB of partials, and its peak extra memory.
+For each built-in SPEC at each --seqlen (dense, B = 1, bf16, the dispatcher's configs; its
+selection_fwd config must be query-batched): one chunk's lists alone both ways (GPU time,
+do_bench median, and host time, `probe_main.host_ms`), whether both give the same entries
+and segment table bit for bit, then nsa() with the gate on every branch both ways (do_bench
+median; kernels, torch, kernels again), its host time both ways, and nsa() replayed from a
+CUDA graph (no host time: the bound the eager op can reach).
 
-Usage: python benchmarks/lists_ab.py [--seqlen 65536] [--out DIR] small-group ...
+Usage: python benchmarks/lists_ab.py [--seqlen 8192] [--out DIR] small-group ...
 """
 from __future__ import annotations
 
@@ -20,106 +21,96 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nsa_gen.benchmark import _bench  # noqa: E402
+from nsa_gen.kernels import kernel_module  # noqa: E402
 from nsa_gen.ops import selection as sel  # noqa: E402
-from probe_main import dispatched_case, peak_extra_mib, probe_main, torch_kernel_ms  # noqa: E402
+from probe_main import (dispatched_case, graph_replay, host_ms, probe_main,  # noqa: E402
+                        random_nsa_args)
 
 
-def row_lists(block_indices, spec, T, starts, rows, skip_forced):
-    """Session 25's lists (dense input): bin h * B*T + the block's first key row."""
+def torch_lists(block_indices, spec, T, table, starts, rows, seg, skip_forced):
+    """Sessions 26-37's lists of rows r0 .. r1 - 1: `_query_lists`' result by torch steps."""
     B, _, H, S = block_indices.shape
-    BT, (r0, r1), dev = B * T, rows, block_indices.device
-    row = torch.arange(r0, r1, device=dev, dtype=torch.int32)
-    row0 = row - row % T
-    idx = block_indices.reshape(BT, H, S)[r0:r1]
-    heads = torch.arange(H, device=dev, dtype=torch.int32)[None, :, None] * BT
+    (r0, r1), dev = rows, block_indices.device
+    table = table or sel.block_table(spec, B, T, None, dev)
+    n_blk = table.key_row.numel()
+    n_bin = H * n_blk
+    idx = block_indices.reshape(B * T, H, S)[r0:r1]
     keep = idx >= 0
     if skip_forced:
+        row = torch.arange(r0, r1, device=dev, dtype=torch.int32)
+        row0 = starts[r0:r1] if starts is not None else row - row % T
         own = torch.div(row - row0, spec.BS, rounding_mode="floor")[:, None, None]
         keep &= (idx >= spec.initial_blocks) & (idx <= own - spec.local_blocks)
-    key = torch.where(keep, heads + row0[:, None, None] + idx * spec.BS, H * BT).flatten()
-    sorted_key, order = torch.sort(key, stable=True)
-    edges = torch.searchsorted(sorted_key, torch.arange(H * BT + 1, device=dev, dtype=torch.int32))
-    return order.to(torch.int32), edges[1:] - edges[:-1], edges[:-1]
-
-
-def row_segments(lists, spec, BT, T, seg):
-    """Session 25's segment table over the row bins of `row_lists`."""
-    entries, counts, first = lists
+    kt = sel._key_type(n_bin)
+    heads = torch.arange(H, device=dev, dtype=torch.int32)[None, :, None] * n_blk
+    key = torch.where(keep, heads + table.row_block[r0:r1, None, None] + idx, n_bin)
+    sorted_key, order = torch.sort(key.to(kt).flatten(), stable=True)
+    edges = torch.searchsorted(sorted_key, torch.arange(n_bin + 1, device=dev, dtype=kt),
+                               out_int32=True)
+    counts, first = edges[1:] - edges[:-1], edges[:-1]
+    n_pairs = order.numel()
+    bound = n_pairs // seg + 1 + min(n_pairs, n_bin)
     n_seg = torch.div(counts + seg - 1, seg, rounding_mode="floor")
-    seg_end = torch.cumsum(n_seg, 0)
-    n_pairs = entries.numel()
-    bound = n_pairs // seg + 1 + min(n_pairs, spec.H * (BT // spec.BS + 1))
-    i = torch.arange(bound, device=n_seg.device)
-    b = torch.searchsorted(seg_end, i, right=True).clamp_max(n_seg.numel() - 1)
+    seg_end = torch.cumsum(n_seg, 0, dtype=torch.int32)
+    i = torch.arange(bound, device=dev, dtype=torch.int32)
+    b = torch.searchsorted(seg_end, i, right=True, out_int32=True).clamp_max(n_bin - 1)
     kth = i - (seg_end[b] - n_seg[b])
     n_tok = torch.where(i < seg_end[-1], torch.clamp(counts[b] - kth * seg, max=seg), 0)
-    h = torch.div(b, BT, rounding_mode="floor")
-    row_kv = b - h * BT
-    return torch.stack([h, row_kv, first[b] + kth * seg, n_tok, torch.zeros_like(h),
-                        row_kv - row_kv % T + T], 1).to(torch.int32).contiguous()
+    h = torch.div(b, n_blk, rounding_mode="floor")
+    g = b - h * n_blk
+    segments = torch.stack([h, table.key_row[g], first[b] + kth * seg, n_tok,
+                            torch.zeros_like(h), table.row_end[g]], 1).to(torch.int32).contiguous()
+    return order.to(torch.int32), segments
 
 
-class _Rows:
-    """Patches the launcher to session 25's lists while active."""
-    def __init__(self, spec, T):
-        self.spec, self.T = spec, T
+class _Torch:
+    """Patches the launcher to the torch lists while active."""
+    def __init__(self, skip_forced: bool):
+        self.skip_forced = skip_forced
 
     def __enter__(self):
-        spec, T = self.spec, self.T
-        self.saved = sel._block_lists, sel._query_segments
-
-        class L:
-            def __init__(self, t):
-                self.entries, self.counts, self.first = t
-        sel._block_lists = lambda bi, sp, table, starts, rows, skip_forced=False: L(
-            row_lists(bi, spec, T, starts, rows, skip_forced))
-        sel._query_segments = lambda lists, seg: row_segments(
-            (lists.entries, lists.counts, lists.first), spec, T, T, seg)
+        self.saved = sel._query_lists
+        sel._query_lists = lambda mod, bi, spec, T, table, starts, rows, seg: torch_lists(
+            bi, spec, T, table, starts, rows, seg, self.skip_forced)
 
     def __exit__(self, *exc):
-        sel._block_lists, sel._query_segments = self.saved
+        sel._query_lists = self.saved
 
 
 def ab(name: str, T: int) -> dict:
+    from nsa_gen import api
     spec, cfg, case = dispatched_case(name, "selection_fwd", T)
     assert cfg["BLOCK_Q"] > 0, "the A/B is of the query-batched forward"
-    q, k, v, idx = (case.inputs[n] for n in ("q", "k", "v", "block_indices"))
-    vis = sel.visible_blocks(idx, spec, None)
+    vis = sel.visible_blocks(case.inputs["block_indices"], spec, None)
     forced = cfg["FORCED"] > 0
-    row = {"spec": name, "T": T, "config": str(cfg)}
-    table = sel.block_table(spec, 1, T, None, q.device)
-    row["new_lists"] = _bench(lambda: sel._block_lists(vis, spec, table, None, (0, T), skip_forced=forced))
-    lists = sel._block_lists(vis, spec, table, None, (0, T), skip_forced=forced)
-    row["new_segments"] = _bench(lambda: sel._query_segments(lists, cfg["BLOCK_Q"]))
-    old = row_lists(vis, spec, T, None, (0, T), forced)
-    row["old_lists"] = _bench(lambda: row_lists(vis, spec, T, None, (0, T), forced))
-    row["old_segments"] = _bench(lambda: row_segments(old, spec, T, T, cfg["BLOCK_Q"]))
+    mod = kernel_module("selection_fwd", spec, cfg)
+    (rows,), seg = sel.query_chunks(spec, T, 2)[:1], cfg["BLOCK_Q"]
+    row = {"spec": name, "T": T, "config": str(cfg), "chunks": len(sel.query_chunks(spec, T, 2))}
 
-    def whole():
-        return sel.selection_fwd(q, k, v, vis, spec, cfg, canonical=True, forced_listed=True)
-    o_new, lse_new = whole()
-    row["new_torch_kernels"] = torch_kernel_ms(whole)
-    row["new_whole"] = _bench(whole)
-    with _Rows(spec, T):
-        o_old, lse_old = whole()
-        row["old_torch_kernels"] = torch_kernel_ms(whole)
-        row["old_whole"] = _bench(whole)
-    row["new_whole_again"] = _bench(whole)
-    row["same"] = bool(torch.equal(o_new, o_old) and torch.equal(lse_new, lse_old))
-    # The row chunk's size (QUERY_PART_BYTES): time and peak extra memory, block bins.
-    shipped = sel.QUERY_PART_BYTES
-    try:
-        for gib in (1, 2, 4, 8):
-            sel.QUERY_PART_BYTES = gib << 30
-            row[f"peak_extra_MiB_{gib}gib"] = peak_extra_mib(whole)
-            row[f"whole_{gib}gib"] = _bench(whole)
-            if gib <= 2:
-                row[f"new_torch_kernels_{gib}gib"] = torch_kernel_ms(whole)
-                with _Rows(spec, T):
-                    row[f"old_whole_{gib}gib"] = _bench(whole)
-                    row[f"old_torch_kernels_{gib}gib"] = torch_kernel_ms(whole)
-    finally:
-        sel.QUERY_PART_BYTES = shipped
+    def kernels():
+        return sel._query_lists(mod, vis, spec, T, None, None, rows, seg)
+
+    def baseline():
+        return torch_lists(vis, spec, T, None, None, rows, seg, forced)
+    (e_new, s_new), (e_old, s_old) = kernels(), baseline()
+    row["same"] = bool(torch.equal(e_new, e_old.long()) and torch.equal(s_new, s_old))
+    row["lists_kernels_ms"], row["lists_torch_ms"] = _bench(kernels), _bench(baseline)
+    row["lists_host_kernels_ms"], row["lists_host_torch_ms"] = host_ms(kernels), host_ms(baseline)
+
+    args = random_nsa_args(spec, T)
+
+    def fwd():
+        return api.nsa(*args, spec=spec)
+    o_new = fwd()
+    row["nsa_kernels_ms"] = _bench(fwd)
+    row["nsa_host_kernels_ms"] = host_ms(fwd)
+    with _Torch(forced):
+        o_old = fwd()
+        row["nsa_torch_ms"] = _bench(fwd)
+        row["nsa_host_torch_ms"] = host_ms(fwd)
+    row["nsa_kernels_again_ms"] = _bench(fwd)
+    row["nsa_same"] = bool(torch.equal(o_new, o_old))
+    row["nsa_graph_ms"] = _bench(graph_replay(fwd))
     return row
 
 

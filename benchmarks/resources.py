@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 REGS, SMEM, WARPS = 65536, 227 * 1024, 64  # per SM, sm90
 DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "int32": "i32",
-          "int64": "i64", "int8": "i8", "uint8": "u8", "bool": "i1"}
+          "int64": "i64", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}
 
 
 def capture(run) -> list[tuple]:

@@ -3,7 +3,7 @@
 For each run SPEC[:P=V,...] (the dispatcher's selection_fwd config at --seqlen, params
 replaced as given), on the tuner's inputs (random q/k/v, top-n-like block lists that hold
 every forced block), times each step of `selection_fwd` with BLOCK_Q > 0 alone: canonical
-block lists (visible_blocks), the sort into per-block lists, the segment table, the forced
+block lists (visible_blocks), the per-block lists and their segment table, the forced
 pass (FORCED > 0), the partial kernel, the combine kernel; then the whole launcher, and the
 group-centric kernel (BLOCK_Q = 0, the rest of the config the same) for comparison.
 
@@ -36,14 +36,12 @@ def breakdown(run: str, T: int) -> dict:
     forced = cfg["FORCED"] > 0
     vis = sel.visible_blocks(idx, spec, None)
     row["visible_blocks"] = _bench(lambda: sel.visible_blocks(idx, spec, None))
-    table = sel.block_table(spec, 1, T, None, dev)
-    lists = sel._block_lists(vis, spec, table, None, (0, T), skip_forced=forced)
-    row["block_lists"] = _bench(lambda: sel._block_lists(vis, spec, table, None, (0, T), skip_forced=forced))
-    segs = sel._query_segments(lists, cfg["BLOCK_Q"])
-    row["segments"] = _bench(lambda: sel._query_segments(lists, cfg["BLOCK_Q"]))
+    mod = kernel_module("selection_fwd", spec, cfg)
+    entries, segs = sel._query_lists(mod, vis, spec, T, None, None, (0, T), cfg["BLOCK_Q"])
+    row["block_lists"] = _bench(lambda: sel._query_lists(mod, vis, spec, T, None, None, (0, T),
+                                                         cfg["BLOCK_Q"]))
     row["n_segments"] = int(segs.shape[0])
     row["n_segments_used"] = int((segs[:, 3] > 0).sum())
-    mod = kernel_module("selection_fwd", spec, cfg)
     n_part = T * spec.H * spec.S
     o_part = torch.empty(n_part, spec.G, spec.DV, device=dev, dtype=q.dtype)
     lse_part = torch.empty(n_part, spec.G, device=dev, dtype=torch.float32)
@@ -56,7 +54,7 @@ def breakdown(run: str, T: int) -> dict:
             q, *kv0, o, lse, tiles, num_warps=4, num_stages=cfg.num_stages))
     kv = sel._kv_args(k, v, spec, cfg)
     row["partial_kernel"] = _bench(lambda: mod.nsa_selection_fwd_kernel[(segs.shape[0],)](
-        q, *kv, lists.entries, segs, o_part, lse_part, 0, **launch_options(cfg)))
+        q, *kv, entries, segs, o_part, lse_part, 0, **launch_options(cfg)))
     pos = [q, T, False] if forced else []
     row["combine_kernel"] = _bench(lambda: mod.nsa_selection_fwd_combine_kernel[(T,)](
         vis, o_part, lse_part, o, lse, 0, *pos, num_warps=4, num_stages=1))

@@ -166,26 +166,29 @@ def test_ws_probe_rewrites_main_loops_only():
         assert ("for _i_new in range(n_new)" in out) == (stem == "topn")
 
 
-@pytest.mark.parametrize("skip_forced", [False, True])
-def test_lists_ab_baseline_matches_the_launcher(skip_forced):
-    """benchmarks/lists_ab.py's baseline (session 25's lists: bins by key row, 32-bit keys)
-    gives the launcher's entries and, past the empty rows, its segments: the A/B times two
-    ways to the same table."""
+@pytest.mark.parametrize("forced", [0, 64])
+def test_lists_ab_baseline_matches_the_launcher(forced):
+    """benchmarks/lists_ab.py's baseline (sessions 26-37's lists by torch steps) gives the
+    list kernels' entries and segment table bit for bit, over a row chunk that starts past
+    row 0: the A/B times two ways to the same lists."""
+    from nsa_gen.config import Config
+    from nsa_gen.kernels import kernel_module
     from nsa_gen.ops import selection as sel
     from nsa_gen.spec import load_spec
     lists_ab = bench_script("lists_ab")
-    spec = load_spec("small-group")
-    T = 1500
-    raw = torch.randint(-1, 30, (1, T, spec.H, spec.S), generator=torch.Generator().manual_seed(7),
+    spec = load_spec("small-group").replace(heads={"q": 8, "kv": 2}, head_dim={"k": 32, "v": 32})
+    T, B = 700, 2
+    raw = torch.randint(-1, 12, (B, T, spec.H, spec.S), generator=torch.Generator().manual_seed(7),
                         dtype=torch.int32)
     vis = sel.visible_blocks(raw, spec, None)
-    old = lists_ab.row_lists(vis, spec, T, None, (100, T), skip_forced)
-    new = sel._block_lists(vis, spec, sel.block_table(spec, 1, T, None, "cpu"), None, (100, T),
-                           skip_forced=skip_forced)
-    assert torch.equal(old[0], new.entries)
-    seg_old, seg_new = lists_ab.row_segments(old, spec, T, T, 3), sel._query_segments(new, 3)
-    seg_old, seg_new = seg_old[seg_old[:, 3] > 0], seg_new[seg_new[:, 3] > 0]
-    assert seg_new.shape[0] > 100 and torch.equal(seg_old, seg_new)
+    cfg = Config.make(BLOCK_N=16, BLOCK_Q=16, TMA=0, SHARE=1, FORCED=forced, num_warps=4,
+                      num_stages=1)
+    mod = kernel_module("selection_fwd", spec, cfg)
+    rows = (640, 1400)
+    e_new, s_new = sel._query_lists(mod, vis, spec, T, None, None, rows, 16)
+    e_old, s_old = lists_ab.torch_lists(vis, spec, T, None, None, rows, 16, forced > 0)
+    assert int((s_new[:, 3] > 0).sum()) > 100
+    assert torch.equal(e_new, e_old.long()) and torch.equal(s_new, s_old)
 
 
 def test_nsa_variant_probe_overrides_one_kernel():

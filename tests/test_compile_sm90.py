@@ -99,6 +99,22 @@ def gated_runs(spec) -> list[tuple]:
              {**combine, **gate}, flags)]
 
 
+def list_runs(spec) -> list[tuple]:
+    """The query-batched forward's block-list kernels of packed sequences (resources' test
+    compiles them for a dense batch), with FORCED and 16- and 32-bit sort keys."""
+    from nsa_gen.kernels import kernel_def
+    space = kernel_def("selection_fwd").space(spec)
+    cfg = kernel_def("selection_fwd").default(spec, 65536).replace(
+        BLOCK_Q=[b for b in space["BLOCK_Q"] if b][0], FORCED=space["FORCED"][-1], TMA=0, GATED=0)
+    ints = {a: "i32" for a in ("r0", "n_rows", "T", "n_blk", "n_pairs", "n_bin", "n_seg", "STEPS")}
+    ptrs = {a: "*i32" for a in ("block_idx", "row_block", "seq_start", "first", "seg_end",
+                                "segments", "key_row", "row_end")}
+    return [("selection_fwd", f"nsa_selection_fwd_{k}_kernel", cfg,
+             {**ints, **ptrs, "key": key, "sorted_key": key},
+             {"BLOCK": 1024, **({"IS_VARLEN": True} if k in ("bins", "segments") else {})})
+            for k in LIST_KERNELS for key in (("*i16", "*i32") if k in ("bins", "edges") else ("*i32",))]
+
+
 def decode_runs(spec) -> list[tuple]:
     """The decode kernels at their default configs, as their launchers call them (bf16):
     (stem, kernel name, config, signature, constexprs)."""
@@ -120,8 +136,8 @@ def decode_runs(spec) -> list[tuple]:
 
 
 def compile_all(name: str) -> list[str]:
-    """Compile each config of topn_configs and share_configs, the gated selected kernels, and
-    the decode kernels, for sm90; the failures, one line each."""
+    """Compile each config of topn_configs and share_configs, the gated selected kernels, the
+    block-list kernels and the decode kernels, for sm90; the failures, one line each."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -132,7 +148,7 @@ def compile_all(name: str) -> list[str]:
     failed = []
     runs = ([("topn", None, c, topn_signature(spec, c), {}) for c in topn_configs(spec)]
             + [("selection_fwd", None, c, *share_signature(spec, c)) for c in share_configs(spec)]
-            + gated_runs(spec) + decode_runs(spec))
+            + gated_runs(spec) + list_runs(spec) + decode_runs(spec))
     for stem, kernel, cfg, sig, consts in runs:
         fn = getattr(kernel_module(stem, spec, cfg), kernel or kernel_def(stem).kernel_name)
         src = ASTSource(fn, {a: sig.get(a, "constexpr") for a in fn.arg_names},
@@ -163,6 +179,10 @@ def run_sm90(tmp_path, args: list[str], timeout: int,
                           timeout=timeout)
 
 
+# The query-batched forward's block-list kernels, in launch order (ops.selection._query_lists).
+LIST_KERNELS = ("bins", "edges", "scan", "segments")
+
+
 @pytest.mark.parametrize("name", ["fla-compat", "small-group", "deepseek-nsa"])
 def test_variants_compile_for_sm90(name, tmp_path):
     """Top-n tiles of 4 and 16 tokens, DK 128 and 192 (two pieces), G 16 and 4; the decode
@@ -175,7 +195,8 @@ def test_resources_tool_reads_each_launch(tmp_path):
     """benchmarks/resources.py catches an op's launches on the CPU, compiles each for sm90 and
     reads ptxas' report: here the DB's 64k selected forward of fla-compat with FORCED 64, two
     kernels (the forced pass and the main one), and small-group's query-batched one with
-    FORCED 64, three (the forced pass, the partials, the combine that merges both)."""
+    FORCED 64, seven (the forced pass, the four that build the block lists, the partials,
+    the combine that merges both)."""
     import re
     r = run_sm90(tmp_path, [str(ROOT / "benchmarks/resources.py"), "fla-compat:selection_fwd:FORCED=64",
                             "small-group:selection_fwd:BLOCK_Q=16,FORCED=64", "--T", "256"],
@@ -183,8 +204,9 @@ def test_resources_tool_reads_each_launch(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     found = re.findall(r"(nsa_\w+_kernel): (\d+) registers, (\d+) B spilled, (\d+) KB shared", r.stdout)
     assert [f[0] for f in found] == ["nsa_selection_fwd_forced_kernel", "nsa_selection_fwd_kernel",
-                                     "nsa_selection_fwd_forced_kernel", "nsa_selection_fwd_kernel",
-                                     "nsa_selection_fwd_combine_kernel"]
+                                     "nsa_selection_fwd_forced_kernel",
+                                     *(f"nsa_selection_fwd_{k}_kernel" for k in LIST_KERNELS),
+                                     "nsa_selection_fwd_kernel", "nsa_selection_fwd_combine_kernel"]
     assert all(16 <= int(f[1]) <= 255 for f in found), found
 
 

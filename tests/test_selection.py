@@ -632,48 +632,72 @@ def test_block_table_dense_batch():
     assert table.row_end.tolist() == [b * T + T for b in range(B) for _ in range(nj)]
 
 
-@pytest.mark.parametrize("lens", [[200], [1] * 40 + [33, 70], [31, 1, 64, 2, 97], [150, 130]])
-@pytest.mark.parametrize("seg", [1, 3, 16])
-@pytest.mark.parametrize("skip_forced", [False, True])
+@pytest.mark.parametrize("lens,B,rows", [([200], 1, (0, 200)), ([1] * 40 + [33, 70], 1, (0, 143)),
+                                         ([31, 1, 64, 2, 97], 1, (64, 195)), ([150, 130], 1, (0, 280)),
+                                         ([90], 3, (0, 270)), ([90], 3, (64, 192))])
+@pytest.mark.parametrize("seg", [4, 16])
+@pytest.mark.parametrize("forced", [0, 64])
 @pytest.mark.parametrize("keys", ["int16", "int32"])
-def test_query_segments_cover_every_pair_once(lens, seg, skip_forced, keys, monkeypatch):
-    """The query-batched forward's segment table, sized without reading the GPU, holds every
-    (token, slot) pair of every block exactly once (with skip_forced, every pair but the
-    forced blocks'), at most `seg` a segment, tokens ascending, each in the right block and
-    sequence; the rows past the real segments are empty. keys: the sort's key type (int32
-    from 32k bins on)."""
+def test_query_lists_cover_every_pair_once(lens, B, rows, seg, forced, keys, poison, monkeypatch):
+    """The query-batched forward's block lists (the list kernels), sized without reading the
+    GPU: the segment table holds every (token, slot) pair of rows r0 .. r1 - 1 exactly once
+    (with FORCED, every pair but the forced blocks'), at most `seg` a segment, tokens
+    ascending, each in the right kv head, block and sequence; the rows past the real
+    segments are empty. Packed sequences (lens) or B of T rows; keys: the sort's key type
+    (int32 from 32k bins on)."""
+    from nsa_gen.kernels import kernel_module
     from nsa_gen.ops import selection as sel
     if keys == "int32":
         monkeypatch.setattr(sel, "KEY_TYPES", sel.KEY_TYPES[1:])
     spec = make_spec("G4")  # BS = 32, S = 4
     T = sum(lens)
+    packed = len(lens) > 1
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
-    g = torch.Generator().manual_seed(seg)
-    starts = sel.seq_start(cu, 1, T, "cpu") if len(lens) > 1 else None
-    table = sel.block_table(spec, 1, T, cu if len(lens) > 1 else None, "cpu")
-    raw = torch.randint(-1, 7, (1, T, spec.H, spec.S), generator=g, dtype=torch.int32)
+    g = torch.Generator().manual_seed(seg + len(lens))
+    starts = sel.seq_start(cu, 1, T, "cpu") if packed else None
+    table = sel.block_table(spec, 1, T, cu, "cpu") if packed else None
+    raw = torch.randint(-1, 7, (B, T, spec.H, spec.S), generator=g, dtype=torch.int32)
     idx = sel.visible_blocks(raw, spec, starts)
-    lists = sel._block_lists(idx, spec, table, starts, (0, T), skip_forced=skip_forced)
-    segs = sel._query_segments(lists, seg)
+    mod = kernel_module("selection_fwd", spec, variant(spec, seg, forced=forced))
+    entries, segs = sel._query_lists(mod, idx, spec, T, table, starts, rows, seg)
+    (r0, r1), HS = rows, spec.H * spec.S
+    assert entries.shape == ((r1 - r0) * HS,)
+    assert torch.equal(entries.sort().values, torch.arange(entries.numel()))
     n_tok = segs[:, 3]
-    assert int((n_tok > 0).sum()) <= segs.shape[0] and int(n_tok.max()) <= seg
+    assert (n_tok >= 0).all() and int(n_tok.max()) <= seg
     real = segs[n_tok > 0]
-    covered = torch.cat([lists.entries[int(s[2]): int(s[2]) + int(s[3])] for s in real]
-                        + [lists.entries[:0]]).long()
-    row0 = starts.long() if starts is not None else torch.zeros(T, dtype=torch.long)
-    flat = idx.reshape(T, spec.H, spec.S).long()
-    own = ((torch.arange(T) - row0) // spec.BS)[:, None, None]
+    assert (segs[real.shape[0]:, 3] == 0).all()  # the real segments first
+    covered = torch.cat([entries[int(s[2]): int(s[2]) + int(s[3])] for s in real] + [entries[:0]])
+    row = torch.arange(B * T)
+    row0 = starts.long() if packed else row - row % T
+    flat = idx.reshape(B * T, spec.H, spec.S).long()
+    own = ((row - row0) // spec.BS)[:, None, None]
     keep = flat >= 0
-    if skip_forced:
+    if forced:
         keep &= (flat >= spec.initial_blocks) & (flat <= own - spec.local_blocks)
-    assert torch.equal(covered.sort().values, keep.reshape(-1).nonzero().squeeze(1))
+    assert torch.equal(covered.sort().values, keep[r0:r1].reshape(-1).nonzero().squeeze(1))
+    end = cu[torch.searchsorted(cu, row, right=True)].long() if packed else row0 + T
     for s in real:
-        e = lists.entries[int(s[2]): int(s[2]) + int(s[3])].long()
-        rows, h, slot = e // (spec.H * spec.S), (e // spec.S) % spec.H, e % spec.S
-        assert (h == s[0]).all() and (rows[1:] > rows[:-1]).all()
-        blocks = flat[rows, h, slot]
-        assert (row0[rows] + blocks * spec.BS == s[1]).all()  # the segment's block
-        assert (rows < s[5]).all() and (rows >= row0[rows]).all()
+        e = entries[int(s[2]): int(s[2]) + int(s[3])]
+        rows_e, h, slot = r0 + e // HS, (e // spec.S) % spec.H, e % spec.S
+        assert (h == s[0]).all() and (rows_e[1:] > rows_e[:-1]).all() and s[4] == 0
+        blocks = flat[rows_e, h, slot]
+        assert (row0[rows_e] + blocks * spec.BS == s[1]).all()  # the segment's block
+        assert (end[rows_e] == s[5]).all()  # and its sequence's end
+
+
+@pytest.mark.parametrize("rows,chunk,want", [(16384, 16128, [(0, 16384)]),
+                                             (65536, 16128, [(0, 16128), (16128, 32256),
+                                                             (32256, 48384), (48384, 65536)]),
+                                             (300, 64, [(0, 64), (64, 128), (128, 192),
+                                                        (192, 256), (256, 300)]),
+                                             (40, 64, [(0, 40)])])
+def test_query_chunks_fold_a_short_tail(rows, chunk, want, monkeypatch):
+    """Row chunks of query_chunk_rows each; a last one under 1/8 of that joins the one
+    before (at small-group, 16k: 16128 + 256 rows became one chunk)."""
+    from nsa_gen.ops import selection as sel
+    monkeypatch.setattr(sel, "query_chunk_rows", lambda spec, size: chunk)
+    assert sel.query_chunks(make_spec("G4"), rows, 2) == want
 
 
 def test_ahead_builds_in_line_off_the_gpu():

@@ -181,24 +181,81 @@ def query_chunk_rows(spec: NSASpec, element_size: int) -> int:
     return max(64, QUERY_PART_BYTES // per_row // 64 * 64)
 
 
+def query_chunks(spec: NSASpec, rows: int, element_size: int) -> list[tuple[int, int]]:
+    """Row ranges (r0, r1) of the query-batched forward over `rows` rows, query_chunk_rows
+    each; a last range of less than 1/8 of that joins the one before it (at small-group,
+    16k: one chunk of 16384 rows, not 16128 and 256), 12.5% over the budget at most."""
+    chunk = query_chunk_rows(spec, element_size)
+    ends = list(range(chunk, rows, chunk)) + [rows]
+    if len(ends) > 1 and (ends[-1] - ends[-2]) * 8 < chunk:
+        del ends[-2]
+    return list(zip([0] + ends[:-1], ends))
+
+
 def _query_tables(q, block_indices, spec, config, cu_seqlens, starts, after=None):
     """The row chunks of q's query-batched forward and, for each in turn, its block lists'
-    entries and segment table, as `ahead` hands them over (after the `mark` `after` if
-    given)."""
+    entries and segment table (`_query_lists`), as `ahead` hands them over (after the `mark`
+    `after` if given)."""
     B, T = q.shape[:2]
-    chunk = query_chunk_rows(spec, q.element_size())
-    chunks = [(r0, min(B * T, r0 + chunk)) for r0 in range(0, B * T, chunk)]
-    table: list[BlockTable] = []
+    chunks = query_chunks(spec, B * T, q.element_size())
+    mod = kernel_module("selection_fwd", spec, config)
+    table: list[BlockTable | None] = []
 
     def build(rows):
         if not table:  # made by the first build, where the builds run (after `after`)
-            table.append(block_table(spec, B, T, cu_seqlens, q.device))
-        lists = _block_lists(block_indices, spec, table[0], starts, rows,
-                             skip_forced=config["FORCED"] > 0)
-        return lists.entries, _query_segments(lists, config["BLOCK_Q"])
-    # ~30 short torch kernels a chunk (1.1 ms at small-group, 64k, H100, RESULTS run 44): on a
-    # side stream they run beside the forced pass and the earlier chunks' kernels.
+            table.append(block_table(spec, B, T, cu_seqlens, q.device) if starts is not None else None)
+        return _query_lists(mod, block_indices, spec, T, table[0], starts, rows, config["BLOCK_Q"])
+    # Four launches a chunk (a sort and three small kernels): on a side stream they run
+    # beside the forced pass and the earlier chunks' kernels.
     return chunks, ahead(build, chunks, q.device, overlap=OVERLAP_LISTS, after=after)
+
+
+# Pairs, bins or segments a program of the block lists' kernels takes.
+LIST_BLOCK = 1024
+
+
+def _query_lists(mod, block_indices: torch.Tensor, spec: NSASpec, T: int,
+                 table: BlockTable | None, starts: torch.Tensor | None, rows: tuple[int, int],
+                 seg: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query-batched forward's block lists of rows r0 .. r1 - 1 of visible_blocks'
+    [B, T, H, S] indices, by the list kernels of `mod` (a query-batched selection_fwd
+    module; with its config's FORCED, the forced blocks are left out). table: the packed
+    batch's BlockTable (starts: its seq_start), or None for B sequences of T rows.
+
+    Returns entries int64 [E]: (row - r0) * H * S + h * S + slot, grouped by block (kv head
+    major), tokens ascending within one, the empty (and forced) slots last; and segments
+    int32 [n, 6] as nsa_selection_fwd_kernel reads them (kv head, first key row, offset in
+    entries, count <= seg, 0, end row of the block's sequence), n a bound known without
+    reading the GPU: rows past the real segments have count 0.
+    """
+    B, _, H, S = block_indices.shape
+    (r0, r1), dev = rows, block_indices.device
+    n_blk = table.key_row.numel() if table is not None else B * -(-T // spec.BS)
+    n_bin, n_pairs = H * n_blk, (r1 - r0) * H * S
+    varlen = table is not None
+    # Bins, not key rows, as keys: BS times fewer, so 16 bits hold them up to 32k bins (64k
+    # tokens of 8 kv heads at BS = 64), and the radix sort takes half the passes.
+    key = torch.empty(n_pairs, device=dev, dtype=_key_type(n_bin))
+    mod.nsa_selection_fwd_bins_kernel[(-(-n_pairs // LIST_BLOCK),)](
+        block_indices, key, table.row_block if varlen else key, starts if varlen else key,
+        r0, r1 - r0, T, n_blk, IS_VARLEN=varlen, BLOCK=LIST_BLOCK)
+    sorted_key, entries = torch.sort(key, stable=True)  # stable: tokens stay ascending
+    # Each bin's first pair by binary search in the sorted keys, not by counting: an atomic
+    # count serialises on the bin of the empty slots, which with the forced slots left out
+    # holds 3/16 of them (+1.1 ms at small-group, 64k, H200).
+    first = torch.empty(n_bin + 1, device=dev, dtype=torch.int32)
+    mod.nsa_selection_fwd_edges_kernel[(-(-(n_bin + 1) // LIST_BLOCK),)](
+        sorted_key, first, n_pairs, n_bin, n_pairs.bit_length(), BLOCK=LIST_BLOCK)
+    seg_end = torch.empty(n_bin, device=dev, dtype=torch.int32)
+    mod.nsa_selection_fwd_scan_kernel[(1,)](first, seg_end, n_bin, BLOCK=LIST_BLOCK)
+    # Segments <= pairs / seg + one per non-empty bin.
+    n_seg = n_pairs // seg + 1 + min(n_pairs, n_bin)
+    segments = torch.empty(n_seg, 6, device=dev, dtype=torch.int32)
+    mod.nsa_selection_fwd_segments_kernel[(-(-n_seg // LIST_BLOCK),)](
+        first, seg_end, segments, table.key_row if varlen else first,
+        table.row_end if varlen else first, n_bin, n_seg, T, n_blk, n_bin.bit_length(),
+        IS_VARLEN=varlen, BLOCK=LIST_BLOCK)
+    return entries, segments
 
 
 def _selection_fwd_query(q, k, v, block_indices, spec, config, starts, o, lse, gate_args,
@@ -211,7 +268,7 @@ def _selection_fwd_query(q, k, v, block_indices, spec, config, starts, o, lse, g
     mod = kernel_module("selection_fwd", spec, config)
     forced = config["FORCED"] > 0
     chunks, built = tables
-    n_part = (chunks[0][1] - chunks[0][0]) * spec.H * spec.S
+    n_part = max(r1 - r0 for r0, r1 in chunks) * spec.H * spec.S
     o_part = torch.empty(n_part, spec.G, spec.DV, device=q.device, dtype=q.dtype)
     lse_part = torch.empty(n_part, spec.G, device=q.device, dtype=torch.float32)
     kv = _kv_args(k, v, spec, config)
@@ -224,8 +281,12 @@ def _selection_fwd_query(q, k, v, block_indices, spec, config, starts, o, lse, g
             block_indices, o_part, lse_part, o, lse, r0, *pos_args, **gate_args, **COMBINE_LAUNCH)
 
 
-# The sort keys of _block_lists: the narrowest type that holds every bin and the empty one.
+# The sort keys of the block lists: the narrowest type that holds every bin and the empty one.
 KEY_TYPES = (torch.int16, torch.int32, torch.int64)
+
+
+def _key_type(n_bin: int) -> torch.dtype:
+    return next(t for t in KEY_TYPES if n_bin < torch.iinfo(t).max)
 
 
 @dataclass(frozen=True)
@@ -270,9 +331,9 @@ def block_table(spec: NSASpec, B: int, T: int, cu_seqlens: torch.Tensor | None,
 
 @dataclass(frozen=True)
 class BlockLists:
-    """The (token, slot) pairs of a row range r0 .. r1 - 1 grouped by the block they chose.
-    Bin h * NBLK + g holds kv head h's pairs that chose block g of `table`. entries int32 [E]
-    (int64 from 2^31 pairs on): (row - r0) * H * S + h * S + slot, by bin, tokens ascending
+    """The (token, slot) pairs of a batch grouped by the block they chose. Bin h * NBLK + g
+    holds kv head h's pairs that chose block g of `table`. entries int32 [E] (int64 from 2^31
+    pairs on): row * H * S + h * S + slot, by bin, tokens ascending
     within one; E counts the empty slots too, which sort after every bin. counts [H * NBLK]
     (entries' type): pairs per bin; first: the offset of each bin's pairs in entries."""
     entries: torch.Tensor
@@ -281,32 +342,18 @@ class BlockLists:
     table: BlockTable
 
 
-def _block_lists(block_indices: torch.Tensor, spec: NSASpec, table: BlockTable,
-                 starts: torch.Tensor | None, rows: tuple[int, int], *,
-                 skip_forced: bool = False) -> BlockLists:
-    """Invert rows r0 .. r1 - 1 of visible_blocks' [B, T, H, S] indices by a stable sort.
-    skip_forced: leave out each token's forced blocks (initial and local), as empty slots."""
+def _block_lists(block_indices: torch.Tensor, spec: NSASpec, table: BlockTable) -> BlockLists:
+    """Invert visible_blocks' [B, T, H, S] indices by a stable sort (the backward's lists; the
+    forward's are `_query_lists`, by kernels, as the same bins)."""
     B, T, H, S = block_indices.shape
-    (r0, r1), dev = rows, block_indices.device
+    dev = block_indices.device
     n_bin = H * table.key_row.numel()
-    # Keys are bins, not key rows: BS times fewer, so 16 bits hold them up to 32k bins
-    # (64k tokens of 8 kv heads at BS = 64), and the radix sort takes half the passes of
-    # 32-bit keys; the bin-sized steps below shrink as much.
-    kt = next(t for t in KEY_TYPES if n_bin < torch.iinfo(t).max)
-    idx = block_indices.reshape(B * T, H, S)[r0:r1]
-    keep = idx >= 0
-    if skip_forced:
-        row = torch.arange(r0, r1, device=dev, dtype=torch.int32)
-        row0 = starts[r0:r1] if starts is not None else row - row % T
-        own = torch.div(row - row0, spec.BS, rounding_mode="floor")[:, None, None]
-        keep &= (idx >= spec.initial_blocks) & (idx <= own - spec.local_blocks)
+    kt = _key_type(n_bin)
+    idx = block_indices.reshape(B * T, H, S)
     wide = torch.int32 if kt != torch.int64 else torch.int64
     heads = torch.arange(H, device=dev, dtype=wide)[None, :, None] * table.key_row.numel()
-    key = torch.where(keep, heads + table.row_block[r0:r1, None, None] + idx, n_bin)
+    key = torch.where(idx >= 0, heads + table.row_block[:, None, None] + idx, n_bin)
     sorted_key, order = torch.sort(key.to(kt).flatten(), stable=True)  # stable: tokens stay ascending
-    # Each bin's first pair by binary search in the sorted keys, not by counting: an atomic
-    # count (index_add_) serialises on the bin of the empty slots, which with the forced
-    # slots left out holds 3/16 of them (+1.1 ms at small-group, 64k, H200).
     narrow = order.numel() < 2 ** 31
     edges = torch.searchsorted(sorted_key, torch.arange(n_bin + 1, device=dev, dtype=kt),
                                out_int32=narrow)
@@ -320,28 +367,6 @@ def _bin_blocks(lists: BlockLists, b: torch.Tensor) -> tuple[torch.Tensor, torch
     h = torch.div(b, n_blk, rounding_mode="floor")
     g = b - h * n_blk
     return h, lists.table.key_row[g], lists.table.row_end[g]
-
-
-def _query_segments(lists: BlockLists, seg: int) -> torch.Tensor:
-    """Segments of at most `seg` pairs of one bin, int32 [n, 6] as the query-batched kernel
-    reads them (kv head, first key row, offset in entries, count, 0, end row of the
-    sequence). n is a bound known without reading the GPU: rows past the real number have
-    count 0."""
-    # Segments <= pairs / seg + one per non-empty bin.
-    n_pairs, n_bin = lists.entries.numel(), lists.counts.numel()
-    bound = n_pairs // seg + 1 + min(n_pairs, n_bin)
-    # int32 arithmetic where it fits (the table is int32): half the bytes of each step.
-    it = torch.int32 if n_pairs + bound + seg < 2 ** 31 else torch.int64
-    counts = lists.counts.to(it)
-    n_seg = torch.div(counts + seg - 1, seg, rounding_mode="floor")
-    seg_end = torch.cumsum(n_seg, 0, dtype=it)
-    i = torch.arange(bound, device=n_seg.device, dtype=it)
-    b = torch.searchsorted(seg_end, i, right=True, out_int32=it == torch.int32).clamp_max(n_bin - 1)
-    kth = i - (seg_end[b] - n_seg[b])
-    n_tok = torch.where(i < seg_end[-1], torch.clamp(counts[b] - kth * seg, max=seg), 0)
-    h, row_kv, row_end = _bin_blocks(lists, b)
-    return torch.stack([h, row_kv.to(it), lists.first[b].to(it) + kth * seg, n_tok,
-                        torch.zeros_like(h), row_end.to(it)], 1).to(torch.int32).contiguous()
 
 
 def topn(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, spec: NSASpec,
@@ -389,8 +414,7 @@ def _cmp_key_args(k_cmp: torch.Tensor, spec: NSASpec, config: Config) -> list:
     return tile_args(config, topn_bc(spec, config), (k_cmp, dim_widths(spec.DK)))
 
 
-def _inverse_selection(block_indices: torch.Tensor, spec: NSASpec, table: BlockTable,
-                       starts: torch.Tensor | None, seg: int):
+def _inverse_selection(block_indices: torch.Tensor, spec: NSASpec, table: BlockTable, seg: int):
     """Invert visible_blocks' [B, T, H, S] indices into per-block token lists for the
     backward's dk/dv kernel, cut into segments of at most `seg` tokens.
 
@@ -398,7 +422,7 @@ def _inverse_selection(block_indices: torch.Tensor, spec: NSASpec, table: BlockT
     nsa_selection_bwd_dkv_kernel.
     """
     B, T, H, S = block_indices.shape
-    lists = _block_lists(block_indices, spec, table, starts, (0, B * T))
+    lists = _block_lists(block_indices, spec, table)
     dev = block_indices.device
     counts, first = lists.counts, lists.first
     n_seg = torch.div(counts + seg - 1, seg, rounding_mode="floor")
@@ -456,7 +480,7 @@ def selection_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Te
 
     def invert(_):
         table = block_table(spec, B, T, cu_seqlens, q.device)
-        return _inverse_selection(block_indices, spec, table, starts, config["SEG"])
+        return _inverse_selection(block_indices, spec, table, config["SEG"])
     mod.nsa_selection_bwd_kernel[(T, B * spec.H)](
         q, k, v, o, do, lse, delta, block_indices, dq, starts if starts is not None else q, T,
         IS_VARLEN=starts is not None, **opts)
