@@ -205,7 +205,7 @@ def _query_tables(q, block_indices, spec, config, cu_seqlens, starts, after=None
         if not table:  # made by the first build, where the builds run (after `after`)
             table.append(block_table(spec, B, T, cu_seqlens, q.device) if starts is not None else None)
         return _query_lists(mod, block_indices, spec, T, table[0], starts, rows, config["BLOCK_Q"])
-    # Four launches a chunk (a sort and three small kernels): on a side stream they run
+    # Five launches a chunk (a sort and four small kernels): on a side stream they run
     # beside the forced pass and the earlier chunks' kernels.
     return chunks, ahead(build, chunks, q.device, overlap=OVERLAP_LISTS, after=after)
 
