@@ -93,7 +93,7 @@ def ab(name: str, T: int) -> dict:
     def baseline():
         return torch_lists(vis, spec, T, None, None, rows, seg, forced)
     (e_new, s_new), (e_old, s_old) = kernels(), baseline()
-    row["same"] = bool(torch.equal(e_new, e_old.long()) and torch.equal(s_new, s_old))
+    row["same"] = bool(torch.equal(e_new, e_old) and torch.equal(s_new, s_old))
     row["lists_kernels_ms"], row["lists_torch_ms"] = _bench(kernels), _bench(baseline)
     row["lists_host_kernels_ms"], row["lists_host_torch_ms"] = host_ms(kernels), host_ms(baseline)
 

@@ -188,7 +188,7 @@ def test_lists_ab_baseline_matches_the_launcher(forced):
     e_new, s_new = sel._query_lists(mod, vis, spec, T, None, None, rows, 16)
     e_old, s_old = lists_ab.torch_lists(vis, spec, T, None, None, rows, 16, forced > 0)
     assert int((s_new[:, 3] > 0).sum()) > 100
-    assert torch.equal(e_new, e_old.long()) and torch.equal(s_new, s_old)
+    assert torch.equal(e_new, e_old) and torch.equal(s_new, s_old)
 
 
 def test_nsa_variant_probe_overrides_one_kernel():

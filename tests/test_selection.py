@@ -662,12 +662,13 @@ def test_query_lists_cover_every_pair_once(lens, B, rows, seg, forced, keys, poi
     entries, segs = sel._query_lists(mod, idx, spec, T, table, starts, rows, seg)
     (r0, r1), HS = rows, spec.H * spec.S
     assert entries.shape == ((r1 - r0) * HS,)
-    assert torch.equal(entries.sort().values, torch.arange(entries.numel()))
+    assert entries.dtype == torch.int32
+    assert torch.equal(entries.sort().values, torch.arange(entries.numel(), dtype=torch.int32))
     n_tok = segs[:, 3]
     assert (n_tok >= 0).all() and int(n_tok.max()) <= seg
     real = segs[n_tok > 0]
     assert (segs[real.shape[0]:, 3] == 0).all()  # the real segments first
-    covered = torch.cat([entries[int(s[2]): int(s[2]) + int(s[3])] for s in real] + [entries[:0]])
+    covered = torch.cat([entries[int(s[2]): int(s[2]) + int(s[3])] for s in real] + [entries[:0]]).long()
     row = torch.arange(B * T)
     row0 = starts.long() if packed else row - row % T
     flat = idx.reshape(B * T, spec.H, spec.S).long()
@@ -678,7 +679,7 @@ def test_query_lists_cover_every_pair_once(lens, B, rows, seg, forced, keys, poi
     assert torch.equal(covered.sort().values, keep[r0:r1].reshape(-1).nonzero().squeeze(1))
     end = cu[torch.searchsorted(cu, row, right=True)].long() if packed else row0 + T
     for s in real:
-        e = entries[int(s[2]): int(s[2]) + int(s[3])]
+        e = entries[int(s[2]): int(s[2]) + int(s[3])].long()
         rows_e, h, slot = r0 + e // HS, (e // spec.S) % spec.H, e % spec.S
         assert (h == s[0]).all() and (rows_e[1:] > rows_e[:-1]).all() and s[4] == 0
         blocks = flat[rows_e, h, slot]
