@@ -5,7 +5,7 @@
 #          mqa), then benchmarks/lists_ab.py (kernels against the torch steps they replace, in
 #          one process: the lists alone, nsa() eager both ways and from a CUDA graph) for
 #          small-group at 8k, 16k and 64k and mqa at 8k
-#   lists2 lists_ab.py again for small-group at 8k, 16k and 64k, after run 56 found the kernels'
+#   lists2 lists_ab.py again for small-group at 16k and 64k, after run 56 found the kernels'
 #          way 0.2 ms (16k) and 0.75 ms (64k) slower than the torch steps: entries now int32
 #   any other step is session 37's or older: see gpu_session37.sh
 set -o pipefail
@@ -22,7 +22,7 @@ lists)
   done ;;
 lists2)
   gpu_info
-  for T in 8192 16384 65536; do
+  for T in 16384 65536; do
     timeout 120 python3 benchmarks/lists_ab.py small-group --seqlen $T --out "$OUT/lists$T" 2>&1 | quiet
   done ;;
 *)
