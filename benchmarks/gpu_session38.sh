@@ -22,7 +22,7 @@ lists)
   done ;;
 lists2)
   gpu_info
-  for T in 16384 65536; do
+  for T in ${LISTS_T:-16384 65536}; do
     timeout 120 python3 benchmarks/lists_ab.py small-group --seqlen $T --out "$OUT/lists$T" 2>&1 | quiet
   done ;;
 *)
