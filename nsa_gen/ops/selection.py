@@ -240,8 +240,9 @@ def _query_lists(mod, block_indices: torch.Tensor, spec: NSASpec, T: int,
         block_indices, key, table.row_block if varlen else key, starts if varlen else key,
         r0, r1 - r0, T, n_blk, IS_VARLEN=varlen, BLOCK=LIST_BLOCK)
     sorted_key, order = torch.sort(key, stable=True)  # stable: tokens stay ascending
-    # int32 entries: with the sort's int64 order, small-group's forward at 64k took 20.4-20.5
-    # ms against 19.7 (H200, RESULTS run 56).
+    # int32, as the torch steps before these kernels handed them over: with the sort's int64
+    # order (the lists otherwise equal), small-group's forward at 64k took 20.4-20.5 ms
+    # against their 19.7 (H200, RESULTS run 56).
     entries = order.to(torch.int32)
     # Each bin's first pair by binary search in the sorted keys, not by counting: an atomic
     # count serialises on the bin of the empty slots, which with the forced slots left out
