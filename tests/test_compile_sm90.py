@@ -99,6 +99,10 @@ def gated_runs(spec) -> list[tuple]:
              {**combine, **gate}, flags)]
 
 
+# The query-batched forward's block-list kernels, in launch order (ops.selection._query_lists).
+LIST_KERNELS = ("bins", "edges", "scan", "segments")
+
+
 def list_runs(spec) -> list[tuple]:
     """The query-batched forward's block-list kernels of packed sequences (resources' test
     compiles them for a dense batch), with FORCED and 16- and 32-bit sort keys."""
@@ -109,10 +113,11 @@ def list_runs(spec) -> list[tuple]:
     ints = {a: "i32" for a in ("r0", "n_rows", "T", "n_blk", "n_pairs", "n_bin", "n_seg", "STEPS")}
     ptrs = {a: "*i32" for a in ("block_idx", "row_block", "seq_start", "first", "seg_end",
                                 "segments", "key_row", "row_end")}
+    keyed = ("bins", "edges")  # the kernels that read the sort keys
     return [("selection_fwd", f"nsa_selection_fwd_{k}_kernel", cfg,
              {**ints, **ptrs, "key": key, "sorted_key": key},
              {"BLOCK": 1024, **({"IS_VARLEN": True} if k in ("bins", "segments") else {})})
-            for k in LIST_KERNELS for key in (("*i16", "*i32") if k in ("bins", "edges") else ("*i32",))]
+            for k in LIST_KERNELS for key in (("*i16", "*i32") if k in keyed else ("*i32",))]
 
 
 def decode_runs(spec) -> list[tuple]:
@@ -177,10 +182,6 @@ def run_sm90(tmp_path, args: list[str], timeout: int,
                NSA_GEN_CACHE_DIR=str(tmp_path / "gen"), PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
-
-
-# The query-batched forward's block-list kernels, in launch order (ops.selection._query_lists).
-LIST_KERNELS = ("bins", "edges", "scan", "segments")
 
 
 @pytest.mark.parametrize("name", ["fla-compat", "small-group", "deepseek-nsa"])

@@ -632,9 +632,9 @@ def test_block_table_dense_batch():
     assert table.row_end.tolist() == [b * T + T for b in range(B) for _ in range(nj)]
 
 
-@pytest.mark.parametrize("lens,B,rows", [([200], 1, (0, 200)), ([1] * 40 + [33, 70], 1, (0, 143)),
-                                         ([31, 1, 64, 2, 97], 1, (64, 195)), ([150, 130], 1, (0, 280)),
-                                         ([90], 3, (0, 270)), ([90], 3, (64, 192))])
+@pytest.mark.parametrize("lens,B,rows", [
+    ([200], 1, (0, 200)), ([1] * 40 + [33, 70], 1, (0, 143)), ([31, 1, 64, 2, 97], 1, (64, 195)),
+    ([150, 130], 1, (0, 280)), ([90], 3, (0, 270)), ([90], 3, (64, 192))])
 @pytest.mark.parametrize("seg", [4, 16])
 @pytest.mark.parametrize("forced", [0, 64])
 @pytest.mark.parametrize("keys", ["int16", "int32"])
@@ -668,7 +668,8 @@ def test_query_lists_cover_every_pair_once(lens, B, rows, seg, forced, keys, poi
     assert (n_tok >= 0).all() and int(n_tok.max()) <= seg
     real = segs[n_tok > 0]
     assert (segs[real.shape[0]:, 3] == 0).all()  # the real segments first
-    covered = torch.cat([entries[int(s[2]): int(s[2]) + int(s[3])] for s in real] + [entries[:0]]).long()
+    covered = torch.cat([entries[int(s[2]): int(s[2]) + int(s[3])] for s in real]
+                        + [entries[:0]]).long()
     row = torch.arange(B * T)
     row0 = starts.long() if packed else row - row % T
     flat = idx.reshape(B * T, spec.H, spec.S).long()

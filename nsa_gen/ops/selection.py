@@ -203,7 +203,8 @@ def _query_tables(q, block_indices, spec, config, cu_seqlens, starts, after=None
 
     def build(rows):
         if not table:  # made by the first build, where the builds run (after `after`)
-            table.append(block_table(spec, B, T, cu_seqlens, q.device) if starts is not None else None)
+            packed = starts is not None
+            table.append(block_table(spec, B, T, cu_seqlens, q.device) if packed else None)
         return _query_lists(mod, block_indices, spec, T, table[0], starts, rows, config["BLOCK_Q"])
     # Five launches a chunk (a sort and four small kernels): on a side stream they run
     # beside the forced pass and the earlier chunks' kernels.
