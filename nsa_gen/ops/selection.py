@@ -69,7 +69,7 @@ def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indic
     mod = kernel_module("selection_fwd", spec, config)
     if config["BLOCK_Q"]:
         # Enqueued before the forced pass, which they need not wait for.
-        tables = _query_tables(q, block_indices, spec, config, cu_seqlens, starts, after)
+        tables = _query_tables(mod, q, block_indices, spec, config, cu_seqlens, starts, after)
     if config["FORCED"]:
         # The forced blocks first, a token tile a program; the kernels below start from the
         # state this leaves in o and lse.
@@ -79,7 +79,7 @@ def selection_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indic
             q, *_kv_args(k, v, spec, config.replace(BLOCK_Q=0)), o, lse, tiles,
             **dict(launch_options(config), **FORCED_LAUNCH))
     if config["BLOCK_Q"]:
-        _selection_fwd_query(q, k, v, block_indices, spec, config, starts, o, lse, gate_args,
+        _selection_fwd_query(mod, q, k, v, block_indices, spec, config, starts, o, lse, gate_args,
                              tables)
         return o, lse
     kv = _kv_args(k, v, spec, config)
@@ -192,13 +192,12 @@ def query_chunks(spec: NSASpec, rows: int, element_size: int) -> list[tuple[int,
     return list(zip([0] + ends[:-1], ends))
 
 
-def _query_tables(q, block_indices, spec, config, cu_seqlens, starts, after=None):
+def _query_tables(mod, q, block_indices, spec, config, cu_seqlens, starts, after=None):
     """The row chunks of q's query-batched forward and, for each in turn, its block lists'
-    entries and segment table (`_query_lists`), as `ahead` hands them over (after the `mark`
-    `after` if given)."""
+    entries and segment table (`_query_lists` with `mod`, config's selection_fwd module), as
+    `ahead` hands them over (after the `mark` `after` if given)."""
     B, T = q.shape[:2]
     chunks = query_chunks(spec, B * T, q.element_size())
-    mod = kernel_module("selection_fwd", spec, config)
     table: list[BlockTable | None] = []
 
     def build(rows):
@@ -263,14 +262,13 @@ def _query_lists(mod, block_indices: torch.Tensor, spec: NSASpec, T: int,
     return entries, segments
 
 
-def _selection_fwd_query(q, k, v, block_indices, spec, config, starts, o, lse, gate_args,
+def _selection_fwd_query(mod, q, k, v, block_indices, spec, config, starts, o, lse, gate_args,
                          tables):
     """The query-batched forward (config BLOCK_Q > 0), one chunk of rows at a time, with the
     chunks' inverted selections from `_query_tables`: compute one partial per (token, slot),
     combine each token's slots (storing the gated sum when gate_args are given). Nothing here
     waits for the GPU: the segment grid is an upper bound, spare programs idle."""
     B, T = q.shape[:2]
-    mod = kernel_module("selection_fwd", spec, config)
     forced = config["FORCED"] > 0
     chunks, built = tables
     n_part = max(r1 - r0 for r0, r1 in chunks) * spec.H * spec.S
