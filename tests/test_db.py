@@ -359,6 +359,48 @@ def test_rekey_keeps_only_entries_whose_code_is_unchanged(tmp_path, spec):
     assert k.source_hash == kernel_source_hash(STEM) and e.config["BLOCK_Q"] == 0
 
 
+def test_rekey_added_only_takes_new_top_level_code_only(tmp_path):
+    """rekey.py --added-only re-keys an entry whose old code is all in the new render, in
+    order, with only whole top-level definitions added (a new kernel beside the tuned ones);
+    without the flag, or where a line went into an old function, the entry stays."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "templates" / "selection_fwd.py.j2").read_text()
+
+    def without_scan(t):  # the template with its scan kernel cut out
+        start = t.index("@triton.jit\ndef nsa_selection_fwd_scan_kernel")
+        return t[:start] + t[t.index("@triton.jit", start + 1):]
+    old = tmp_path / "old" / "selection_fwd.py.j2"
+    old.parent.mkdir()
+    for name in ("selection_forced.j2",):  # what the template includes
+        (old.parent / name).write_text((root / "templates" / name).read_text())
+    sg = load_spec("small-group")
+    cfg = Config.make(BLOCK_N=64, BLOCK_Q=16, FORCED=64, SHARE=1, TMA=1, num_warps=4, num_stages=2)
+    db = TuningDB(tmp_path / "db")
+    db.put(TuneKey.make(H200, STEM, sg, 65536, source_hash="0" * 16), Entry(cfg, 1.0, 0.1, 5, "2026-01-01"))
+    cmd = [sys.executable, str(root / "benchmarks" / "rekey.py"), STEM, str(old), "--db", str(db.root)]
+
+    def run(*flags):
+        r = subprocess.run(cmd + list(flags), capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout, [k.source_hash for k in db.load()]
+
+    # The old template without the scan kernel: the current one adds a top-level definition.
+    old.write_text(without_scan(text))
+    out, hashes = run()
+    assert "code differs" in out and hashes == ["0" * 16]
+    # A line the new code adds inside an old kernel is not taken, flag or not.
+    inside = text.replace("    i_seg = tl.program_id(0)\n", "", 1)
+    assert inside != text
+    old.write_text(without_scan(inside))
+    out, hashes = run("--added-only")
+    assert "code differs" in out and hashes == ["0" * 16]
+    old.write_text(without_scan(text))
+    out, hashes = run("--added-only")
+    assert "1 entries re-keyed" in out and hashes == [kernel_source_hash(STEM)]
+
+
 def test_rekey_from_adopts_checked_entries(tmp_path, spec):
     """rekey.py --from SRC copies SRC's entries measured on the old template (its hash) whose
     code is unchanged, and those measured on the current one; nothing else."""
