@@ -429,3 +429,13 @@ def test_rekey_from_adopts_checked_entries(tmp_path, spec):
     assert sorted(got) == [4096, 16384]
     assert all(h == kernel_source_hash(STEM) for h, _ in got.values())
     assert got[4096][1].config == Config.from_dict(dict(tuned, TMA=0, SHARE=1, FORCED=0)) and got[4096][1].ms == 1.0
+
+
+def test_shipped_db_has_no_stale_entry():
+    """Every shipped entry was measured on its kernel's current template: a template change
+    leaves the dispatcher on heuristic defaults for that kernel (as session 38's did for
+    selection_fwd, unnoticed for two benchmark runs) until its entries are re-keyed
+    (`benchmarks/rekey.py`), retuned or pruned."""
+    from nsa_gen.db.store import is_current
+    stale = [k.describe() for k in TuningDB(shipped_db_dir()).load() if not is_current(k)]
+    assert not stale, f"{len(stale)} stale shipped entries, e.g. {stale[:3]}"
