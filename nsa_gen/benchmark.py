@@ -111,9 +111,10 @@ def bench_spec(spec: NSASpec, seqlens: list[int], *, dtype=torch.bfloat16, backw
                  else None for b in BRANCHES}
         row: dict = {"spec": spec.name, "T": T}
         cfg = api._configs(spec, T, B, None)
-        row["configs"] = {s: str(cfg(s)) for s in ("compress_mean", "compression_fwd", "topn",
-                                                   "selection_fwd", "selection_fwd_gated",
-                                                   "window_fwd", "gate_fwd")}
+        stems = ("compress_mean", "compression_fwd", "topn", "selection_fwd",
+                 "selection_fwd_gated", "window_fwd", "gate_fwd")
+        row["configs"] = {s: str(cfg(s)) for s in stems}
+        row["config_origin"] = _origins(spec, T, B, stems)
         fell_before = FALLBACK_COUNTS.copy()
 
         def total():
@@ -254,6 +255,7 @@ def bench_decode(spec: NSASpec, seqlens: list[int], batches: list[int], *, dtype
                      if spec.has(b) else None for b in BRANCHES]
             cfg = api._configs(spec, T, B, None)
             row["configs"] = {s: str(cfg(s)) for s in ("decode_select", "decode_attend")}
+            row["config_origin"] = _origins(spec, T, B, ("decode_select", "decode_attend"))
 
             def step():
                 return api.nsa_decode(q, cache, *gates)
@@ -394,7 +396,18 @@ def markdown(rows: list[dict]) -> str:
     if fell:
         out += ["", "Launches that fell back from the config named (their times are the "
                 "fallback's):", ""] + fell
+    untuned = [f"- {r['spec']} T={r['T']}" + (f" B={r['B']}" if "B" in r else "") + f": {stem}: {where}"
+               for r in rows + dec for stem, where in r.get("config_origin", {}).items()
+               if "heuristic default" in where]
+    if untuned:
+        out += ["", "Kernels that ran without a DB entry:", ""] + untuned
     return "\n".join(out)
+
+
+def _origins(spec: NSASpec, T: int, B: int, stems) -> dict[str, str]:
+    """Where the dispatcher's config of each kernel comes from (a DB entry or the default)."""
+    from .db import default_dispatcher
+    return {s: default_dispatcher().origin(s, spec, T, B) for s in stems}
 
 
 def environment() -> dict:

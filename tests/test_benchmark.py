@@ -51,6 +51,9 @@ def test_bench_spec_paths(monkeypatch, tmp_path):
     assert "Forward + backward:" in md and "| small-group | 40 |" in md
     assert benchmark.plot(rows, tmp_path / "p.png") in (True, False)
     assert "fallbacks" not in r and "fell back" not in md
+    # The CPU interpreter has no DB entries: each kernel says so, and the table lists them.
+    assert r["config_origin"]["topn"].startswith("heuristic default")
+    assert "Kernels that ran without a DB entry:" in md and "T=40: topn: heuristic default" in md
 
 
 def test_bench_reports_fallbacks(monkeypatch):

@@ -113,6 +113,39 @@ def test_fallback_warns_once_per_key(tmp_path, spec, caplog):
     assert len(caplog.records) == 2
 
 
+def test_origin_names_the_entry_or_the_default(tmp_path, spec):
+    """origin() says where get()'s config comes from: the DB entry, another key's entry (the
+    gated key's fallback), or the heuristic default."""
+    put(tmp_path, spec, 4096, cfg(16, 2, 1))
+    d = dispatcher(shipped=tmp_path)
+    assert d.origin(STEM, spec, 4096) == f"DB {tmp_path.name}: {STEM} deepseek-nsa T=4096 B=1 on {H200.id}"
+    assert d.origin(STEM, spec, 8192).endswith("T=4096 B=1 on " + H200.id)  # nearest shape
+    assert d.origin("selection_fwd_gated", spec, 4096).startswith(f"{STEM}'s: DB ")
+    assert d.get("selection_fwd_gated", spec, 4096) == cfg(16, 2, 1)
+    assert d.origin("topn", spec, 4096) == "heuristic default"
+
+
+def test_stale_entries_are_ignored_and_said(tmp_path, spec, caplog):
+    """Entries tuned on another version of the template are never used; falling back past
+    them warns once, naming how many, and origin() counts them."""
+    put(tmp_path, spec, 4096, cfg(16, 2, 1), source_hash="0" * 16)
+    put(tmp_path, spec, 8192, cfg(16, 2, 1), source_hash="0" * 16)
+    d = dispatcher(shipped=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="nsa_gen"):
+        for T in (4096, 8192, 4096):
+            assert d.get(STEM, spec, T) == KD.default(spec, T)
+    stale = [r.getMessage() for r in caplog.records if "stale" in r.getMessage()]
+    assert len(stale) == 1 and "ignoring 2 entries of selection_fwd" in stale[0], caplog.text
+    assert d.origin(STEM, spec, 4096) == "heuristic default (2 stale entries ignored)"
+    # Current entries beside stale ones: used, and nothing said.
+    put(tmp_path, spec, 4096, cfg(64, 4, 2))
+    d = dispatcher(shipped=tmp_path)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nsa_gen"):
+        assert d.get(STEM, spec, 4096) == cfg(64, 4, 2)
+    assert caplog.records == []
+
+
 def test_config_that_does_not_fit_falls_back(tmp_path, spec, caplog):
     # BLOCK_N=64 with 4 stages needs 2*(16*256 + 4*64*384) B = 200 KiB: fits sm90, not sm86.
     big = cfg(64, 4, 4)

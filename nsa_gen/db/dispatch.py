@@ -98,7 +98,7 @@ class Dispatcher:
         self._sources = [TuningDB(p) for p in paths]
         self._device = device
         self._lock = threading.Lock()
-        self._memo: dict[tuple, Config] = {}
+        self._memo: dict[tuple, tuple[Config, str]] = {}
         self._index: dict[tuple[str, DeviceKey], dict[tuple, list]] = {}
         self._warned: set[tuple] = set()
 
@@ -127,25 +127,38 @@ class Dispatcher:
         device index `device`. None means the device current at the first call with these
         arguments (pass the index when one process drives different kinds of GPU). Always
         returns a config that fits the device by our estimates; never times anything."""
+        return self._choice(stem, spec, T, B, device)[0]
+
+    def origin(self, stem: str, spec: NSASpec, T: int, B: int = 1, device: int | None = None) -> str:
+        """Where get()'s config for these arguments comes from, in words: the DB entry (its
+        kernel, spec, shape and device), another kernel's (a fallback key), or the heuristic
+        default, with the stale entries it ignored (tuned on another version of the
+        template) counted."""
+        return self._choice(stem, spec, T, B, device)[1]
+
+    def _choice(self, stem: str, spec: NSASpec, T: int, B: int, device: int | None,
+                ) -> tuple[Config, str]:
         try:
             return self._memo[(stem, spec, T, B, device)]
         except KeyError:
             pass
-        cfg = self._resolve(stem, spec, T, B, device)
+        choice = self._resolve(stem, spec, T, B, device)
         memo = self._memo
         if len(memo) >= MEMO_LIMIT:
             memo.clear()
-        memo[(stem, spec, T, B, device)] = cfg
-        return cfg
+        memo[(stem, spec, T, B, device)] = choice
+        return choice
 
     def device_key(self, device: int | None = None) -> DeviceKey:
         return self._device if self._device is not None else current_device_key(device)
 
-    def _resolve(self, stem: str, spec: NSASpec, T: int, B: int, device: int | None) -> Config:
+    def _resolve(self, stem: str, spec: NSASpec, T: int, B: int, device: int | None,
+                 ) -> tuple[Config, str]:
         kd = kernel_def(stem)
         dev = self.device_key(device)
         group = (stem, kernel_source_hash(stem), spec_fields(spec))
-        cands = self._entries(stem, dev).get(group, [])
+        entries = self._entries(stem, dev)
+        cands = entries.get(group, [])
         want = (max(1, T), max(1, B))
         mine = triton_version()
 
@@ -161,21 +174,34 @@ class Dispatcher:
                 if k.shape != want or k.device != dev:
                     log.debug("%s T=%d B=%d on %s uses the entry tuned for %s as %s",
                               stem, T, B, dev.id, k.describe(), cfg)
-                return cfg
+                return cfg, f"DB {self._sources[src].root.name}: {k.describe()}"
             self._warn_once(("misfit", k, cfg),
                             "ignoring tuned config for %s from %s: %s",
                             k.describe(), self._sources[src].root, problem)
+        # Entries of this kernel and spec tuned on another version of its template: never
+        # used (the code they timed is gone), but a DB full of them usually means a template
+        # change whose entries were not re-keyed or retuned, so say so.
+        stale = sum(len(c) for g, c in entries.items()
+                    if g[0] == stem and g[2] == group[2] and g[1] != group[1])
+        if stale:
+            self._warn_once(("stale", stem, dev, spec),
+                            "ignoring %d entries of %s for spec %r tuned on another version of "
+                            "its template (stale): retune (`nsa-gen tune`) or, where the code "
+                            "is unchanged, re-key them (benchmarks/rekey.py)",
+                            stale, stem, spec.name)
         if kd.fallback:
             # A tuning key of another kernel's (selection_fwd_gated): that kernel's entries
             # beat the heuristic default.
             log.debug("%s has no entry for spec %r at T=%d B=%d; using %s's", stem, spec.name,
                       T, B, kd.fallback)
-            return self.get(kd.fallback, spec, T, B, device)
+            cfg, where = self._choice(kd.fallback, spec, T, B, device)
+            return cfg, f"{kd.fallback}'s: {where}"
         self._warn_once(("default", stem, dev, spec),
                         "no tuned config for %s with spec %r on %s (first seen at "
                         "T=%d B=%d); using the heuristic default. Run `nsa-gen tune` to tune it.",
                         stem, spec.name, dev.id, T, B)
-        return fitting_default(kd, spec, T, dev)
+        why = f" ({stale} stale entries ignored)" if stale else ""
+        return fitting_default(kd, spec, T, dev), "heuristic default" + why
 
     def _entries(self, stem: str, dev: DeviceKey) -> dict[tuple, list]:
         """Entries of kernel `stem` usable on `dev` (same architecture), by group."""
