@@ -114,7 +114,11 @@ def bench_spec(spec: NSASpec, seqlens: list[int], *, dtype=torch.bfloat16, backw
         stems = ("compress_mean", "compression_fwd", "topn", "selection_fwd",
                  "selection_fwd_gated", "window_fwd", "gate_fwd")
         row["configs"] = {s: str(cfg(s)) for s in stems}
-        row["config_origin"] = _origins(spec, T, B, stems)
+        # Only the kernels the spec's branches run (fla-compat has no window).
+        used = [s for s in stems if not (s == "compress_mean" and spec.phi != "mean")
+                and not (s in ("topn", "selection_fwd", "selection_fwd_gated") and not spec.has("slc"))
+                and not (s == "window_fwd" and not spec.has("swa"))]
+        row["config_origin"] = _origins(spec, T, B, used)
         fell_before = FALLBACK_COUNTS.copy()
 
         def total():

@@ -54,6 +54,12 @@ def test_bench_spec_paths(monkeypatch, tmp_path):
     # The CPU interpreter has no DB entries: each kernel says so, and the table lists them.
     assert r["config_origin"]["topn"].startswith("heuristic default")
     assert "Kernels that ran without a DB entry:" in md and "T=40: topn: heuristic default" in md
+    # A branch the spec does not run is not listed.
+    no_swa = shrink("fla-compat", heads={"q": 4, "kv": 2}, head_dim={"k": 32, "v": 16},
+                    compression={"block": 16, "stride": 16}, selection={"block": 16, "top_n": 2,
+                                                                         "initial_blocks": 1, "local_blocks": 1})
+    r2 = benchmark.bench_spec(no_swa, [40], dtype=torch.float32, device="cpu", log=lambda s: None)[0]
+    assert "window_fwd" not in r2["config_origin"] and "topn" in r2["config_origin"]
 
 
 def test_bench_reports_fallbacks(monkeypatch):
