@@ -114,11 +114,7 @@ def bench_spec(spec: NSASpec, seqlens: list[int], *, dtype=torch.bfloat16, backw
         stems = ("compress_mean", "compression_fwd", "topn", "selection_fwd",
                  "selection_fwd_gated", "window_fwd", "gate_fwd")
         row["configs"] = {s: str(cfg(s)) for s in stems}
-        # Only the kernels the spec's branches run (fla-compat has no window).
-        used = [s for s in stems if not (s == "compress_mean" and spec.phi != "mean")
-                and not (s in ("topn", "selection_fwd", "selection_fwd_gated") and not spec.has("slc"))
-                and not (s == "window_fwd" and not spec.has("swa"))]
-        row["config_origin"] = _origins(spec, T, B, used)
+        row["config_origin"] = _origins(spec, T, B, stems)
         fell_before = FALLBACK_COUNTS.copy()
 
         def total():
@@ -409,9 +405,11 @@ def markdown(rows: list[dict]) -> str:
 
 
 def _origins(spec: NSASpec, T: int, B: int, stems) -> dict[str, str]:
-    """Where the dispatcher's config of each kernel comes from (a DB entry or the default)."""
+    """Where the dispatcher's config of each kernel the spec runs comes from (a DB entry or
+    the default); kernels of branches it lacks (fla-compat's window) are left out."""
     from .db import default_dispatcher
-    return {s: default_dispatcher().origin(s, spec, T, B) for s in stems}
+    from .kernels import kernel_def
+    return {s: default_dispatcher().origin(s, spec, T, B) for s in stems if kernel_def(s).applies(spec)}
 
 
 def environment() -> dict:
