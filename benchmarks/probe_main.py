@@ -91,22 +91,25 @@ def _gpu_busy_and_sync(busy, sync) -> tuple[Callable[[], object], Callable[[], o
 
 
 def host_ms(fn: Callable[[], object], calls: int = 5, busy: Callable[[], object] | None = None,
-            sync: Callable[[], object] | None = None) -> float:
+            sync: Callable[[], object] | None = None,
+            clock: Callable[[], float] | None = None) -> float:
     """Host time of one call of fn, in ms: the median of `calls` calls enqueued back to back
     behind `busy` (default: a 0.2 s GPU sleep), so that the host never waits for the GPU and
     runs warm, as in a timing loop: against the op's GPU time, whether the host keeps ahead.
-    A call that reads the GPU (a sync) shows as the rest of the sleep."""
+    A call that reads the GPU (a sync) shows as the rest of the sleep. `clock` (seconds;
+    default time.perf_counter) is a parameter so that tests need not time real sleeps."""
     import statistics
     import time
+    clock = clock or time.perf_counter
     busy, sync = _gpu_busy_and_sync(busy, sync)
     fn()
     sync()
     times = []
     busy()
     for _ in range(calls):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
+        times.append((clock() - t0) * 1e3)
     sync()
     return statistics.median(times)
 

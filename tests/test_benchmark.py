@@ -279,16 +279,19 @@ def test_idle_gaps_of_a_timeline():
 
 def test_host_ms_times_the_host_side_of_a_call():
     """benchmarks/probe_main.py's host_ms: the median host time of the calls, enqueued back
-    to back after one `busy`, and the warm-up call untimed."""
+    to back after one `busy`, and the warm-up call untimed. A fake clock that fn advances
+    keeps the test exact on a loaded machine (a real sleep overran its bound in CI)."""
     pm = bench_script("probe_main")
-    steps, naps = [], iter([0.05, 0.002, 0.002, 0.004])  # the first, the warm-up, is slow
+    steps, now = [], [0.0]
+    naps = iter([0.05, 0.002, 0.003, 0.007])  # the first, the warm-up, is slow
 
     def fn():
         steps.append("fn")
-        time.sleep(next(naps))
-    ms = pm.host_ms(fn, calls=3, busy=lambda: steps.append("busy"), sync=lambda: steps.append("sync"))
+        now[0] += next(naps)
+    ms = pm.host_ms(fn, calls=3, busy=lambda: steps.append("busy"),
+                    sync=lambda: steps.append("sync"), clock=lambda: now[0])
     assert steps == ["fn", "sync", "busy", "fn", "fn", "fn", "sync"]
-    assert 2.0 <= ms < 4.0  # the median of 2, 2 and 4 ms, not the warm-up's 50
+    assert ms == pytest.approx(3.0)  # the median of 2, 3 and 7 ms, not the warm-up's 50
 
 
 def test_host_top_names_the_functions_of_one_call():
