@@ -181,8 +181,9 @@ class Dispatcher:
         # Entries of this kernel and spec tuned on another version of its template: never
         # used (the code they timed is gone), but a DB full of them usually means a template
         # change whose entries were not re-keyed or retuned, so say so.
-        stale = sum(len(c) for g, c in entries.items()
-                    if g[0] == stem and g[2] == group[2] and g[1] != group[1])
+        # (entries holds this kernel's groups only: (kernel, source hash, spec))
+        stale = sum(len(c) for (_, src_hash, fields), c in entries.items()
+                    if fields == group[2] and src_hash != group[1])
         if stale:
             self._warn_once(("stale", stem, dev, spec),
                             "ignoring %d entries of %s for spec %r tuned on another version of "
